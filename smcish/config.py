@@ -1,0 +1,78 @@
+"""Settings for smcish connections: defaults, environment overrides, per-call overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+_NEGOTIATE_MODES = ("auto", "always", "never")
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw, 0)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What an smcish connection or listener does.
+
+    Attributes:
+        device: device spec, ``"embedded"`` | ``"unix:/path/ismd.sock"`` | ``"none"``
+            (env ``SMCISH_DEVICE``; ``None`` means the environment or ``embedded``).
+        negotiate: ``"auto"`` proposes only to listeners advertised on our device,
+            ``"always"`` proposes regardless, ``"never"`` stays TCP (env ``SMCISH_NEGOTIATE``).
+        ring_size: capacity in bytes of the ring this side sends through (power of two,
+            4 KiB..1 GiB; env ``SMCISH_RING_SIZE``).
+        poll_us: busy-poll budget in microseconds a sender spends waiting for a reply before
+            it sleeps; 0 disables polling (env ``SMCISH_POLL_US``).
+        handshake_timeout: seconds a handshake step may take (env ``SMCISH_HANDSHAKE_TIMEOUT``).
+    """
+
+    device: str | None = None
+    negotiate: str = "auto"
+    ring_size: int = 1 << 20
+    poll_us: float = 50.0
+    handshake_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.negotiate not in _NEGOTIATE_MODES:
+            raise ValueError(f"negotiate must be one of {_NEGOTIATE_MODES}, not {self.negotiate!r}")
+        size = self.ring_size
+        if size < 4096 or size > (1 << 30) or size & (size - 1):
+            raise ValueError(f"ring_size must be a power of two between 4096 and 1 GiB, not {size}")
+        if self.poll_us < 0:
+            raise ValueError("poll_us must be >= 0")
+        if self.handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be > 0")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Config":
+        """Build a Config from ``SMCISH_*`` environment variables, then apply ``overrides``."""
+        values = dict(
+            device=os.environ.get("SMCISH_DEVICE") or None,
+            negotiate=os.environ.get("SMCISH_NEGOTIATE") or "auto",
+            ring_size=_env_int("SMCISH_RING_SIZE", cls.ring_size),
+            poll_us=_env_float("SMCISH_POLL_US", cls.poll_us),
+            handshake_timeout=_env_float("SMCISH_HANDSHAKE_TIMEOUT", cls.handshake_timeout),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

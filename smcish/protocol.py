@@ -1,0 +1,376 @@
+"""The handshake protocol: runs the CLC exchange on the loop's TCP transport, then hands over.
+
+Modelled on asyncio's sslproto: this protocol sits on the TCP transport; the application gets an
+SmcTransport. After CONFIRM it stays on the TCP transport as the control/liveness channel; after a
+fallback the application protocol is attached to the TCP transport directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ism_backend
+
+from . import clc
+from . import ring as _ring
+from . import stats as _stats
+from .errors import HandshakeError
+from .transport import SmcInfo, SmcTransport, release_regions
+
+log = logging.getLogger("smcish")
+R = clc.DeclineReason
+
+
+def deliver(protocol, data: bytes) -> None:
+    """Hand bytes to any Protocol or BufferedProtocol (used to replay handshake-time bytes)."""
+    if not data:
+        return
+    if isinstance(protocol, asyncio.BufferedProtocol):
+        view = memoryview(data)
+        while view:
+            buf = protocol.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            if not n:
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            buf[:n] = view[:n]
+            protocol.buffer_updated(n)
+            view = view[n:]
+    else:
+        protocol.data_received(data)
+
+
+def _error_reason(exc: Exception, default):
+    if isinstance(exc, ism_backend.QuotaExceeded):
+        return R.QUOTA
+    if isinstance(exc, ism_backend.NoDevice):
+        return R.NO_DEVICE
+    return default
+
+
+class HandshakeProtocol(asyncio.Protocol):
+    """One side of the handshake on one TCP connection.
+
+    Args:
+        loop: the running loop.
+        role: ``"client"`` or ``"server"``.
+        app_factory: the application's protocol factory.
+        config: a ``Config``.
+        device: the ISM device, or None when this connection must stay TCP.
+        skip_reason: if set, do not negotiate; fall back at once with this reason.
+        waiter: client side: a future resolved with ``(transport, protocol)``.
+        claim: client side: the device claim registered for this connection (released here).
+    """
+
+    def __init__(self, loop, role, app_factory, config, device, *, skip_reason=None,
+                 waiter=None, claim=None):
+        self._loop = loop
+        self._role = role
+        self._app_factory = app_factory
+        self._config = config
+        self._device = device
+        self._skip_reason = skip_reason
+        self._waiter = waiter
+        self._claim = claim
+        self._tcp = None
+        self._smc = None
+        self._app = None
+        self._clc = None
+        self._timer = None
+        # A server waiting for a client's first bytes has no deadline (a plain client may take its
+        # time, as with TCP), unless the device says this client claimed the connection.
+        self._client_claimed = False
+        self._my_region = None
+        self._peer_region = None
+        self._ring = None
+        self._done = False             # decided: ism, tcp or aborted
+        self._established = False
+
+    # ------------------------------------------------------------ TCP events
+    def connection_made(self, transport) -> None:
+        self._tcp = transport
+        info = SmcInfo(self._role)
+        self._smc = SmcTransport(self._loop, transport, info, poll_us=self._config.poll_us)
+        now = self._loop.time()
+        self._clc = clc.ClcConnection(self._role, now, timeout=self._config.handshake_timeout)
+        if self._role == "server":
+            self._app = self._app_factory()
+            self._smc.set_protocol(self._app)
+            if self._skip_reason is not None:
+                self._fall_back(self._skip_reason, b"")
+                self._app.connection_made(self._smc)
+                return
+            self._clc.wait_proposal(now)
+            self._smc._decide = self._server_decide
+            self._app.connection_made(self._smc)
+            return
+        if self._skip_reason is not None:
+            self._fall_back(self._skip_reason, b"")
+            return
+        device = self._device
+        try:
+            self._my_region = device.alloc(_ring.region_size(self._config.ring_size))
+        except Exception as exc:
+            self._fall_back(_error_reason(exc, R.NO_MEMORY), b"")
+            return
+        proposal = clc.Proposal(
+            min_version=clc.PROTOCOL_VERSION, max_version=clc.PROTOCOL_VERSION, flags=0,
+            gid=device.gid, endpoint_id=device.endpoint_id, token=self._my_region.token,
+            capacity_log2=self._config.ring_size.bit_length() - 1)
+        transport.write(self._clc.propose(proposal, now))
+        self._process()
+
+    def data_received(self, data: bytes) -> None:
+        if self._clc is None:
+            return
+        self._clc.receive_data(data, self._loop.time())
+        self._process()
+
+    def eof_received(self):
+        if self._established:
+            self._smc._tcp_eof()
+            return True
+        if self._done or self._clc is None:
+            return True
+        self._clc.receive_eof(self._loop.time())
+        self._process()
+        if self._smc._info.mode == "tcp" and self._app is not None:
+            # The application protocol is now the TCP transport's: it decides half-close.
+            return self._app.eof_received()
+        return True
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_timer()
+        if self._established:
+            self._smc._tcp_lost(exc)
+            return
+        if self._done:
+            return
+        self._done = True
+        self._release()
+        error = exc or ConnectionResetError("connection lost during the smcish handshake")
+        self._fail(error)
+
+    # ------------------------------------------------------------ server decision
+    def _server_decide(self) -> None:
+        """The server application wants to write before the client spoke: is the client smcish?"""
+        if self._done or self._clc.state is not clc.State.WAIT_PROPOSAL:
+            return
+        if self._device is None:
+            self._clc.fallback_now(R.NO_DEVICE)
+            self._process()
+            return
+        sock = self._tcp.get_extra_info("sockname")
+        peer = self._tcp.get_extra_info("peername")
+        client_is_smcish = False
+        try:
+            client_is_smcish = self._device.claim(peer[1], sock[0], sock[1], "server") is None
+        except Exception as exc:
+            log.debug("smcish: claim lookup failed: %r", exc)
+        if client_is_smcish:
+            self._client_claimed = True    # the client will propose: wait for it, bounded
+            self._arm_timer()
+        else:
+            self._clc.fallback_now(R.PEER_NOT_SMCISH)
+            self._process()
+
+    # ------------------------------------------------------------ codec events
+    def _process(self) -> None:
+        clc_conn = self._clc
+        while True:
+            event = clc_conn.next_event()
+            if event is None:
+                break
+            handler = self._handlers.get(type(event))
+            handler(self, event)
+        out = clc_conn.data_to_send()
+        if out and not self._tcp.is_closing():
+            self._tcp.write(out)
+        if not self._done:
+            self._arm_timer()
+        else:
+            self._cancel_timer()
+
+    def _on_proposal(self, event) -> None:
+        proposal = event.proposal
+        device = self._device
+        now = self._loop.time()
+        if device is None:
+            self._tcp.write(self._clc.decline(R.NO_DEVICE, now))
+            return
+        if proposal.gid != device.gid:
+            self._tcp.write(self._clc.decline(R.GID_MISMATCH, now))
+            return
+        if not proposal.min_version <= clc.PROTOCOL_VERSION <= proposal.max_version:
+            self._tcp.write(self._clc.decline(R.VERSION_MISMATCH, now))
+            return
+        peer_capacity = 1 << proposal.capacity_log2
+        try:
+            self._peer_region = device.attach(proposal.token, proposal.endpoint_id)
+            if self._peer_region.size < _ring.region_size(peer_capacity):
+                raise ValueError("peer region smaller than the ring it announced")
+        except Exception as exc:
+            log.debug("smcish: attach failed: %r", exc)
+            self._release()
+            self._tcp.write(self._clc.decline(_error_reason(exc, R.ATTACH_FAILED), now))
+            return
+        try:
+            self._my_region = device.alloc(_ring.region_size(self._config.ring_size))
+        except Exception as exc:
+            self._release()
+            self._tcp.write(self._clc.decline(_error_reason(exc, R.NO_MEMORY), now))
+            return
+        try:
+            self._ring = _ring.Ring(self._my_region.mem, self._peer_region.mem,
+                                    self._config.ring_size, peer_capacity,
+                                    self._peer_region.doorbell_fd)
+        except Exception as exc:
+            log.debug("smcish: ring set-up failed: %r", exc)
+            self._release()
+            self._tcp.write(self._clc.decline(R.ATTACH_FAILED, now))
+            return
+        accept = clc.Accept(version=clc.PROTOCOL_VERSION, flags=0, gid=device.gid,
+                            endpoint_id=device.endpoint_id, token=self._my_region.token,
+                            capacity_log2=self._config.ring_size.bit_length() - 1)
+        self._tcp.write(self._clc.accept(accept, now))
+
+    def _on_accept(self, event) -> None:
+        accept = event.accept
+        device = self._device
+        now = self._loop.time()
+        if accept.gid != device.gid:
+            self._tcp.write(self._clc.decline(R.GID_MISMATCH, now))
+            return
+        peer_capacity = 1 << accept.capacity_log2
+        try:
+            self._peer_region = device.attach(accept.token, accept.endpoint_id)
+            if self._peer_region.size < _ring.region_size(peer_capacity):
+                raise ValueError("peer region smaller than the ring it announced")
+            self._ring = _ring.Ring(self._my_region.mem, self._peer_region.mem,
+                                    self._config.ring_size, peer_capacity,
+                                    self._peer_region.doorbell_fd)
+        except Exception as exc:
+            log.debug("smcish: attach failed: %r", exc)
+            self._release()
+            self._tcp.write(self._clc.decline(_error_reason(exc, R.ATTACH_FAILED), now))
+            return
+        self._tcp.write(self._clc.confirm(now))
+
+    def _on_established(self, event) -> None:
+        self._done = True
+        self._established = True
+        self._release_claim()
+        smc = self._smc
+        info = smc._info
+        info.device = self._device.gid.hex()
+        info.ring_size = self._ring.tx_capacity
+        info.peer_ring_size = self._ring.rx_capacity
+        if self._app is None:
+            self._app = self._app_factory()
+            smc.set_protocol(self._app)
+            smc._become_ism(self._ring, self._device, self._my_region, self._peer_region)
+            self._app.connection_made(smc)
+        else:
+            smc._become_ism(self._ring, self._device, self._my_region, self._peer_region)
+        self._ring = self._my_region = self._peer_region = None
+        self._resolve()
+
+    def _on_fell_back(self, event) -> None:
+        self._release()
+        reason = event.reason
+        if self._device is None and reason is R.PEER_NOT_SMCISH:
+            reason = R.NO_DEVICE          # we could not have shared memory with anyone
+        self._fall_back(reason, event.data, by_peer=event.by_peer)
+
+    def _on_aborted(self, event) -> None:
+        self._done = True
+        self._release()
+        _stats.count("handshake_aborts")
+        exc = HandshakeError(event.reason, f"smcish handshake aborted: {event.message}")
+        self._fail(exc)
+        self._tcp.abort()
+
+    _handlers = {
+        clc.ProposalReceived: _on_proposal,
+        clc.AcceptReceived: _on_accept,
+        clc.Established: _on_established,
+        clc.FellBack: _on_fell_back,
+        clc.Aborted: _on_aborted,
+    }
+
+    # ------------------------------------------------------------ outcomes
+    def _fall_back(self, reason, data: bytes, by_peer: bool = False) -> None:
+        self._done = True
+        self._release_claim()
+        _stats.count_fallback(reason)
+        smc = self._smc
+        if self._app is None:
+            self._app = self._app_factory()
+            smc.set_protocol(self._app)
+            smc._become_tcp(reason, by_peer)
+            self._app.connection_made(smc)
+        else:
+            smc._become_tcp(reason, by_peer)
+        if data:
+            deliver(self._app, data)
+        self._resolve()
+
+    def _resolve(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result((self._smc, self._app))
+
+    def _fail(self, exc) -> None:
+        self._release_claim()
+        waiter = self._waiter
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_exception(exc)
+        elif self._app is not None and self._smc is not None:
+            self._smc._force_close(exc)
+
+    def _release(self) -> None:
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
+        mine, peer = self._my_region, self._peer_region
+        self._my_region = self._peer_region = None
+        if self._device is not None and (mine is not None or peer is not None):
+            release_regions(self._device, mine, peer)
+
+    def _release_claim(self) -> None:
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            try:
+                self._device.release_claim(claim)
+            except Exception as exc:
+                log.debug("smcish: releasing claim failed: %r", exc)
+
+    # ------------------------------------------------------------ timer
+    def _arm_timer(self) -> None:
+        if (self._role == "server" and not self._client_claimed
+                and self._clc.state is clc.State.WAIT_PROPOSAL):
+            return
+        deadline = self._clc.get_timer()
+        if deadline is None:
+            self._cancel_timer()
+            return
+        if self._timer is not None:
+            if self._timer.when() == deadline:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        out = self._clc.handle_timer(self._loop.time())
+        if out and not self._tcp.is_closing():
+            self._tcp.write(out)
+        self._process()

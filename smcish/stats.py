@@ -1,0 +1,56 @@
+"""Process-wide counters: connections per mode, fallbacks per reason, bytes, doorbells, polls."""
+
+from __future__ import annotations
+
+import collections
+import weakref
+
+_counters: collections.Counter = collections.Counter()
+_fallbacks: collections.Counter = collections.Counter()
+_live: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def count(name: str, n: int = 1) -> None:
+    _counters[name] += n
+
+
+def count_fallback(reason) -> None:
+    _counters["connections_tcp"] += 1
+    _fallbacks[getattr(reason, "name", str(reason))] += 1
+
+
+def track(transport) -> None:
+    """Register a live ISM transport so stats() and `smcish stat` can see it."""
+    _live.add(transport)
+
+
+def stats() -> dict:
+    """Return a snapshot of the counters, including live connections' byte counts.
+
+    Returns:
+        dict with ``connections_ism``, ``connections_tcp``, ``fallbacks`` (reason -> count),
+        ``bytes_sent``, ``bytes_received``, ``doorbells``, ``poll_hits``, ``poll_misses``,
+        ``handshake_aborts`` and ``live`` (number of open ISM connections).
+    """
+    totals = collections.Counter(_counters)
+    live = list(_live)
+    for transport in live:
+        for key, value in transport._counters().items():
+            totals[key] += value
+    out = {key: totals.get(key, 0) for key in (
+        "connections_ism", "connections_tcp", "bytes_sent", "bytes_received",
+        "doorbells", "poll_hits", "poll_misses", "handshake_aborts")}
+    out["fallbacks"] = dict(_fallbacks)
+    out["live"] = len(live)
+    return out
+
+
+def connections() -> list[dict]:
+    """Describe this process's live ISM connections (for `python -m smcish stat`)."""
+    return [t._describe() for t in list(_live)]
+
+
+def reset() -> None:
+    """Zero every counter (tests and benchmarks)."""
+    _counters.clear()
+    _fallbacks.clear()
