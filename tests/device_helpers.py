@@ -1,0 +1,378 @@
+"""Test helpers for ism_backend: an agent process driven over stdin/stdout, and an ismd runner.
+
+``Agent`` starts ``python tests/device_helpers.py`` as a real separate process that executes device
+operations sent as JSON lines (regions are named by small ids in the agent), so tests can put an
+owner, an attacher or an advertiser in another process, kill it with SIGKILL, run it under another
+uid or inside other namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HELPER = Path(__file__).resolve()
+if str(REPO) not in sys.path:  # plain `pytest` (not `python -m pytest`) from anywhere
+    sys.path.insert(0, str(REPO))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                     else "")
+    env.update(extra)
+    return env
+
+
+def short_tmpdir(mode: int = 0o700, prefix: str = "ism") -> str:
+    """A fresh dir directly under /tmp (unix socket paths must stay under 108 bytes)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(path, mode)
+    return path
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class AgentError(Exception):
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+
+
+class Agent:
+    """A separate process executing device operations (see ``agent_main``)."""
+
+    def __init__(self, env: dict[str, str] | None = None, prefix: list[str] | None = None,
+                 setuid: int | None = None) -> None:
+        argv = [*(prefix or []), sys.executable, str(HELPER)]
+        if setuid is not None:
+            argv.append(f"--setuid={setuid}")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env or child_env(), text=True, bufsize=1,
+                                     cwd=str(REPO))
+        self.pid = self.proc.pid
+        hello = self._read(20.0)
+        assert hello.get("ready"), hello
+        self.real_pid = hello["pid"]  # differs from self.pid when started through a wrapper
+
+    def _read(self, timeout: float) -> dict:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            if not sel.select(timeout):
+                raise TimeoutError(f"agent {self.pid} did not answer within {timeout} s")
+        finally:
+            sel.close()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError(f"agent {self.pid} exited (rc={self.proc.poll()})")
+        return json.loads(line)
+
+    def call(self, op: str, timeout: float = 20.0, **args):
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read(timeout)
+        if not reply["ok"]:
+            raise AgentError(reply["error"], reply["message"])
+        return reply.get("result")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.real_pid, signal.SIGKILL)
+            if self.real_pid != self.pid:
+                try:
+                    self.proc.kill()
+                except ProcessLookupError:
+                    pass
+        self.proc.wait(10)
+
+    def exit(self) -> int:
+        """Ask the agent to return from main normally (atexit hooks run)."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+        return self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.exit()
+            except subprocess.TimeoutExpired:
+                self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Ismd:
+    """An ismd subprocess on a socket in its own short temp dir (world-traversable)."""
+
+    def __init__(self, *args: str, socket_dir: str | None = None,
+                 prefix: list[str] | None = None) -> None:
+        self.dir = socket_dir or short_tmpdir(0o755, "ismd")
+        self.path = os.path.join(self.dir, "ismd.sock")
+        self.spec = f"unix:{self.path}"
+        self.proc = subprocess.Popen(
+            [*(prefix or []), sys.executable, "-m", "ism_backend.daemon", "serve", "--socket",
+             self.path, *args],
+            env=child_env(), cwd=str(REPO), stderr=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 15
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ismd exited: {self.proc.stderr.read()}")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(self.path)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+            finally:
+                probe.close()
+        # The probe connected and left at once: wait until ismd processed that disconnect, so
+        # fd counts taken now are the idle baseline.
+        time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stderr.closed:
+            return ""
+        err = self.proc.stderr.read()
+        self.proc.stderr.close()
+        return err
+
+
+# --- the agent side ----------------------------------------------------------------------------
+
+def agent_main(argv: list[str]) -> None:
+    import mmap
+
+    for arg in argv:
+        if arg.startswith("--setuid="):
+            uid = int(arg.split("=", 1)[1])
+            import ism_backend.client  # noqa: F401 - import everything before dropping root
+            import ism_backend.embedded  # noqa: F401
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+
+    import ism_backend
+    from ism_backend import memfd
+
+    devices: dict[str, ism_backend.Device] = {}
+    regions: dict[int, ism_backend.Region] = {}
+    handles: dict[int, object] = {}
+    counter = [0]
+
+    def new_id() -> int:
+        counter[0] += 1
+        return counter[0]
+
+    def dev(spec=None):
+        key = spec or "default"
+        if key not in devices:
+            devices[key] = ism_backend.get_device(spec)
+        return devices[key]
+
+    def region_info(rid: int, region) -> dict:
+        d = region._device
+        return {"id": rid, "token": region.token.hex(), "size": region.size, "fd": region.fd,
+                "endpoint": d.endpoint_id.hex(), "gid": d.gid.hex()}
+
+    def op_open(spec=None):
+        d = dev(spec)
+        return {"kind": d.kind, "gid": d.gid.hex(), "endpoint": d.endpoint_id.hex()}
+
+    def op_alloc(size, spec=None, fill=None):
+        region = dev(spec).alloc(size)
+        if fill is not None:
+            region.mem[: len(bytes.fromhex(fill))] = bytes.fromhex(fill)
+        rid = new_id()
+        regions[rid] = region
+        return region_info(rid, region)
+
+    def op_alloc_many(size, n, spec=None):
+        """n regions at once (benchmarks): [(token hex, endpoint hex), ...]."""
+        out = []
+        for _ in range(n):
+            region = dev(spec).alloc(size)
+            regions[new_id()] = region
+            out.append((region.token.hex(), region._device.endpoint_id.hex()))
+        return out
+
+    def op_write(id, data, offset=0):
+        regions[id].mem[offset: offset + len(bytes.fromhex(data))] = bytes.fromhex(data)
+
+    def op_read(id, n, offset=0):
+        return bytes(regions[id].mem[offset: offset + n]).hex()
+
+    def op_attach(token, endpoint, spec=None):
+        region = dev(spec).attach(bytes.fromhex(token), bytes.fromhex(endpoint))
+        rid = new_id()
+        regions[rid] = region
+        return region_info(rid, region)
+
+    def op_detach(id):
+        region = regions.pop(id)
+        region._device.detach(region)
+
+    def op_free(id):
+        region = regions.pop(id)
+        region._device.free(region)
+
+    def op_grant(id, uid):
+        regions[id]._device.grant(regions[id].token, uid)
+
+    def op_revoke(id, uid):
+        regions[id]._device.revoke(regions[id].token, uid)
+
+    def op_ring(id):
+        regions[id].ring()
+
+    def op_try_write(id):
+        """Every route an attacher could use to write the region; each must fail."""
+        region = regions[id]
+        out = {}
+        try:
+            region.mem[0] = 1
+            out["api"] = "wrote"
+        except TypeError as exc:
+            out["api"] = f"refused: {exc}"
+        try:
+            m = mmap.mmap(region.fd, region.size, flags=mmap.MAP_SHARED,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            m.close()
+            out["mmap"] = "mapped"
+        except OSError as exc:
+            out["mmap"] = f"refused: {exc.strerror}"
+        try:
+            fd = os.open(f"/proc/self/fd/{region.fd}", os.O_RDWR)
+        except OSError as exc:
+            out["proc_open"] = f"refused: {exc.strerror}"
+        else:
+            out["proc_open"] = "opened"
+            try:
+                m = mmap.mmap(fd, region.size, flags=mmap.MAP_SHARED,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                m.close()
+                out["proc_mmap"] = "mapped"
+            except OSError as exc:
+                out["proc_mmap"] = f"refused: {exc.strerror}"
+            try:
+                os.pwrite(fd, b"x", 0)
+                out["proc_write"] = "wrote"
+            except OSError as exc:
+                out["proc_write"] = f"refused: {exc.strerror}"
+            try:
+                os.ftruncate(fd, 0)
+                out["truncate"] = "truncated"
+            except OSError as exc:
+                out["truncate"] = f"refused: {exc.strerror}"
+            os.close(fd)
+        out["seals"] = memfd.get_seals(region.fd)
+        return out
+
+    def op_advertise(host, port, spec=None):
+        hid = new_id()
+        handles[hid] = dev(spec).advertise(host, port)
+        return hid
+
+    def op_withdraw(handle, spec=None):
+        dev(spec).withdraw(handles.pop(handle))
+
+    def op_add_intent(local_port, remote_host, remote_port, spec=None):
+        hid = new_id()
+        handles[hid] = dev(spec).add_intent(local_port, remote_host, remote_port)
+        return hid
+
+    def op_claim(client_port, server_host, server_port, role, spec=None):
+        handle = dev(spec).claim(client_port, server_host, server_port, role)
+        if handle is None:
+            return None
+        hid = new_id()
+        handles[hid] = handle
+        return hid
+
+    def op_release_claim(handle, spec=None):
+        dev(spec).release_claim(handles.pop(handle))
+
+    def op_lookup(host, port, spec=None):
+        return dev(spec).lookup(host, port)
+
+    def op_set_info(connections, spec=None):
+        dev(spec).set_info_provider(lambda: connections)
+
+    def op_status(spec=None):
+        return dev(spec).status()
+
+    def op_listdir(path):
+        return sorted(os.listdir(path))
+
+    def op_netns():
+        return os.readlink("/proc/self/ns/net")
+
+    def op_close(spec=None):
+        devices.pop(spec or "default").close()
+
+    def op_uid():
+        return os.getuid()
+
+    ops = {name[3:]: fn for name, fn in locals().items() if name.startswith("op_")}
+    print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        if op == "exit":
+            return
+        try:
+            result = ops[op](**request)
+            reply = {"ok": True, "result": result}
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    agent_main(sys.argv[1:])

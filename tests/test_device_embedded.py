@@ -1,0 +1,519 @@
+"""The embedded device with real processes: lifecycle, permissions, crashes, discovery, pooling."""
+
+import asyncio
+import os
+import shutil
+import stat
+import time
+
+import pytest
+
+from device_helpers import Agent, AgentError, child_env, short_tmpdir
+import ism_backend
+from ism_backend import (
+    DeviceGone, NoDevice, PermissionDenied, UnknownToken, get_device, open_device,
+)
+from ism_backend.embedded import EmbeddedDevice
+
+SIZE = 512 + 16384
+
+
+@pytest.fixture
+def rtdir(monkeypatch):
+    path = short_tmpdir()
+    monkeypatch.setenv("SMCISH_RUNTIME_DIR", path)
+    monkeypatch.setenv("SMCISH_DEVICE", "embedded")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def device(rtdir):
+    dev = EmbeddedDevice(rtdir)
+    yield dev
+    dev.close()
+
+
+@pytest.fixture
+def agents(rtdir):
+    started = []
+
+    def start(**kw):
+        kw.setdefault("env", child_env(SMCISH_RUNTIME_DIR=rtdir, SMCISH_DEVICE="embedded"))
+        agent = Agent(**kw)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.close()
+
+
+def leftovers(path):
+    """Per-process files left in a runtime dir (``gid`` and ``.mutex`` belong to the domain)."""
+    return sorted(set(os.listdir(path)) - {"gid", ".mutex"})
+
+
+def test_bytes_cross_processes_both_ways_and_many_regions(device, agents):
+    peer = agents()
+    info = peer.call("open")
+    assert bytes.fromhex(info["gid"]) == device.gid  # same runtime dir, same domain
+    mine = [device.alloc(SIZE) for _ in range(32)]
+    for i, region in enumerate(mine):
+        region.mem[0:8] = i.to_bytes(8, "little")
+        region.mem[SIZE - 4:SIZE] = b"tail"
+    attached = [peer.call("attach", token=r.token.hex(), endpoint=device.endpoint_id.hex())
+                for r in mine]
+    for i, a in enumerate(attached):
+        assert peer.call("read", id=a["id"], n=8) == i.to_bytes(8, "little").hex()
+        assert peer.call("read", id=a["id"], n=4, offset=SIZE - 4) == b"tail".hex()
+    mine[0].mem[100:105] = b"later"  # written after attach: the mapping is shared
+    assert peer.call("read", id=attached[0]["id"], n=5, offset=100) == b"later".hex()
+    assert device.status()["served_attachments"] == 32
+
+    theirs = peer.call("alloc", size=SIZE, fill=b"from the peer".hex())
+    region = device.attach(bytes.fromhex(theirs["token"]), bytes.fromhex(theirs["endpoint"]))
+    assert region.access == "r" and region.size == SIZE
+    assert bytes(region.mem[:13]) == b"from the peer"
+    peer.call("write", id=theirs["id"], data=b"updated".hex())
+    assert bytes(region.mem[:7]) == b"updated"
+    device.detach(region)
+    assert region.closed and region.mem is None
+
+    for a in attached:
+        peer.call("detach", id=a["id"])
+    for r in mine:
+        device.free(r)
+    status = device.status()
+    assert status["served_attachments"] == 0 and status["regions"] == 0
+
+
+def test_attacher_cannot_write_by_any_route(device, agents):
+    region = device.alloc(SIZE)
+    region.mem[:4] = b"keep"
+    peer = agents()
+    a = peer.call("attach", token=region.token.hex(), endpoint=device.endpoint_id.hex())
+    result = peer.call("try_write", id=a["id"])
+    assert result["api"].startswith("refused")
+    # the handed-out fd is O_RDONLY (EACCES); the seal would refuse it anyway (EPERM)
+    assert result["mmap"].startswith("refused")
+    # the /proc re-open upgrades the fd to O_RDWR, but the seals refuse mapping and writing
+    assert result["proc_mmap"] == "refused: Operation not permitted"
+    assert result["proc_write"] == "refused: Operation not permitted"
+    assert result["truncate"] == "refused: Operation not permitted"
+    assert result["seals"] & 0x1F == 0x17  # seal, shrink, grow, future_write
+    assert bytes(region.mem[:4]) == b"keep"
+
+
+def test_tokens_are_one_shot_grants_and_revokes(device, agents):
+    region = device.alloc(SIZE)
+    first, second = agents(), agents()
+    ep = device.endpoint_id.hex()
+    first.call("attach", token=region.token.hex(), endpoint=ep)
+    with pytest.raises(AgentError) as info:
+        second.call("attach", token=region.token.hex(), endpoint=ep)
+    assert info.value.name == "PermissionDenied" and "grant" in str(info.value)
+    device.grant(region.token, os.getuid())
+    again = second.call("attach", token=region.token.hex(), endpoint=ep)
+    second.call("detach", id=again["id"])
+    device.revoke(region.token, os.getuid())
+    with pytest.raises(AgentError) as info:
+        second.call("attach", token=region.token.hex(), endpoint=ep)
+    assert info.value.name == "PermissionDenied" and "revoked" in str(info.value)
+    with pytest.raises(AgentError) as info:
+        second.call("attach", token=os.urandom(16).hex(), endpoint=ep)
+    assert info.value.name == "UnknownToken"
+    with pytest.raises(PermissionDenied, match="writable"):
+        device.attach(region.token, device.endpoint_id, access="rw")
+    with pytest.raises(PermissionDenied):
+        device.grant(region.token, 1000, access="rw")
+    token = region.token
+    device.free(region)
+    with pytest.raises(UnknownToken):
+        device.grant(token, 1000)
+    with pytest.raises(AgentError) as info:
+        second.call("attach", token=token.hex(), endpoint=ep)
+    assert info.value.name == "UnknownToken"  # freed: invalid at once
+
+
+def test_attach_to_a_missing_endpoint_is_device_gone(device):
+    started = time.monotonic()
+    with pytest.raises(DeviceGone, match="fall back to TCP"):
+        device.attach(os.urandom(16), os.urandom(16))
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_process_attaches_its_own_region(device):
+    region = device.alloc(SIZE)
+    region.mem[:2] = b"me"
+    view = device.attach(region.token, device.endpoint_id)
+    assert bytes(view.mem[:2]) == b"me"
+    device.detach(view)
+    device.free(region)
+
+
+def test_pool_reuses_only_after_every_attacher_is_gone(device, agents):
+    region = device.alloc(SIZE)
+    region.mem[:6] = b"secret"
+    fd, old_token = region.fd, region.token
+    peer = agents()
+    a = peer.call("attach", token=region.token.hex(), endpoint=device.endpoint_id.hex())
+    device.free(region)
+    assert device.status()["draining"] == 1
+    fresh = device.alloc(SIZE)  # the freed one is still mapped by the peer: not reused
+    assert fresh.fd != fd
+    assert peer.call("read", id=a["id"], n=6) == b"secret".hex()  # peer still reads its copy
+    peer.call("detach", id=a["id"])
+    assert device.status()["pooled"] == 1
+    reused = device.alloc(SIZE)
+    assert reused.fd == fd, "the drained region comes back from the pool"
+    assert reused.token != old_token and len(reused.token) == 16
+    assert bytes(reused.mem[:SIZE]) == bytes(SIZE), "zeroed before reuse"
+    # the new token is attachable once, the old one never again
+    with pytest.raises(UnknownToken):
+        device.attach(old_token, device.endpoint_id)
+    b = peer.call("attach", token=reused.token.hex(), endpoint=device.endpoint_id.hex())
+    assert peer.call("read", id=b["id"], n=6) == bytes(6).hex()
+
+
+def test_pool_entry_returns_when_the_attacher_dies(device, agents):
+    region = device.alloc(SIZE)
+    fd = region.fd
+    peer = agents()
+    peer.call("attach", token=region.token.hex(), endpoint=device.endpoint_id.hex())
+    device.free(region)
+    peer.kill()  # its connection closes: the attachment is released by the endpoint thread
+    deadline = time.monotonic() + 5
+    while device.status()["pooled"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert device.alloc(SIZE).fd == fd
+
+
+def test_sigkilled_owner_leaves_the_peer_reading_and_no_files(device, agents, rtdir):
+    shm_before = set(os.listdir("/dev/shm"))
+    owner = agents()
+    info = owner.call("alloc", size=SIZE, fill=b"published before death".hex())
+    region = device.attach(bytes.fromhex(info["token"]), bytes.fromhex(info["endpoint"]))
+    assert any(n.startswith("ep-" + info["endpoint"]) for n in os.listdir(rtdir))
+    owner.kill()
+    assert bytes(region.mem[:22]) == b"published before death"
+    assert bytes(region.mem[:22]) == b"published before death"  # still mapped, still readable
+    device.detach(region)  # the owner is gone: no error, and its endpoint files are reaped
+    mine = {f"ep-{device.endpoint_id.hex()}.lock", f"ep-{device.endpoint_id.hex()}.sock"}
+    assert set(leftovers(rtdir)) == mine
+    assert set(os.listdir("/dev/shm")) == shm_before
+
+
+def test_stale_files_of_a_killed_process_are_cleaned_at_open(rtdir, agents):
+    victim = agents()
+    victim.call("open")
+    victim.call("advertise", host="127.0.0.1", port=4321)
+    victim.call("add_intent", local_port=50000, remote_host="127.0.0.1", remote_port=4321)
+    victim.kill()
+    assert len(leftovers(rtdir)) == 4  # ep lock + sock, advertisement, intent
+    dev = EmbeddedDevice(rtdir)
+    try:
+        mine = {f"ep-{dev.endpoint_id.hex()}.lock", f"ep-{dev.endpoint_id.hex()}.sock"}
+        assert set(leftovers(rtdir)) == mine
+    finally:
+        dev.close()
+    assert leftovers(rtdir) == []
+
+
+def test_normal_exit_removes_every_file(rtdir, agents):
+    peer = agents()
+    peer.call("open")
+    peer.call("advertise", host="0.0.0.0", port=8080)
+    peer.call("add_intent", local_port=40000, remote_host="127.0.0.1", remote_port=8080)
+    peer.call("alloc", size=SIZE)
+    assert len(leftovers(rtdir)) == 4
+    assert peer.exit() == 0  # atexit closes the device
+    assert leftovers(rtdir) == []
+
+
+def test_advertisement_and_intent_liveness(device, agents, rtdir):
+    server = agents()
+    server.call("open")
+    assert not device.lookup("127.0.0.1", 9999)
+    server.call("advertise", host="0.0.0.0", port=9999)
+    server.call("advertise", host="::1", port=7777)
+    assert device.lookup("127.0.0.1", 9999)          # wildcard 0.0.0.0
+    assert device.lookup("::ffff:127.0.0.1", 9999)   # v4-mapped form of the same address
+    assert device.lookup("10.1.2.3", 9999)
+    assert not device.lookup("127.0.0.1", 9998)
+    assert device.lookup("::1", 7777) and not device.lookup("127.0.0.1", 7777)
+    client = agents()
+    client.call("add_intent", local_port=41000, remote_host="127.0.0.1", remote_port=9999)
+    assert device.has_intent(41000, "127.0.0.1", 9999)
+    assert device.has_intent(41000, "::ffff:127.0.0.1", 9999)
+    assert not device.has_intent(41001, "127.0.0.1", 9999)
+    server.kill()
+    client.kill()
+    assert not device.lookup("127.0.0.1", 9999)
+    assert not device.lookup("::1", 7777)
+    assert not device.has_intent(41000, "127.0.0.1", 9999)
+    assert not [n for n in os.listdir(rtdir) if n.startswith(("adv-", "int-"))], "no stale file"
+
+
+def test_same_listener_advertised_by_several_processes(device, agents, rtdir):
+    workers = [agents() for _ in range(3)]  # e.g. SO_REUSEPORT workers
+    handles = [w.call("advertise", host="127.0.0.1", port=6000) for w in workers]
+    assert len([n for n in os.listdir(rtdir) if n.startswith("adv-")]) == 3
+    workers[0].kill()  # the lowest slot dies first: a placeholder remains, lookups go on
+    assert device.lookup("127.0.0.1", 6000)
+    workers[2].call("withdraw", handle=handles[2])
+    assert device.lookup("127.0.0.1", 6000)
+    workers[1].kill()
+    assert not device.lookup("127.0.0.1", 6000)
+    assert not [n for n in os.listdir(rtdir) if n.startswith("adv-")]
+    h = device.advertise("127.0.0.1", 6000)
+    assert device.lookup("127.0.0.1", 6000)
+    device.withdraw(h)
+    device.withdraw(h)  # idempotent
+    assert not device.lookup("127.0.0.1", 6000)
+
+
+def test_lookup_costs_microseconds(device):
+    h = device.advertise("0.0.0.0", 5555)
+    n = 2000
+    for host, port, expected in (("127.0.0.1", 5555, True), ("127.0.0.1", 5556, False)):
+        started = time.perf_counter()
+        for _ in range(n):
+            assert device.lookup(host, port) is expected
+        per_call = (time.perf_counter() - started) / n
+        print(f"lookup {'hit' if expected else 'miss'}: {per_call * 1e6:.1f} us")
+        assert per_call < 200e-6  # generous: the machine is shared; typical is ~5-15 us
+    device.withdraw(h)
+
+
+def test_doorbell_across_processes_wakes_the_owner_loop(device, agents):
+    region = device.alloc(SIZE)
+    peer = agents()
+    a = peer.call("attach", token=region.token.hex(), endpoint=device.endpoint_id.hex())
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        rung = loop.create_future()
+        loop.add_reader(region.doorbell_fd, lambda: rung.done() or rung.set_result(region.drain()))
+        try:
+            await loop.run_in_executor(None, lambda: peer.call("ring", id=a["id"]))
+            return await asyncio.wait_for(rung, 5)
+        finally:
+            loop.remove_reader(region.doorbell_fd)
+
+    assert asyncio.run(main()) >= 1
+
+
+def test_peers_info_asks_every_live_endpoint(device, agents):
+    peer = agents()
+    peer.call("open")
+    peer.call("set_info", connections=[{"peer": "127.0.0.1:1234", "mode": "ism"}])
+    device.set_info_provider(lambda: [{"mine": True}])
+    infos = device.peers_info()
+    assert {"mine": True} in next(i for i in infos if i.get("self"))["connections"]
+    theirs = next(i for i in infos if not i.get("self"))
+    assert theirs["connections"] == [{"peer": "127.0.0.1:1234", "mode": "ism"}]
+
+
+def test_runtime_dir_must_be_private_and_ours(monkeypatch):
+    base = short_tmpdir()
+    try:
+        shared = os.path.join(base, "shared")
+        os.mkdir(shared, 0o700)
+        os.chmod(shared, 0o750)
+        with pytest.raises(NoDevice, match="group/others"):
+            EmbeddedDevice(shared)
+        foreign = os.path.join(base, "foreign")
+        os.mkdir(foreign, 0o700)
+        if os.geteuid() == 0:  # giving a dir away needs root
+            os.chown(foreign, 65534, 65534)
+            with pytest.raises(NoDevice, match="owned by uid 65534"):
+                EmbeddedDevice(foreign)
+        link = os.path.join(base, "link")
+        os.symlink(foreign, link)
+        with pytest.raises(NoDevice, match="not a directory"):
+            EmbeddedDevice(link)
+        fresh = os.path.join(base, "fresh")
+        dev = EmbeddedDevice(fresh)
+        assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+        dev.close()
+        monkeypatch.setenv("SMCISH_RUNTIME_DIR", shared)
+        with pytest.raises(NoDevice, match="chmod 700"):
+            open_device("embedded")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_gid_is_created_once_and_shared(rtdir):
+    devs = [EmbeddedDevice(rtdir) for _ in range(3)]
+    try:
+        assert len({d.gid for d in devs}) == 1 and len(devs[0].gid) == 16
+        assert len({d.endpoint_id for d in devs}) == 3
+        with open(os.path.join(rtdir, "gid")) as fh:
+            assert bytes.fromhex(fh.read().strip()) == devs[0].gid
+    finally:
+        for d in devs:
+            d.close()
+
+
+def test_selection_and_caching(rtdir, monkeypatch):
+    dev = get_device()
+    assert dev.kind == "embedded" and get_device("embedded") is dev
+    dev.close()
+    again = get_device()
+    assert again is not dev and again.available  # a closed device is reopened
+    none = open_device("none")
+    assert not none.available and none.kind == "none"
+    with pytest.raises(NoDevice, match="SMCISH_DEVICE"):
+        none.alloc(SIZE)
+    with pytest.raises(NoDevice):
+        none.attach(os.urandom(16), os.urandom(16))
+    assert none.lookup("127.0.0.1", 1) is False and none.has_intent(1, "127.0.0.1", 2) is False
+    none.withdraw(none.advertise("0.0.0.0", 1))
+    none.remove_intent(none.add_intent(1, "127.0.0.1", 2))
+    monkeypatch.setenv("SMCISH_DEVICE", "none")
+    assert get_device().kind == "none"
+    with pytest.raises(NoDevice, match="unknown ISM device spec"):
+        open_device("bogus")
+    with pytest.raises(NoDevice, match="start ismd"):
+        open_device("unix:/nonexistent/ismd.sock")
+    assert isinstance(ism_backend.IsmError("x"), Exception)
+
+
+def test_forked_child_gets_its_own_device(rtdir):
+    dev = get_device()
+    h = dev.advertise("127.0.0.1", 6100)
+    pid = os.fork()
+    if pid == 0:  # child: must not reuse the parent's endpoint or connections
+        code = 1
+        try:
+            child = get_device()
+            ok = child is not dev and child.endpoint_id != dev.endpoint_id
+            region = child.alloc(SIZE)
+            view = child.attach(region.token, child.endpoint_id)
+            code = 0 if ok and view.size == SIZE else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert dev.lookup("127.0.0.1", 6100), "the child's exit did not drop our advertisement"
+    dev.withdraw(h)
+
+
+def test_detach_waits_for_buffer_exports_before_releasing(device):
+    region = device.alloc(SIZE)
+    view = device.attach(region.token, device.endpoint_id)
+    exported = memoryview(view.mem)  # e.g. a ring still holding ffi.from_buffer(mem)
+    device.detach(view)
+    assert view.closed and device.status()["zombies"] == 1
+    device.free(region)
+    assert device.status()["draining"] == 1, "still mapped here: the owner must not reuse it"
+    assert exported[:1] == b"\0"
+    exported.release()
+    device.alloc(4096)  # any later call retries the unmap, then tells the owner
+    status = device.status()
+    assert (status["zombies"], status["draining"], status["pooled"]) == (0, 0, 1)
+
+
+def test_peer_connection_cache_is_bounded(device, agents):
+    device.peer_cache_max = 2
+    owners = [agents() for _ in range(4)]
+    infos = [o.call("alloc", size=SIZE) for o in owners]
+    kept = device.attach(bytes.fromhex(infos[0]["token"]), bytes.fromhex(infos[0]["endpoint"]))
+    for info in infos[1:]:
+        view = device.attach(bytes.fromhex(info["token"]), bytes.fromhex(info["endpoint"]))
+        device.detach(view)
+    assert device.status()["peers"] <= 2
+    # the connection carrying a live attachment is never the one dropped
+    assert bytes.fromhex(infos[0]["endpoint"]) in device._peers
+    owners[1].kill()
+    device.detach(kept)
+
+
+def test_attach_to_a_stalled_endpoint_is_bounded(rtdir):
+    import fcntl
+    import socket
+
+    stalled_id = os.urandom(16)
+    lock = os.open(os.path.join(rtdir, f"ep-{stalled_id.hex()}.lock"), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # looks alive...
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(os.path.join(rtdir, f"ep-{stalled_id.hex()}.sock"))
+    listener.listen(8)  # ...but never answers
+    dev = EmbeddedDevice(rtdir, timeout=0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeviceGone, match="did not answer"):
+            dev.attach(os.urandom(16), stalled_id)
+        assert time.monotonic() - started < 1.0, "a timeout is not retried"
+    finally:
+        dev.close()
+        listener.close()
+        os.close(lock)
+
+
+def test_claim_is_a_test_and_set_across_processes(device, agents, monkeypatch):
+    client = agents()
+    key = dict(server_host="127.0.0.1", server_port=8000)
+    # the client claims first (before connecting): the server learns it will propose
+    h = client.call("claim", client_port=42000, role="client", **key)
+    assert h is not None
+    assert device.claim(42000, "::ffff:127.0.0.1", 8000, "server") is None
+    assert device.has_intent(42000, "127.0.0.1", 8000)
+    client.call("release_claim", handle=h)
+    assert not device.has_intent(42000, "127.0.0.1", 8000)
+    # the server decided first (plain TCP): a late client claim is refused
+    decided = device.claim(42001, "127.0.0.1", 8000, "server")
+    assert decided is not None
+    assert client.call("claim", client_port=42001, role="client", **key) is None
+    device.release_claim(decided)
+    device.release_claim(decided)  # idempotent
+    late = client.call("claim", client_port=42001, role="client", **key)
+    assert late is not None
+    client.kill()  # a dead client's claim is gone with it
+    device.release_claim(device.claim(42001, "127.0.0.1", 8000, "server"))
+    # unreleased server claims expire by themselves
+    import ism_backend.embedded as embedded
+    monkeypatch.setattr(embedded, "CLAIM_TTL", 0.0)
+    device.claim(42002, "127.0.0.1", 8000, "server")
+    assert device.claim(42003, "127.0.0.1", 8000, "client") is not None  # runs the expiry
+    assert device.status()["server_claims"] == 0
+    with pytest.raises(ValueError):
+        device.claim(1, "127.0.0.1", 2, "bystander")
+
+
+def test_concurrent_claims_have_exactly_one_winner(rtdir):
+    import threading
+
+    server, client = EmbeddedDevice(rtdir), EmbeddedDevice(rtdir)
+    results = {}
+
+    def run(dev, role):
+        for port in range(43000, 43100):
+            results[(role, port)] = dev.claim(port, "127.0.0.1", 9000, role)
+
+    try:
+        threads = [threading.Thread(target=run, args=(server, "server")),
+                   threading.Thread(target=run, args=(client, "client"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for port in range(43000, 43100):
+            client_won = results[("client", port)] is not None
+            server_saw_client = results[("server", port)] is None
+            assert client_won == server_saw_client, port
+    finally:
+        server.close()
+        client.close()
+
+
+def test_status_accounts_for_pooled_fds(device):
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    before, pooled_fds = fds(), device.status()["pooled_fds"]
+    device.free(device.alloc(SIZE))
+    device.free(device.alloc(SIZE + 4096))
+    assert fds() - before == device.status()["pooled_fds"] - pooled_fds > 0

@@ -1,0 +1,133 @@
+"""The control protocol codec: round trips and strict rejection (no sockets)."""
+
+import json
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import device_helpers  # noqa: F401 - puts the repo on sys.path
+from ism_backend import DeviceProtocolError, PermissionDenied, QuotaExceeded, UnknownToken
+from ism_backend import proto
+
+TOKEN = bytes(range(16))
+
+
+def framed(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def record(obj) -> bytes:
+    return framed(json.dumps(obj).encode())
+
+
+def test_every_request_round_trips():
+    samples = {
+        "alloc": {"size": 4608}, "reuse": {"size": 4608},
+        "attach": {"token": TOKEN, "access": "r"}, "detach": {"attachment": 7},
+        "free": {"token": TOKEN, "keep": True}, "release": {"region": 3},
+        "grant": {"token": TOKEN, "uid": 1000, "access": "r"}, "revoke": {"token": TOKEN, "uid": 5},
+        "advertise": {"host": "::ffff:127.0.0.1", "port": 80}, "withdraw": {"handle": 9},
+        "lookup": {"host": "localhost", "port": 65535},
+        "add_intent": {"local_port": 40000, "remote_host": "10.0.0.1", "remote_port": 1},
+        "remove_intent": {"handle": 1},
+        "has_intent": {"peer_port": 40000, "local_host": "10.0.0.1", "local_port": 1},
+        "claim": {"local_port": 40000, "remote_host": "::1", "remote_port": 2, "role": "server"},
+        "release_claim": {"handle": 3},
+        "hello": {}, "ping": {}, "info": {}, "status": {},
+    }
+    assert set(samples) == set(proto.REQUESTS)
+    for op, fields in samples.items():
+        request = proto.decode_request(proto.encode_request(op, 42, **fields))
+        assert (request.op, request.id, request.fields) == (op, 42, fields)
+
+
+def test_reply_round_trip_and_errors():
+    data = proto.encode_reply(5, token=TOKEN, region=1, size=100, offset=0)
+    assert proto.decode_reply(data, "alloc", 5)["token"] == TOKEN
+    for exc in (UnknownToken("x"), PermissionDenied("y"), QuotaExceeded("z")):
+        with pytest.raises(type(exc), match=str(exc)):
+            proto.decode_reply(proto.encode_error(5, exc), "alloc", 5)
+    # a refusal at connect (id 0) answers any request; any other id mismatch is an error
+    with pytest.raises(PermissionDenied):
+        proto.decode_reply(proto.encode_error(0, PermissionDenied("policy")), "hello", 1)
+    with pytest.raises(DeviceProtocolError, match="does not answer"):
+        proto.decode_reply(proto.encode_reply(4), "ping", 5)
+    # unknown error names never become arbitrary exceptions
+    bad = record({"v": 1, "id": 5, "ok": False, "error": "SystemExit", "message": "m"})
+    with pytest.raises(DeviceProtocolError):
+        proto.decode_reply(bad, "ping", 5)
+    with pytest.raises(DeviceProtocolError, match="unknown"):
+        proto.decode_reply(proto.encode_reply(5, extra=1), "ping", 5)
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"", "shorter"),
+    (b"\x00\x00", "shorter"),
+    (struct.pack(">I", 10) + b"{}", "length prefix"),
+    (struct.pack(">I", proto.MAX_BODY + 1), "exceeds"),
+    (record([1, 2]), "not a JSON object"),
+    (struct.pack(">I", 3) + b"\xff\xfe\xfd", "not valid JSON"),
+    (record({"v": 1, "op": "ping"}), "id"),
+    (record({"v": 2, "id": 1, "op": "ping"}), "version"),
+    (record({"v": True, "id": 1, "op": "ping"}), "version"),
+    (record({"v": 1, "id": 1, "op": "nope"}), "unknown op"),
+    (record({"v": 1, "id": 1, "op": "ping", "x": 1}), "unknown"),
+    (record({"v": 1, "id": 1, "op": "alloc"}), "missing"),
+    (record({"v": 1, "id": 1, "op": "alloc", "size": True}), "size"),
+    (record({"v": 1, "id": 1, "op": "alloc", "size": 1.5}), "size"),
+    (record({"v": 1, "id": 1, "op": "alloc", "size": 0}), "size"),
+    (record({"v": 1, "id": 1, "op": "attach", "token": TOKEN.hex().upper(), "access": "r"}),
+     "token"),
+    (record({"v": 1, "id": 1, "op": "attach", "token": TOKEN.hex(), "access": "x"}), "access"),
+    (record({"v": 1, "id": 1, "op": "lookup", "host": "a b", "port": 1}), "host"),
+    (record({"v": 1, "id": 1, "op": "lookup", "host": "a", "port": 70000}), "port"),
+    (framed(b'{"v":1,"id":1,"op":"ping","v":1}'), "not valid JSON"),  # duplicate key
+    (framed(b'{"v":1,"id":NaN,"op":"ping"}'), "not valid JSON"),
+    (framed(b"[" * 20000), "not valid JSON"),
+    (record({"v": 1, "id": 1, "op": "alloc", "size": int("9" * 40)}), "size"),
+])
+def test_malformed_requests_are_rejected(raw, why):
+    with pytest.raises(proto.ProtoError, match=why):
+        proto.decode_request(raw)
+
+
+def test_error_reply_keeps_request_id():
+    with pytest.raises(proto.ProtoError) as info:
+        proto.decode_request(record({"v": 1, "id": 77, "op": "alloc", "size": -1}))
+    assert info.value.req_id == 77
+
+
+def test_oversized_encode_is_refused():
+    with pytest.raises(ValueError):
+        proto.encode_reply(1, status={"x": "y" * proto.MAX_BODY})
+    items, cut = proto.fit_list([{"k": "v" * 100}] * 1000, 4096)
+    assert cut and 0 < len(items) < 1000
+    assert len(proto.encode_reply(1, status={"items": items})) < 4096 + 64
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_crash_the_decoder(raw):
+    try:
+        proto.decode_request(raw)
+    except proto.ProtoError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8),
+                                                                     children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(proto.REQUESTS)), st.dictionaries(st.text(max_size=12), json_values,
+                                                                  max_size=5))
+def test_arbitrary_json_never_crashes_the_decoder(op, fields):
+    try:
+        request = proto.decode_request(record({"v": 1, "id": 1, "op": op, **fields}))
+    except proto.ProtoError:
+        return
+    assert set(request.fields) == set(proto.REQUESTS[op])
