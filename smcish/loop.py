@@ -194,11 +194,11 @@ async def create_server(protocol_factory, host=None, port=None, *, config: Confi
     if kwargs.get("ssl"):
         return await orig_serve(protocol_factory, host, port, **kwargs)
     dev, skip = _device_for(cfg)
-    # Without a device the server still reads the client's first bytes, so that a proposal from a
-    # negotiate="always" client is declined (NO_DEVICE) instead of reaching the application;
-    # only negotiate="never" skips that check.
+    # A server reads a handshake only from clients that claimed the connection on its device:
+    # without a device every connection is plain TCP from its first byte (a plain client's data
+    # may begin with anything, our magic included).
     factory = functools.partial(HandshakeProtocol, loop, "server", protocol_factory, cfg, dev,
-                                skip_reason=skip if skip is R.DISABLED_BY_POLICY else None)
+                                skip_reason=skip)
     server = await orig_serve(factory, host, port, **kwargs)
     if dev is not None:
         _advertise(loop, server, dev)

@@ -94,15 +94,18 @@ class HandshakeProtocol(asyncio.Protocol):
         now = self._loop.time()
         self._clc = clc.ClcConnection(self._role, now, timeout=self._config.handshake_timeout)
         if self._role == "server":
-            self._app = self._app_factory()
-            self._smc.set_protocol(self._app)
             if self._skip_reason is not None:
                 self._fall_back(self._skip_reason, b"")
-                self._app.connection_made(self._smc)
                 return
             self._clc.wait_proposal(now)
-            self._smc._decide = self._server_decide
-            self._app.connection_made(self._smc)
+            # Did this client claim the connection on our device (so it will propose)? If not, it
+            # is a plain client: the application gets the TCP connection at once, no delay.
+            if self._client_will_propose():
+                self._client_claimed = True
+                self._arm_timer()          # the application's connection_made waits for the outcome
+            else:
+                self._clc.fallback_now(R.PEER_NOT_SMCISH)
+                self._process()
             return
         if self._skip_reason is not None:
             self._fall_back(self._skip_reason, b"")
@@ -152,27 +155,15 @@ class HandshakeProtocol(asyncio.Protocol):
         self._fail(error)
 
     # ------------------------------------------------------------ server decision
-    def _server_decide(self) -> None:
-        """The server application wants to write before the client spoke: is the client smcish?"""
-        if self._done or self._clc.state is not clc.State.WAIT_PROPOSAL:
-            return
-        if self._device is None:
-            self._clc.fallback_now(R.NO_DEVICE)
-            self._process()
-            return
+    def _client_will_propose(self) -> bool:
+        """Atomically: did the client claim this connection, or do we claim it as plain TCP?"""
         sock = self._tcp.get_extra_info("sockname")
         peer = self._tcp.get_extra_info("peername")
-        client_is_smcish = False
         try:
-            client_is_smcish = self._device.claim(peer[1], sock[0], sock[1], "server") is None
+            return self._device.claim(peer[1], sock[0], sock[1], "server") is None
         except Exception as exc:
-            log.debug("smcish: claim lookup failed: %r", exc)
-        if client_is_smcish:
-            self._client_claimed = True    # the client will propose: wait for it, bounded
-            self._arm_timer()
-        else:
-            self._clc.fallback_now(R.PEER_NOT_SMCISH)
-            self._process()
+            log.debug("smcish: claim failed, staying TCP: %r", exc)
+            return False
 
     # ------------------------------------------------------------ codec events
     def _process(self) -> None:
@@ -195,9 +186,6 @@ class HandshakeProtocol(asyncio.Protocol):
         proposal = event.proposal
         device = self._device
         now = self._loop.time()
-        if device is None:
-            self._tcp.write(self._clc.decline(R.NO_DEVICE, now))
-            return
         if proposal.gid != device.gid:
             self._tcp.write(self._clc.decline(R.GID_MISMATCH, now))
             return
@@ -277,10 +265,7 @@ class HandshakeProtocol(asyncio.Protocol):
 
     def _on_fell_back(self, event) -> None:
         self._release()
-        reason = event.reason
-        if self._device is None and reason is R.PEER_NOT_SMCISH:
-            reason = R.NO_DEVICE          # we could not have shared memory with anyone
-        self._fall_back(reason, event.data, by_peer=event.by_peer)
+        self._fall_back(event.reason, event.data, by_peer=event.by_peer)
 
     def _on_aborted(self, event) -> None:
         self._done = True

@@ -1,7 +1,7 @@
 """SmcTransport: the asyncio.Transport an application sees, over a ring pair or the TCP connection.
 
-One object serves the three lives of a connection:
-- pending (server side only, before the handshake decided): writes are held back;
+The application receives it only once the handshake decided (like SSL's handshake before
+connection_made), in one of two modes:
 - ism: bytes move through the shared-memory rings; the TCP connection underneath stays open as the
   control and liveness channel (the handshake protocol keeps forwarding its events here);
 - tcp (fallback): every method is re-bound, per instance, to the loop's own TCP transport, so a
@@ -42,8 +42,7 @@ class SmcInfo:
     """What ``get_extra_info("smcish")`` returns.
 
     Attributes:
-        mode: ``"ism"`` (shared memory), ``"tcp"`` (plain TCP) or ``"pending"`` (server side,
-            before the peer's first byte decided it).
+        mode: ``"ism"`` (shared memory) or ``"tcp"`` (plain TCP).
         reason: a ``DeclineReason`` saying why the connection is TCP, or None.
         device: the ISM device gid (hex) the connection shares memory through, or None.
         ring_size / peer_ring_size: ring capacities in bytes (ISM only).
@@ -52,7 +51,7 @@ class SmcInfo:
 
     __slots__ = ("mode", "reason", "device", "ring_size", "peer_ring_size", "role", "peer_declined")
 
-    def __init__(self, role: str, mode: str = "pending") -> None:
+    def __init__(self, role: str, mode: str = "tcp") -> None:
         self.role = role
         self.mode = mode
         self.reason = None
@@ -79,6 +78,7 @@ class SmcTransport(asyncio.Transport):
         self._info = info
         self._protocol = None
         self._buffered = False
+        self._feed = None
         self._ring = None
         self._regions = None            # (device, my_region, peer_region) while in ism mode
         self._doorbell_fd = -1
@@ -98,13 +98,12 @@ class SmcTransport(asyncio.Transport):
         self._poll_us = float(poll_us)
         self._poll_scheduled = False
         self._poll_skip = 0
-        self._decide = None              # pending mode: called on the first write
-        self._held_eof = False
 
     # ----------------------------------------------------------------- set-up
     def set_protocol(self, protocol) -> None:
         self._protocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._feed = getattr(protocol, "_smc_feed", None)      # streams: ring -> reader, one copy
 
     def get_protocol(self):
         return self._protocol
@@ -119,24 +118,10 @@ class SmcTransport(asyncio.Transport):
         self._info.reason = reason
         self._info.peer_declined = peer_declined
         tcp = self._tcp
-        held = list(self._pending)
-        self._pending.clear()
-        self._pending_size = 0
         for name in _DELEGATED:
             setattr(self, name, getattr(tcp, name))
         if self._protocol is not None:
             tcp.set_protocol(self._protocol)
-        limits = getattr(self, "_limits_pending", None)
-        if limits is not None:
-            tcp.set_write_buffer_limits(*limits)
-        if held:
-            tcp.writelines(held)
-        if self._reading_paused:
-            tcp.pause_reading()
-        if self._held_eof:
-            tcp.write_eof()
-        if self._closing:
-            tcp.close()
 
     def _become_ism(self, ring, device, my_region, peer_region) -> None:
         """Switch to the shared-memory data path (after CONFIRM)."""
@@ -147,14 +132,7 @@ class SmcTransport(asyncio.Transport):
         self._loop.add_reader(self._doorbell_fd, self._on_doorbell)
         _stats.count("connections_ism")
         _stats.track(self)
-        if self._pending_size:
-            self._flush()
-        if self._held_eof and not self._pending_size:
-            self._publish_eof()
-        if self._closing and not self._pending_size:
-            self._finish_close()
-        else:
-            self._schedule_read()
+        self._schedule_read()
 
     # ----------------------------------------------------------------- info
     def get_extra_info(self, name, default=None):
@@ -221,7 +199,9 @@ class SmcTransport(asyncio.Transport):
                 avail = ring.readable()
                 if not avail:
                     break
-                if self._buffered:
+                if self._feed is not None:
+                    self._feed(ring, avail)
+                elif self._buffered:
                     buf = protocol.get_buffer(avail)
                     if not len(buf):
                         raise RuntimeError("get_buffer() returned an empty buffer")
@@ -306,9 +286,6 @@ class SmcTransport(asyncio.Transport):
             self._conn_lost += 1
             return
         ring = self._ring
-        if ring is None:
-            self._write_pending_mode(data)
-            return
         if not self._pending_size:
             try:
                 n = ring.write(data)
@@ -330,20 +307,6 @@ class SmcTransport(asyncio.Transport):
     def writelines(self, list_of_data) -> None:
         for data in list_of_data:
             self.write(data)
-
-    def _write_pending_mode(self, data) -> None:
-        if self._decide is not None:
-            decide, self._decide = self._decide, None
-            decide()                    # may re-bind write() to the TCP transport
-            if self._info.mode == "tcp":
-                self.write(data)
-                return
-            if self._ring is not None:
-                self.write(data)
-                return
-        self._pending.append(bytes(data))
-        self._pending_size += len(data)
-        self._maybe_pause_protocol()
 
     def _wait_space(self) -> None:
         try:
@@ -421,7 +384,6 @@ class SmcTransport(asyncio.Transport):
         if not high >= low >= 0:
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
         self._high_water, self._low_water = high, low
-        self._limits_pending = (high, low)
         self._maybe_pause_protocol()
 
     def can_write_eof(self) -> bool:
@@ -431,12 +393,6 @@ class SmcTransport(asyncio.Transport):
         if self._closing or self._eof_requested:
             return
         self._eof_requested = True
-        if self._ring is None:
-            self._held_eof = True
-            if self._decide is not None:
-                decide, self._decide = self._decide, None
-                decide()
-            return
         if not self._pending_size:
             self._publish_eof()
 
@@ -457,11 +413,6 @@ class SmcTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        if self._ring is None:
-            if self._decide is not None:
-                decide, self._decide = self._decide, None
-                decide()
-            return
         if not self._pending_size:
             self._finish_close()
 
