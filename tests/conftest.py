@@ -11,7 +11,7 @@ import tempfile
 import pytest
 
 # A private runtime dir for the embedded device of this test session (and its child processes).
-_RUNTIME = tempfile.mkdtemp(prefix="smcish-test-")
+_RUNTIME = tempfile.mkdtemp(prefix="smcish-test-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 os.chmod(_RUNTIME, 0o700)
 os.environ.setdefault("SMCISH_RUNTIME_DIR", _RUNTIME)
 os.environ.pop("SMCISH_DEVICE", None)
