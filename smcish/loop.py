@@ -17,6 +17,7 @@ import weakref
 import ism_backend
 
 from . import clc
+from . import stats as _stats
 from .config import Config
 from .protocol import HandshakeProtocol
 
@@ -24,6 +25,7 @@ log = logging.getLogger("smcish")
 R = clc.DeclineReason
 
 _PATCHED = "_smcish_originals"
+_described: "weakref.WeakSet" = weakref.WeakSet()     # devices that know our info provider
 # Connection-establishment arguments we handle ourselves on the accelerated client path.
 _CONNECT_ONLY = ("family", "proto", "flags", "local_addr", "happy_eyeballs_delay", "interleave",
                  "all_errors")
@@ -50,6 +52,10 @@ def _device_for(config: Config):
         return None, R.NO_DEVICE
     if not device.available:
         return None, R.NO_DEVICE
+    if device not in _described:
+        # `python -m smcish stat` asks each process's device endpoint for its connections.
+        device.set_info_provider(_stats.connections)
+        _described.add(device)
     return device, None
 
 

@@ -39,8 +39,15 @@ def patch_process(config: Config | None = None) -> None:
         def _loop_factory(self):
             return new_event_loop()
 
+    original_run = uvloop.run
+
+    def run(main, *, loop_factory=None, **kwargs):
+        # uvloop.run binds new_event_loop as a default argument: pass ours explicitly.
+        return original_run(main, loop_factory=loop_factory or new_event_loop, **kwargs)
+
     uvloop.new_event_loop = new_event_loop
     uvloop.EventLoopPolicy = SmcUvloopPolicy
+    uvloop.run = run
     uvloop._smcish_patched = True
 
 

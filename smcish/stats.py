@@ -33,7 +33,7 @@ def stats() -> dict:
         ``handshake_aborts`` and ``live`` (number of open ISM connections).
     """
     totals = collections.Counter(_counters)
-    live = list(_live)
+    live = _snapshot_live()
     for transport in live:
         for key, value in transport._counters().items():
             totals[key] += value
@@ -45,9 +45,26 @@ def stats() -> dict:
     return out
 
 
+def _snapshot_live() -> list:
+    # The device's endpoint thread calls connections() while the loop thread adds and drops
+    # transports: copying a WeakSet can then fail with "changed size"; just try again.
+    for _ in range(10):
+        try:
+            return list(_live)
+        except RuntimeError:
+            continue
+    return []
+
+
 def connections() -> list[dict]:
     """Describe this process's live ISM connections (for `python -m smcish stat`)."""
-    return [t._describe() for t in list(_live)]
+    out = []
+    for transport in _snapshot_live():
+        try:
+            out.append(transport._describe())
+        except Exception:          # a transport closing under our feet: skip it
+            continue
+    return out
 
 
 def reset() -> None:

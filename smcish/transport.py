@@ -126,6 +126,8 @@ class SmcTransport(asyncio.Transport):
     def _become_ism(self, ring, device, my_region, peer_region) -> None:
         """Switch to the shared-memory data path (after CONFIRM)."""
         self._info.mode = "ism"
+        self._addrs = (_fmt_addr(self._tcp.get_extra_info("sockname")),
+                       _fmt_addr(self._tcp.get_extra_info("peername")))
         self._ring = ring
         self._regions = (device, my_region, peer_region)
         self._doorbell_fd = my_region.doorbell_fd
@@ -151,9 +153,9 @@ class SmcTransport(asyncio.Transport):
                 "poll_misses": ring.spin_misses}
 
     def _describe(self) -> dict:
+        """One row of `python -m smcish stat` (called from the device's endpoint thread)."""
         out = {"mode": self._info.mode, "role": self._info.role,
-               "peer": _fmt_addr(self._tcp.get_extra_info("peername")),
-               "local": _fmt_addr(self._tcp.get_extra_info("sockname")),
+               "peer": self._addrs[1], "local": self._addrs[0],
                "reason": getattr(self._info.reason, "name", None),
                "ring_size": self._info.ring_size, "pending": self._pending_size}
         out.update(self._counters())

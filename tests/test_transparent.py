@@ -1,0 +1,246 @@
+"""Transparent mode (install, loop_factory, `python -m smcish run`), sock=, stats and `smcish stat`."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+import smcish
+
+from conftest import PYTHON, new_loop, python_env
+
+HOST = "127.0.0.1"
+
+
+async def stock_echo_roundtrip():
+    """Unchanged asyncio code: the loop decides whether it is accelerated."""
+    async def handle(reader, writer):
+        writer.write(await reader.readexactly(5))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, HOST, 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(b"hello")
+        assert await reader.readexactly(5) == b"hello"
+        info = writer.get_extra_info("smcish")
+        writer.close()
+        await writer.wait_closed()
+        return info
+
+
+def test_install_accelerates_stock_calls(loop_kind):
+    loop = new_loop(loop_kind)
+    try:
+        smcish.install(loop)
+        smcish.install(loop)                    # idempotent
+        info = loop.run_until_complete(stock_echo_roundtrip())
+        assert info is not None and info.mode == "ism", info
+    finally:
+        loop.close()
+
+
+def test_loop_factory_with_runner(loop_kind):
+    base = None
+    if loop_kind == "uvloop":
+        import uvloop
+
+        base = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=smcish.loop_factory(base)) as runner:
+        info = runner.run(stock_echo_roundtrip())
+    assert info.mode == "ism"
+
+
+def test_uninstalled_loop_is_untouched(loop_kind):
+    loop = new_loop(loop_kind)
+    try:
+        assert loop.run_until_complete(stock_echo_roundtrip()) is None
+    finally:
+        loop.close()
+
+
+def test_unix_sockets_pass_through(loop_kind, tmp_path):
+    path = str(tmp_path / "s.sock")
+
+    async def main():
+        async def handle(reader, writer):
+            writer.write(await reader.readexactly(3))
+            writer.close()
+
+        server = await asyncio.start_unix_server(handle, path)
+        async with server:
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(b"abc")
+            assert await reader.readexactly(3) == b"abc"
+            assert writer.get_extra_info("smcish") is None
+            writer.close()
+
+    loop = smcish.install(new_loop(loop_kind))
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+SCRIPT = textwrap.dedent('''
+    import asyncio, json, sys
+
+    async def main():
+        async def handle(reader, writer):
+            writer.write(await reader.readexactly(4))
+            await writer.drain()
+            writer.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            info = writer.get_extra_info("smcish")
+            print(json.dumps({"mode": info.mode if info else None, "argv": sys.argv[1:]}))
+            writer.close()
+
+    if sys.argv[1] == "uvloop":
+        import uvloop
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+''')
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "uvloop"])
+def test_python_m_smcish_run_unchanged_program(tmp_path, runner):
+    script = tmp_path / "prog.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run([PYTHON, "-m", "smcish", "run", str(script), runner, "extra"],
+                         env=python_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"mode": "ism", "argv": [runner, "extra"]}
+    plain = subprocess.run([PYTHON, str(script), runner], env=python_env(), capture_output=True,
+                           text=True, timeout=60)
+    assert json.loads(plain.stdout.strip().splitlines()[-1])["mode"] is None
+
+
+def test_connected_sock_is_negotiated(loop_kind):
+    """aiohttp-style: the caller connects the socket, smcish claims it afterwards."""
+    async def main():
+        async def handle(reader, writer):
+            writer.write(await reader.readexactly(3))
+            writer.close()
+
+        server = await smcish.start_server(handle, HOST, 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            sock = socket.create_connection((HOST, port))
+            sock.setblocking(False)
+            transport, protocol = await smcish.create_connection(asyncio.Protocol, sock=sock)
+            info = transport.get_extra_info("smcish")
+            transport.close()
+            return info
+
+    loop = new_loop(loop_kind)
+    try:
+        info = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert info.mode == "ism", info
+
+
+def test_stats_count_connections_and_bytes(loop_kind):
+    async def main():
+        before = smcish.stats()
+
+        async def handle(reader, writer):
+            writer.write(await reader.readexactly(1000))
+            await writer.drain()
+            writer.close()
+
+        server = await smcish.start_server(handle, HOST, 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await smcish.open_connection(HOST, port)
+            writer.write(b"x" * 1000)
+            await reader.readexactly(1000)
+            live = smcish.stats()["live"]
+            writer.close()
+            await writer.wait_closed()
+            _, w2 = await smcish.open_connection(HOST, port, negotiate="never")
+            w2.close()
+        await asyncio.sleep(0.05)
+        after = smcish.stats()
+        return before, live, after
+
+    loop = new_loop(loop_kind)
+    try:
+        before, live, after = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert live >= 2                                       # both ends, same process
+    assert after["connections_ism"] - before["connections_ism"] == 2
+    assert after["bytes_sent"] - before["bytes_sent"] >= 2000
+    assert after["fallbacks"].get("DISABLED_BY_POLICY", 0) > before["fallbacks"].get("DISABLED_BY_POLICY", 0)
+
+
+def test_stat_command_lists_other_processes(tmp_path):
+    holder = textwrap.dedent('''
+        import asyncio, sys, smcish
+        async def main():
+            async def handle(reader, writer):
+                await reader.read()
+            server = await smcish.start_server(handle, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await smcish.open_connection("127.0.0.1", port)
+            writer.write(b"y" * 12345)
+            await writer.drain()
+            print("ready", port, flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        asyncio.run(main())
+    ''')
+    proc = subprocess.Popen([PYTHON, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=python_env())
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready"), line
+        port = int(line.split()[1])
+        out = subprocess.run([PYTHON, "-m", "smcish", "stat", "--json"], env=python_env(),
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        rows = [r for r in json.loads(out.stdout) if r.get("pid") == proc.pid]
+        assert {r["role"] for r in rows} == {"client", "server"}, rows
+        assert all(r["mode"] == "ism" for r in rows)
+        client = next(r for r in rows if r["role"] == "client")
+        assert client["peer"] == f"{HOST}:{port}" and client["bytes_sent"] == 12345
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def test_unclosed_transport_warns(loop_kind):
+    """Like the loop's own transports: an ISM transport collected unclosed says so."""
+    async def main():
+        server = await smcish.start_server(lambda r, w: None, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await smcish.create_connection(asyncio.Protocol, HOST, port)
+        assert transport.get_extra_info("smcish").mode == "ism"
+        server.close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop = new_loop(loop_kind)
+        loop.run_until_complete(main())
+        loop.close()          # drops the loop's references to the TCP transport (and ours)
+        del loop
+        gc.collect()
+    messages = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert any("unclosed transport <SmcTransport ism" in m for m in messages), messages
