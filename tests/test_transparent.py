@@ -164,6 +164,7 @@ def test_stats_count_connections_and_bytes(loop_kind):
         async def handle(reader, writer):
             writer.write(await reader.readexactly(1000))
             await writer.drain()
+            await reader.read()            # hold our end open until the client's EOF
             writer.close()
 
         server = await smcish.start_server(handle, HOST, 0)
@@ -173,6 +174,8 @@ def test_stats_count_connections_and_bytes(loop_kind):
             writer.write(b"x" * 1000)
             await reader.readexactly(1000)
             live = smcish.stats()["live"]
+            writer.write_eof()
+            await reader.read()
             writer.close()
             await writer.wait_closed()
             _, w2 = await smcish.open_connection(HOST, port, negotiate="never")
