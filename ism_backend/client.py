@@ -186,14 +186,16 @@ def unmap(mem: Any) -> bool:
 
 
 class _Pooled:
-    __slots__ = ("region_id", "size", "offset", "fd", "mem")
+    __slots__ = ("region_id", "size", "offset", "fd", "mem", "dirty")
 
-    def __init__(self, region_id: int, size: int, offset: int, fd: int, mem: Any) -> None:
+    def __init__(self, region_id: int, size: int, offset: int, fd: int, mem: Any,
+                 dirty: int) -> None:
         self.region_id = region_id
         self.size = size
         self.offset = offset
         self.fd = fd
         self.mem = mem
+        self.dirty = dirty                 # leading bytes that may be non-zero
 
 
 class DaemonDevice(Device):
@@ -270,7 +272,7 @@ class DaemonDevice(Device):
             raise DeviceProtocolError("ismd offered a region this process did not pool")
         self._pool[size].remove(entry)
         self._pooled_bytes -= size
-        memfd.zero(entry.mem, size)
+        memfd.zero(entry.mem, entry.dirty)
         return Region(reply["token"], size, "rw", entry.mem, fds[0], entry.fd, entry.offset,
                       self, entry.region_id)
 
@@ -290,8 +292,9 @@ class DaemonDevice(Device):
         return Region(reply["token"], size, "rw", mem, doorbell, fd, reply["offset"], self,
                       reply["region"])
 
-    def free(self, region: Region) -> None:
+    def free(self, region: Region, written: int | None = None) -> None:
         self._check_mine(region, "rw", "free")
+        dirty = region.size if written is None else max(0, min(region.size, int(written)))
         with self._lock:
             size = region.size
             keep = (len(self._pool[size]) < self.pool_per_size
@@ -304,7 +307,7 @@ class DaemonDevice(Device):
             self._closed_region(region)
             os.close(doorbell)
             if keep:
-                entry = _Pooled(region._handle, size, region.offset, fd, mem)
+                entry = _Pooled(region._handle, size, region.offset, fd, mem, dirty)
                 self._pool[size].append(entry)
                 self._pool_by_id[entry.region_id] = entry
                 self._pooled_bytes += size

@@ -193,8 +193,14 @@ class Device:
         """Unmap an attached region, close its fds and tell the owner side."""
         raise NotImplementedError
 
-    def free(self, region: Region) -> None:
-        """Owner: the token is invalid at once; memory is reused only when nobody maps it."""
+    def free(self, region: Region, written: int | None = None) -> None:
+        """Owner: the token is invalid at once; memory is reused only when nobody maps it.
+
+        Args:
+            written: how many leading bytes of the region we ever wrote (a hint from the ring:
+                header + bytes published, capped at the region size). The pool zeroes only
+                those before reuse; None means all of it.
+        """
         raise NotImplementedError
 
     def grant(self, token: bytes, uid: int, access: str = "r") -> None:
@@ -291,7 +297,7 @@ class NoneDevice(Device):
     def detach(self, region: Region) -> None:
         raise self._refuse()
 
-    def free(self, region: Region) -> None:
+    def free(self, region: Region, written: int | None = None) -> None:
         raise self._refuse()
 
     def grant(self, token: bytes, uid: int, access: str = "r") -> None:

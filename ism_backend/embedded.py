@@ -268,7 +268,7 @@ class _Owned:
     """Owner-side state of one region (mapping, fds, grants, attachment count)."""
 
     __slots__ = ("token", "size", "fd", "mem", "doorbell", "claimed", "grants", "revoked",
-                 "attachments", "freed")
+                 "attachments", "freed", "dirty")
 
     def __init__(self, size: int, fd: int, mem: Any, doorbell: int) -> None:
         self.token = secrets.token_bytes(16)
@@ -281,6 +281,7 @@ class _Owned:
         self.revoked: set[int] = set()
         self.attachments = 0
         self.freed = False
+        self.dirty = size                  # leading bytes that may be non-zero (zeroed on reuse)
 
 
 class _Endpoint:
@@ -504,7 +505,8 @@ class EmbeddedDevice(Device):
             if owned is not None:
                 self._pooled_bytes -= size
         if owned is not None:
-            memfd.zero(owned.mem, size)
+            memfd.zero(owned.mem, owned.dirty)
+            owned.dirty = size
             os.close(owned.doorbell)
             owned.doorbell = memfd.new_doorbell()  # nobody else holds this one
             owned.token = secrets.token_bytes(16)
@@ -525,9 +527,11 @@ class EmbeddedDevice(Device):
             self._regions[owned.token] = owned
         return Region(owned.token, size, "rw", owned.mem, owned.doorbell, owned.fd, 0, self, owned)
 
-    def free(self, region: Region) -> None:
+    def free(self, region: Region, written: int | None = None) -> None:
         self._check_region(region, "rw", "free")
         owned: _Owned = region._handle
+        if written is not None:
+            owned.dirty = max(0, min(owned.size, int(written)))
         with self._lock:
             self._regions.pop(owned.token, None)  # the token is dead from here on
             owned.freed = True

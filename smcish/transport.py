@@ -472,7 +472,11 @@ class SmcTransport(asyncio.Transport):
             self._loop.remove_reader(self._doorbell_fd)
             self._doorbell_fd = -1
         ring, self._ring = self._ring, None
+        written = None
         if ring is not None:
+            # Cursors start at 0 in a fresh or re-zeroed region: we wrote the header and the
+            # first min(bytes sent, capacity) bytes of the ring. The pool zeroes only those.
+            written = _ring.HEADER_SIZE + min(ring.tx_bytes, ring.tx_capacity)
             for key, value in {"bytes_sent": ring.tx_bytes, "bytes_received": ring.rx_bytes,
                                "doorbells": ring.doorbells, "poll_hits": ring.spin_hits,
                                "poll_misses": ring.spin_misses}.items():
@@ -480,7 +484,7 @@ class SmcTransport(asyncio.Transport):
             ring.close()
         if regions is not None:
             device, mine, peer = regions
-            release_regions(device, mine, peer)
+            release_regions(device, mine, peer, written)
 
     # Events forwarded by the handshake protocol, which stays on the TCP transport.
     def _tcp_eof(self) -> None:
@@ -516,15 +520,19 @@ class SmcTransport(asyncio.Transport):
                 pass
 
 
-def release_regions(device, mine, peer) -> None:
-    """Detach the peer's region and free ours, ignoring a device that already went away."""
-    for action, region in ((device.detach, peer), (device.free, mine)):
-        if region is None:
-            continue
-        try:
-            action(region)
-        except Exception as exc:  # the device may be gone; memory goes with the process
-            log.debug("smcish: releasing region failed: %r", exc)
+def release_regions(device, mine, peer, written: int | None = None) -> None:
+    """Detach the peer's region and free ours (``written``: the pool's zeroing hint), ignoring a
+    device that already went away."""
+    try:
+        if peer is not None:
+            device.detach(peer)
+    except Exception as exc:  # the device may be gone; memory goes with the process
+        log.debug("smcish: detaching the peer's region failed: %r", exc)
+    try:
+        if mine is not None:
+            device.free(mine, written)
+    except Exception as exc:
+        log.debug("smcish: freeing our region failed: %r", exc)
 
 
 def _fmt_addr(addr) -> str | None:
