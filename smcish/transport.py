@@ -27,8 +27,14 @@ log = logging.getLogger("smcish")
 
 _MAX_READ = 256 * 1024          # largest chunk handed to data_received at once
 _READS_PER_CALLBACK = 16        # deliveries before yielding to the loop (fairness)
-_MAX_POLL_SKIP = 1024
+_MAX_BACKOFF = 10               # a missed poll skips up to 2**10 - 1 later chances
+
+# Receive polls queued in this process. Spinning pays only when nothing else waits to run: with
+# several busy connections, one's spin would delay the others' work (the loop is single-threaded),
+# so a poll spins only while it is the only one queued.
+_queued_polls = 0
 _ST_DONE = _ring.ST_EOF | _ring.ST_CLOSED | _ring.ST_ABORT
+_ST_READY = _ring.ST_DATA | _ST_DONE
 
 # Methods re-bound to the TCP transport when a connection falls back.
 _DELEGATED = (
@@ -97,7 +103,10 @@ class SmcTransport(asyncio.Transport):
         self._read_scheduled = False
         self._poll_us = float(poll_us)
         self._poll_scheduled = False
-        self._poll_skip = 0
+        # Adaptive polling, per direction: after a miss, skip 2**level - 1 chances (level grows
+        # with each miss, resets on a hit), so a peer that never answers costs almost nothing.
+        self._rx_level = self._rx_skip = 0
+        self._tx_level = self._tx_skip = 0
 
     # ----------------------------------------------------------------- set-up
     def set_protocol(self, protocol) -> None:
@@ -222,7 +231,9 @@ class SmcTransport(asyncio.Transport):
             if self._peer_gone:
                 self._fatal_error(PeerReset("smcish peer vanished (TCP connection lost without close)"))
                 return
-            if ring.prepare_sleep_rx():
+            if self._poll_us:
+                self._schedule_poll()           # poll (then sleep) after the app's callbacks
+            elif ring.prepare_sleep_rx():
                 self._schedule_read()
         except (SystemExit, KeyboardInterrupt):
             raise
@@ -250,29 +261,45 @@ class SmcTransport(asyncio.Transport):
             self._fatal_error(PeerReset("smcish peer closed without EOF"))
 
     def _poll(self) -> None:
-        """Busy-poll briefly for a reply after writing (skips the sleep/wake cost)."""
+        """The receive side is idle: busy-poll briefly for more data, then sleep on the doorbell.
+
+        Scheduled with call_soon after a write (a reply is likely) and when a read drained the
+        ring, so it runs after the application's callbacks of this loop iteration: polling never
+        delays the application's answer, and a quick peer never pays the sleep/wake-up cost.
+        """
+        global _queued_polls
+        _queued_polls -= 1
         self._poll_scheduled = False
-        if self._poll_skip:
-            self._poll_skip -= 1
-            return
         ring = self._ring
         if (ring is None or self._conn_lost or self._closing or self._reading_paused
-                or self._pending_size or self._read_scheduled):
+                or self._read_scheduled):
             return
         try:
-            if ring.readable():
+            if ring.status() & _ST_READY:
                 self._read_ready()
                 return
-            ring.clear_wants()
-            if ring.spin(self._poll_us):
-                self._poll_skip = 0
-                self._read_ready()
-                return
-            self._poll_skip = min(2 * self._poll_skip + 1, _MAX_POLL_SKIP)
+            if not self._pending_size and not _queued_polls:   # clear_wants() drops want_space too
+                if self._rx_skip:
+                    self._rx_skip -= 1
+                else:
+                    ring.clear_wants()
+                    if ring.spin(self._poll_us):
+                        self._rx_level = 0
+                        self._read_ready()
+                        return
+                    self._rx_level = min(self._rx_level + 1, _MAX_BACKOFF)
+                    self._rx_skip = (1 << self._rx_level) - 1
             if ring.prepare_sleep_rx():
                 self._schedule_read()
         except _ring.RingCorrupted as exc:
             self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+
+    def _schedule_poll(self) -> None:
+        global _queued_polls
+        if not self._poll_scheduled:
+            self._poll_scheduled = True
+            _queued_polls += 1
+            self._loop.call_soon(self._poll)
 
     # ----------------------------------------------------------------- writing
     def write(self, data) -> None:
@@ -296,8 +323,7 @@ class SmcTransport(asyncio.Transport):
                 return
             if n == len(data):
                 if self._poll_us and not self._poll_scheduled:
-                    self._poll_scheduled = True
-                    self._loop.call_soon(self._poll)
+                    self._schedule_poll()
                 return
             data = data[n:]
         self._pending.append(bytes(data))
@@ -311,10 +337,22 @@ class SmcTransport(asyncio.Transport):
             self.write(data)
 
     def _wait_space(self) -> None:
+        """Our ring is full: poll briefly for the consumer to make room, else sleep for space."""
+        ring = self._ring
         try:
-            if self._ring.prepare_sleep_tx():
+            if self._poll_us:
+                if self._tx_skip:
+                    self._tx_skip -= 1
+                elif ring.spin_tx(self._poll_us) & _ring.ST_SPACE:
+                    self._tx_level = 0
+                    self._loop.call_soon(self._flush)
+                    return
+                else:
+                    self._tx_level = min(self._tx_level + 1, _MAX_BACKOFF)
+                    self._tx_skip = (1 << self._tx_level) - 1
+            if ring.prepare_sleep_tx():
                 self._loop.call_soon(self._flush)
-            elif self._ring.status() & (_ring.ST_CLOSED | _ring.ST_ABORT):
+            elif ring.status() & (_ring.ST_CLOSED | _ring.ST_ABORT):
                 self._fatal_error(PeerReset("smcish peer closed; it will not read what we write"))
         except _ring.RingCorrupted as exc:
             self._fatal_error(exc, "smcish: peer corrupted the shared ring")
