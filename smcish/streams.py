@@ -9,6 +9,7 @@ from .loop import create_connection, create_server
 
 _DEFAULT_LIMIT = 2 ** 16
 _MAX_FEED = 1 << 20          # bytes moved from the ring into the reader per call
+_SMALL_FEED = 2048           # up to this size, append a bytes object instead
 
 
 class SmcStreamReaderProtocol(asyncio.StreamReaderProtocol):
@@ -26,16 +27,19 @@ class SmcStreamReaderProtocol(asyncio.StreamReaderProtocol):
             ring.read(avail)
             return
         buf = reader._buffer
-        old = len(buf)
-        n = avail if avail < _MAX_FEED else _MAX_FEED
-        _buffers.grow(buf, n)
-        view = memoryview(buf)[old:]
-        try:
-            got = ring.read_into(view)
-        finally:
-            view.release()
-        if got != n:
-            del buf[old + got:]
+        if avail <= _SMALL_FEED:           # small messages: an append costs less than the set-up
+            buf += ring.read(avail)
+        else:
+            old = len(buf)
+            n = avail if avail < _MAX_FEED else _MAX_FEED
+            _buffers.grow(buf, n)
+            view = memoryview(buf)[old:]
+            try:
+                got = ring.read_into(view)
+            finally:
+                view.release()
+            if got != n:
+                del buf[old + got:]
         reader._wakeup_waiter()
         if (reader._transport is not None and not reader._paused
                 and len(buf) > 2 * reader._limit):

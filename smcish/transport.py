@@ -275,15 +275,12 @@ class SmcTransport(asyncio.Transport):
                 or self._read_scheduled):
             return
         try:
-            if ring.status() & _ST_READY:
-                self._read_ready()
-                return
             if not self._pending_size and not _queued_polls:   # clear_wants() drops want_space too
                 if self._rx_skip:
                     self._rx_skip -= 1
                 else:
                     ring.clear_wants()
-                    if ring.spin(self._poll_us):
+                    if ring.spin(self._poll_us):     # returns at once if something is there
                         self._rx_level = 0
                         self._read_ready()
                         return
