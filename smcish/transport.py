@@ -349,7 +349,7 @@ class SmcTransport(asyncio.Transport):
                     self._tx_skip = (1 << self._tx_level) - 1
             if ring.prepare_sleep_tx():
                 self._loop.call_soon(self._flush)
-            elif ring.status() & (_ring.ST_CLOSED | _ring.ST_ABORT):
+            elif self._peer_gone or ring.status() & (_ring.ST_CLOSED | _ring.ST_ABORT):
                 self._fatal_error(PeerReset("smcish peer closed; it will not read what we write"))
         except _ring.RingCorrupted as exc:
             self._fatal_error(exc, "smcish: peer corrupted the shared ring")
@@ -540,7 +540,11 @@ class SmcTransport(asyncio.Transport):
             self._fatal_error(PeerReset("smcish peer aborted the connection"))
         elif not status & _ring.ST_CLOSED:
             self._peer_gone = True
-            self._schedule_read()        # deliver what it published, then reset
+            if self._pending_size or self._closing:
+                # Nobody will ever consume what we still hold: fail now, as TCP's send would.
+                self._fatal_error(PeerReset("smcish peer vanished with our data unread"))
+            else:
+                self._schedule_read()    # deliver what it published, then reset
         elif self._closing or self._eof_delivered:
             pass
         else:

@@ -52,6 +52,9 @@ async def serve():
             while True:
                 writer.write(chunk)
                 await writer.drain()
+        elif action == "stall":                # never read (until killed)
+            print(json.dumps({"event": "stalling", "mode": mode}), flush=True)
+            await asyncio.sleep(3600)
         elif action == "sink":                 # read forever (until killed)
             print(json.dumps({"event": "sinking", "mode": mode}), flush=True)
             while await reader.read(1 << 20):
@@ -241,3 +244,34 @@ def test_client_killed_mid_transfer_server_sees_reset(loop_kind):
         loop.run_until_complete(asyncio.wait_for(main(), 30))
     finally:
         loop.close()
+
+
+def test_peer_killed_while_close_drains(loop_kind):
+    """close() waits for pending data; if the peer dies meanwhile, close must not hang."""
+    server = spawn("serve", "asyncio", "stall")
+    try:
+        port = read_json(server)["port"]
+
+        async def main():
+            reader, writer = await smcish.open_connection(HOST, port, ring_size=1 << 16)
+            assert writer.get_extra_info("smcish").mode == "ism"
+            assert read_json(server)["event"] == "stalling"
+            writer.write(b"z" * (1 << 20))       # far more than the ring holds: most stays pending
+            assert writer.transport.get_write_buffer_size() > 0
+            writer.close()
+            os.kill(server.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 5)
+            except ConnectionResetError:
+                pass
+            assert time.monotonic() - t0 < 1.0
+
+        loop = new_loop(loop_kind)
+        try:
+            loop.run_until_complete(asyncio.wait_for(main(), 30))
+        finally:
+            loop.close()
+    finally:
+        server.kill()
+        server.wait()
