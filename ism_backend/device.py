@@ -387,9 +387,11 @@ def open_device(spec: str | None = None) -> Device:
 
 
 def _cache_key(resolved: str) -> tuple:
+    # The embedded device's runtime dir depends only on these variables (and the uid): keying on
+    # them keeps get_device() free of syscalls on every connection.
     if resolved == "embedded":
-        from .embedded import runtime_dir
-        return (resolved, runtime_dir())
+        env = os.environ
+        return (resolved, env.get("SMCISH_RUNTIME_DIR"), env.get("XDG_RUNTIME_DIR"), os.getuid())
     return (resolved,)
 
 
