@@ -113,24 +113,17 @@ def test_smcish_both_ends_use_shared_memory(loop_kind, protocol):
     run(loop_kind, main())
 
 
-def test_fallback_reason_no_device(loop_kind):
+@pytest.mark.parametrize("client_kw,reason", [
+    ({"device": "none"}, R.NO_DEVICE),
+    ({"negotiate": "never"}, R.DISABLED_BY_POLICY),
+])
+def test_client_side_fallback_reasons(loop_kind, client_kw, reason):
     async def main():
         server = await smcish.start_server(echo_handler, HOST, 0)
         async with server:
             port = server.sockets[0].getsockname()[1]
-            info = await client_first(smcish.open_connection, port, device="none")
-            assert info.mode == "tcp" and info.reason is R.NO_DEVICE
-
-    run(loop_kind, main())
-
-
-def test_fallback_reason_never(loop_kind):
-    async def main():
-        server = await smcish.start_server(echo_handler, HOST, 0)
-        async with server:
-            port = server.sockets[0].getsockname()[1]
-            info = await client_first(smcish.open_connection, port, negotiate="never")
-            assert info.mode == "tcp" and info.reason is R.DISABLED_BY_POLICY
+            info = await client_first(smcish.open_connection, port, **client_kw)
+            assert info.mode == "tcp" and info.reason is reason
 
     run(loop_kind, main())
 

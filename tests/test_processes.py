@@ -92,6 +92,14 @@ loop.run_until_complete(serve() if role == "serve" else client())
 '''
 
 
+def run_on(loop_kind: str, coro, timeout: float = 30.0):
+    loop = new_loop(loop_kind)
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+    finally:
+        loop.close()
+
+
 def spawn(*args) -> subprocess.Popen:
     return subprocess.Popen([PYTHON, "-c", PEER, *args], stdout=subprocess.PIPE, text=True,
                             env=python_env())
@@ -189,11 +197,7 @@ def test_server_killed_mid_transfer_client_gets_reset(loop_kind):
             writer.close()
             await assert_no_leaks(baseline)
 
-        loop = new_loop(loop_kind)
-        try:
-            loop.run_until_complete(asyncio.wait_for(main(), 30))
-        finally:
-            loop.close()
+        run_on(loop_kind, main())
     finally:
         server.kill()
         server.wait()
@@ -239,11 +243,7 @@ def test_client_killed_mid_transfer_server_sees_reset(loop_kind):
                 client.stdout.close()
             await assert_no_leaks(baseline)
 
-    loop = new_loop(loop_kind)
-    try:
-        loop.run_until_complete(asyncio.wait_for(main(), 30))
-    finally:
-        loop.close()
+    run_on(loop_kind, main())
 
 
 def test_peer_killed_while_close_drains(loop_kind):
@@ -267,11 +267,7 @@ def test_peer_killed_while_close_drains(loop_kind):
                 pass
             assert time.monotonic() - t0 < 1.0
 
-        loop = new_loop(loop_kind)
-        try:
-            loop.run_until_complete(asyncio.wait_for(main(), 30))
-        finally:
-            loop.close()
+        run_on(loop_kind, main())
     finally:
         server.kill()
         server.wait()
