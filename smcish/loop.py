@@ -25,6 +25,9 @@ log = logging.getLogger("smcish")
 R = clc.DeclineReason
 
 _PATCHED = "_smcish_originals"
+# Claims made by a patched loop.sock_connect() before connecting a caller's socket (aiohttp's
+# connector connects its own sockets), waiting for create_connection(sock=...) to pick them up.
+_preclaims: dict = {}
 _described: "weakref.WeakSet" = weakref.WeakSet()     # devices that know our info provider
 # Connection-establishment arguments we handle ourselves on the accelerated client path.
 _CONNECT_ONLY = ("family", "proto", "flags", "local_addr", "happy_eyeballs_delay", "interleave",
@@ -110,7 +113,10 @@ async def create_connection(protocol_factory, host=None, port=None, *, config: C
     loop = loop or asyncio.get_running_loop()
     orig_connect, _ = _originals(loop)
     cfg = _config(config, kwargs)
+    preclaim = _take_preclaim(kwargs.get("sock"))
     if kwargs.get("ssl"):
+        if preclaim is not None:
+            preclaim[1].release_claim(preclaim[0])
         return await orig_connect(protocol_factory, host, port, **kwargs)
     dev, skip = _device_for(cfg)
     sock = kwargs.pop("sock", None)
@@ -125,6 +131,8 @@ async def create_connection(protocol_factory, host=None, port=None, *, config: C
             if infos is None:
                 infos = await _resolve(loop, host, port, kwargs.get("family", 0), kwargs.get("flags", 0))
             sock, claim = await _connect_claimed(loop, dev, infos, kwargs.get("local_addr"))
+    elif dev is not None and preclaim is not None and preclaim[1] is dev:
+        claim = preclaim[0]         # our sock_connect() claimed it before connecting
     elif dev is not None:
         # A socket connected by the caller: claim now; if the server already decided, stay TCP.
         try:
@@ -247,6 +255,45 @@ def _advertise(loop, server, dev) -> None:
     weakref.finalize(server, withdraw)
 
 
+def _take_preclaim(sock):
+    if sock is None or not _preclaims:
+        return None
+    try:
+        key = (sock.getsockname()[1],) + tuple(sock.getpeername()[:2])
+    except (OSError, IndexError, TypeError):
+        return None
+    return _preclaims.pop(key, None)
+
+
+def _release_preclaim(key) -> None:
+    entry = _preclaims.pop(key, None)
+    if entry is not None:
+        try:
+            entry[1].release_claim(entry[0])
+        except Exception as exc:
+            log.debug("smcish: releasing claim failed: %r", exc)
+
+
+def _claim_before_connect(sock, address, config) -> None:
+    """Patched sock_connect's half: bind and claim the connection if it goes to an smcish listener."""
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    cfg = _config(config, {})
+    dev, _ = _device_for(cfg)
+    if dev is None:
+        return
+    host, port = address[0], address[1]
+    if cfg.negotiate != "always" and not dev.lookup(host, port):
+        return
+    if sock.getsockname()[1] == 0:
+        sock.bind(("::", 0, 0, 0) if sock.family == socket.AF_INET6 else ("0.0.0.0", 0))
+    key = (sock.getsockname()[1], host, port)
+    claim = dev.claim(key[0], host, port, "client")
+    if claim is not None:
+        _preclaims[key] = (claim, dev)
+        weakref.finalize(sock, _release_preclaim, key)   # never handed to create_connection
+
+
 def install(loop=None, config: Config | None = None):
     """Patch one loop so its create_connection/create_server go through smcish.
 
@@ -263,9 +310,20 @@ def install(loop=None, config: Config | None = None):
     async def patched_server(protocol_factory, host=None, port=None, **kwargs):
         return await create_server(protocol_factory, host, port, config=config, loop=loop, **kwargs)
 
+    orig_sock_connect = loop.sock_connect
+
+    async def patched_sock_connect(sock, address):
+        # Callers that connect their own socket (aiohttp) then pass it as sock=: claim first.
+        try:
+            _claim_before_connect(sock, address, config)
+        except Exception as exc:
+            log.debug("smcish: no claim before sock_connect: %r", exc)
+        return await orig_sock_connect(sock, address)
+
     setattr(loop, _PATCHED, originals)
     loop.create_connection = patched_connection
     loop.create_server = patched_server
+    loop.sock_connect = patched_sock_connect
     return loop
 
 

@@ -71,14 +71,18 @@ class SmcInfo:
         return f"<SmcInfo {self.role} mode={self.mode} reason={reason} device={self.device}>"
 
 
-class SmcTransport(asyncio.Transport):
-    """The application's transport; see the module docstring for its three modes."""
+class SmcTransport(asyncio.transports._FlowControlMixin):
+    """The application's transport; see the module docstring for its two modes.
+
+    A ``_FlowControlMixin`` (the selector transports' base), because ``loop.sendfile()``'s
+    fallback (aiohttp's FileResponse) accepts only those.
+    """
 
     _sendfile_compatible = _aconst._SendfileMode.FALLBACK
     _start_tls_compatible = False
 
     def __init__(self, loop, tcp_transport, info: SmcInfo, poll_us: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(None, loop)
         self._loop = loop
         self._tcp = tcp_transport
         self._info = info
@@ -92,7 +96,7 @@ class SmcTransport(asyncio.Transport):
         self._pending_size = 0
         self._high_water = 64 * 1024
         self._low_water = 16 * 1024
-        self._protocol_paused = False
+        self._write_paused = False       # our protocol's pause_writing() state (ism mode)
         self._reading_paused = False
         self._closing = False
         self._eof_requested = False      # write_eof() called
@@ -381,6 +385,17 @@ class SmcTransport(asyncio.Transport):
             self._finish_close()
         elif self._eof_requested:
             self._publish_eof()
+
+    @property
+    def _protocol_paused(self) -> bool:
+        # loop.sendfile()'s fallback reads this: in tcp mode the TCP transport's state counts.
+        if self._ring is None and self._info.mode == "tcp":
+            return bool(getattr(self._tcp, "_protocol_paused", False))
+        return self._write_paused
+
+    @_protocol_paused.setter
+    def _protocol_paused(self, value: bool) -> None:
+        self._write_paused = value
 
     def _maybe_pause_protocol(self) -> None:
         if self._pending_size <= self._high_water or self._protocol_paused:

@@ -247,3 +247,74 @@ def test_unclosed_transport_warns(loop_kind):
         gc.collect()
     messages = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert any("unclosed transport <SmcTransport ism" in m for m in messages), messages
+
+
+def test_caller_connected_socket_on_installed_loop_uses_shared_memory(loop_kind):
+    """aiohttp's connector: loop.sock_connect() then create_connection(sock=). The patched
+    sock_connect claims the connection before connecting, so the server waits for the proposal."""
+    async def main():
+        async def handle(reader, writer):
+            writer.write(await reader.readexactly(3))
+            await writer.drain()
+            writer.close()
+
+        loop = asyncio.get_running_loop()
+        server = await asyncio.start_server(handle, HOST, 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (HOST, port))
+            reader = asyncio.StreamReader()
+            transport, _ = await loop.create_connection(
+                lambda: asyncio.StreamReaderProtocol(reader), sock=sock)
+            transport.write(b"abc")
+            assert await reader.readexactly(3) == b"abc"
+            info = transport.get_extra_info("smcish")
+            transport.close()
+            return info
+
+    loop = smcish.install(new_loop(loop_kind))
+    try:
+        info = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert info.mode == "ism", info
+
+
+def test_sendfile_over_smcish_transport(loop_kind, tmp_path):
+    """loop.sendfile() (aiohttp's FileResponse) on both paths: the fallback copy works."""
+    data = os.urandom(300_000)
+    src = tmp_path / "f.bin"
+    src.write_bytes(data)
+
+    unsupported = []
+
+    async def main(kw):
+
+        async def handle(reader, writer):
+            try:
+                with open(src, "rb") as f:
+                    await asyncio.get_running_loop().sendfile(writer.transport, f)
+            except NotImplementedError:         # uvloop has no loop.sendfile (aiohttp copes)
+                unsupported.append(True)
+            writer.close()
+
+        server = await smcish.start_server(handle, HOST, 0, **kw)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await smcish.open_connection(HOST, port, **kw)
+            body = await reader.read()
+            mode = writer.get_extra_info("smcish").mode
+            writer.close()
+            return body, mode
+
+    for kw, mode in (({}, "ism"), ({"device": "none"}, "tcp")):
+        loop = new_loop(loop_kind)
+        try:
+            body, got_mode = loop.run_until_complete(main(kw))
+        finally:
+            loop.close()
+        if unsupported:
+            pytest.skip(f"{loop_kind} has no loop.sendfile()")
+        assert got_mode == mode and body == data
