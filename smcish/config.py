@@ -74,5 +74,23 @@ class Config:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    @classmethod
+    def current(cls) -> "Config":
+        """``from_env()``, cached on the values of the ``SMCISH_*`` variables (read per connection)."""
+        env = os.environ
+        key = tuple(map(env.get, _ENV_NAMES))
+        cached = _env_cache.get(key)
+        if cached is None:
+            cached = cls.from_env()
+            if len(_env_cache) > 16:
+                _env_cache.clear()
+            _env_cache[key] = cached
+        return cached
+
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+_ENV_NAMES = ("SMCISH_DEVICE", "SMCISH_NEGOTIATE", "SMCISH_RING_SIZE", "SMCISH_POLL_US",
+              "SMCISH_HANDSHAKE_TIMEOUT")
+_env_cache: dict = {}

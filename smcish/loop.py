@@ -40,7 +40,7 @@ _CONFIG_KEYS = ("device", "negotiate", "ring_size", "poll_us", "handshake_timeou
 def _config(config: Config | None, kwargs: dict) -> Config:
     """The Config for one call: ``config`` (or the environment), then smcish keywords in kwargs."""
     overrides = {key: kwargs.pop(key) for key in _CONFIG_KEYS if key in kwargs}
-    base = config if config is not None else Config.from_env()
+    base = config if config is not None else Config.current()
     return base.replace(**overrides) if overrides else base
 
 
@@ -48,6 +48,8 @@ def _device_for(config: Config):
     """Return (device, reason) where device is None when this connection must stay TCP."""
     if config.negotiate == "never":
         return None, R.DISABLED_BY_POLICY
+    if config.device == "none":
+        return None, R.NO_DEVICE
     try:
         device = ism_backend.get_device(config.device)
     except Exception as exc:

@@ -89,14 +89,13 @@ class HandshakeProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ TCP events
     def connection_made(self, transport) -> None:
         self._tcp = transport
-        info = SmcInfo(self._role)
-        self._smc = SmcTransport(self._loop, transport, info, poll_us=self._config.poll_us)
+        self._smc = SmcTransport(self._loop, transport, SmcInfo(self._role))
+        if self._skip_reason is not None:        # no negotiation: straight to plain TCP
+            self._fall_back(self._skip_reason, b"")
+            return
         now = self._loop.time()
         self._clc = clc.ClcConnection(self._role, now, timeout=self._config.handshake_timeout)
         if self._role == "server":
-            if self._skip_reason is not None:
-                self._fall_back(self._skip_reason, b"")
-                return
             self._clc.wait_proposal(now)
             # Did this client claim the connection on our device (so it will propose)? If not, it
             # is a plain client: the application gets the TCP connection at once, no delay.
@@ -106,9 +105,6 @@ class HandshakeProtocol(asyncio.Protocol):
             else:
                 self._clc.fallback_now(R.PEER_NOT_SMCISH)
                 self._process()
-            return
-        if self._skip_reason is not None:
-            self._fall_back(self._skip_reason, b"")
             return
         device = self._device
         try:
@@ -256,10 +252,12 @@ class HandshakeProtocol(asyncio.Protocol):
         if self._app is None:
             self._app = self._app_factory()
             smc.set_protocol(self._app)
-            smc._become_ism(self._ring, self._device, self._my_region, self._peer_region)
+            smc._become_ism(self._ring, self._device, self._my_region, self._peer_region,
+                            self._config.poll_us)
             self._app.connection_made(smc)
         else:
-            smc._become_ism(self._ring, self._device, self._my_region, self._peer_region)
+            smc._become_ism(self._ring, self._device, self._my_region, self._peer_region,
+                            self._config.poll_us)
         self._ring = self._my_region = self._peer_region = None
         self._resolve()
 

@@ -81,15 +81,20 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     _sendfile_compatible = _aconst._SendfileMode.FALLBACK
     _start_tls_compatible = False
 
-    def __init__(self, loop, tcp_transport, info: SmcInfo, poll_us: float = 0.0) -> None:
+    def __init__(self, loop, tcp_transport, info: SmcInfo) -> None:
+        # Only what both modes need: a fallen-back connection should cost next to nothing.
         super().__init__(None, loop)
-        self._loop = loop
         self._tcp = tcp_transport
         self._info = info
         self._protocol = None
         self._buffered = False
         self._feed = None
         self._ring = None
+        self._closing = False
+        self._conn_lost = 0
+
+    def _init_ism(self, poll_us: float) -> None:
+        """The state of the shared-memory data path."""
         self._regions = None            # (device, my_region, peer_region) while in ism mode
         self._doorbell_fd = -1
         self._pending = collections.deque()
@@ -98,12 +103,10 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._low_water = 16 * 1024
         self._write_paused = False       # our protocol's pause_writing() state (ism mode)
         self._reading_paused = False
-        self._closing = False
         self._eof_requested = False      # write_eof() called
         self._eof_written = False        # EOF flag published in the ring
         self._eof_delivered = False
         self._peer_gone = False          # TCP control connection lost without a clean close
-        self._conn_lost = 0
         self._read_scheduled = False
         self._poll_us = float(poll_us)
         self._poll_scheduled = False
@@ -136,8 +139,9 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if self._protocol is not None:
             tcp.set_protocol(self._protocol)
 
-    def _become_ism(self, ring, device, my_region, peer_region) -> None:
+    def _become_ism(self, ring, device, my_region, peer_region, poll_us: float) -> None:
         """Switch to the shared-memory data path (after CONFIRM)."""
+        self._init_ism(poll_us)
         self._info.mode = "ism"
         self._addrs = (_fmt_addr(self._tcp.get_extra_info("sockname")),
                        _fmt_addr(self._tcp.get_extra_info("peername")))
