@@ -1,0 +1,205 @@
+"""Benchmark peer processes: `python -m benchmarks.peers server|client|probe --transport T --loop L`.
+
+The harness starts one server and one client process per (loop, transport) configuration and keeps them
+for the whole run, so measurements of different configurations can be interleaved without paying process
+start-up each time. Both speak JSON lines to the harness on the stdout they were started with (fd 1 is
+then pointed at stderr, so a stray print cannot corrupt the protocol):
+- server: prints {"ready": true, "addrs": {...}, "ctrl": path} once listening, serves until stdin closes;
+- client: prints {"ready": true}, then for each {"cmd": "run", "case": {...}} line on stdin prints
+  {"ok": true, "result": {...}} or {"ok": false, "error": "..."};
+- probe: prints whether smcish is importable and what one loopback connection negotiated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+
+from . import transports, workloads
+
+
+def _protocol_stream():
+    """A private line-buffered copy of stdout for the harness protocol; fd 1 then goes to stderr."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out
+
+
+def _emit(out, message: dict) -> None:
+    out.write(json.dumps(message) + "\n")
+    out.flush()
+
+
+# --- server ----------------------------------------------------------------------------------------------
+
+async def _serve(transport: transports.Transport, out) -> None:
+    loop = asyncio.get_running_loop()
+    state = workloads.ServerState()
+
+    def on_loop_error(loop, context):
+        exc = context.get("exception")
+        state.error(context.get("message", "") + (": " + workloads.format_exception(exc) if exc else ""))
+
+    loop.set_exception_handler(on_loop_error)
+    tmpdir = tempfile.mkdtemp(prefix="smcish-bench-")
+    servers = []
+    try:
+        api = transport.api()
+        streams = await api.start_server(functools.partial(workloads.serve_streams, state),
+                                         *transports.bind_args(transport, tmpdir, "streams"))
+        protocol = await api.create_server(lambda: workloads.EchoProtocol(state),
+                                           *transports.bind_args(transport, tmpdir, "protocol"))
+        bufproto = await api.create_server(lambda: workloads.SinkProtocol(state),
+                                           *transports.bind_args(transport, tmpdir, "bufproto"))
+        ctrl_path = os.path.join(tmpdir, "ctrl.sock")
+        ctrl = await asyncio.start_unix_server(functools.partial(workloads.serve_ctrl, state), ctrl_path)
+        servers = [streams, protocol, bufproto, ctrl]
+        stop = asyncio.Event()
+
+        def wait_for_stdin_eof():
+            sys.stdin.read()
+            loop.call_soon_threadsafe(stop.set)
+
+        threading.Thread(target=wait_for_stdin_eof, daemon=True).start()
+        _emit(out, {"ready": True, "pid": os.getpid(), "loop": workloads.loop_name(), "ctrl": ctrl_path,
+                    "addrs": {"streams": transports.connect_args(transport, streams),
+                              "protocol": transports.connect_args(transport, protocol),
+                              "bufproto": transports.connect_args(transport, bufproto)}})
+        await stop.wait()
+    finally:
+        for server in servers:
+            server.close()
+        for server in servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 2)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def server_main(args, out) -> int:
+    transport = transports.build_transports(_nopoll_env())[args.transport]
+    try:
+        with asyncio.Runner(loop_factory=transports.loop_factory(args.loop)) as runner:
+            runner.run(_serve(transport, out))
+    except BaseException as exc:
+        _emit(out, {"ready": False, "error": workloads.format_exception(exc)})
+        return 1
+    return 0
+
+
+# --- client ----------------------------------------------------------------------------------------------
+
+async def _client_start(transport: transports.Transport, server: dict) -> workloads.ClientContext:
+    ctx = workloads.ClientContext(transport.api(), server["addrs"], transport, server["ctrl"])
+    await ctx.start()
+    return ctx
+
+
+def client_main(args, out) -> int:
+    transport = transports.build_transports(_nopoll_env())[args.transport]
+    server = json.loads(args.server)
+    with asyncio.Runner(loop_factory=transports.loop_factory(args.loop)) as runner:
+        try:
+            ctx = runner.run(_client_start(transport, server))
+        except BaseException as exc:
+            _emit(out, {"ready": False, "error": workloads.format_exception(exc)})
+            return 1
+        _emit(out, {"ready": True, "pid": os.getpid(), "loop": runner.get_loop().__class__.__module__})
+        for line in sys.stdin:
+            command = json.loads(line)
+            if command.get("cmd") != "run":
+                break
+            case = command["case"]
+            try:
+                result = runner.run(asyncio.wait_for(workloads.run_case(ctx, case), command.get("timeout_s")))
+            except asyncio.TimeoutError:
+                _emit(out, {"ok": False, "error": f"timed out after {command.get('timeout_s')} s"})
+            except Exception as exc:
+                _emit(out, {"ok": False, "error": workloads.format_exception(exc)})
+            else:
+                _emit(out, {"ok": True, "result": result})
+        runner.run(ctx.close())
+    return 0
+
+
+# --- probe -----------------------------------------------------------------------------------------------
+
+def smcish_importable() -> tuple[bool, str, str | None]:
+    """(available, why not, version): smcish imports and has the four entry points."""
+    try:
+        smcish = importlib.import_module("smcish")
+    except Exception as exc:
+        return False, f"import smcish failed: {exc!r}", None
+    missing = [name for name in transports.SMCISH_FUNCTIONS if not callable(getattr(smcish, name, None))]
+    if missing:
+        return False, f"smcish has no {', '.join(missing)} yet", None
+    return True, "", str(getattr(smcish, "__version__", "unknown"))
+
+
+async def _probe_connection(transport: transports.Transport) -> dict:
+    api = transport.api()
+
+    async def echo(reader, writer):
+        writer.write(await reader.readexactly(4))
+        await writer.drain()
+        writer.close()
+
+    server = await api.start_server(echo, "127.0.0.1", 0)
+    try:
+        host, port = server.sockets[0].getsockname()[:2]
+        reader, writer = await asyncio.wait_for(api.open_connection(host, port), 10)
+        try:
+            mode, reason = transports.mode_of(writer)
+            info = transports.describe_info(writer)
+            writer.write(b"ping")
+            ok = await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        finally:
+            writer.close()
+    finally:
+        server.close()
+    return {"mode": mode, "reason": repr(reason) if reason is not None else None, "info": info, "echo_ok": ok}
+
+
+def probe_main(args, out) -> int:
+    transport = transports.build_transports(_nopoll_env())[args.transport]
+    report = {"transport": transport.name, "loop": args.loop, "env": transports.smcish_env()}
+    available, why, version = smcish_importable() if transport.needs_smcish else (True, "", None)
+    report.update(available=available, reason=why, version=version, config=transports.smcish_config())
+    if available:
+        try:
+            with asyncio.Runner(loop_factory=transports.loop_factory(args.loop)) as runner:
+                report.update(runner.run(asyncio.wait_for(_probe_connection(transport), 20)))
+        except Exception as exc:
+            report["error"] = workloads.format_exception(exc)
+    _emit(out, report)
+    return 0
+
+
+def _nopoll_env() -> dict[str, str] | None:
+    raw = os.environ.get("SMCISH_BENCH_NOPOLL_ENV")  # set by the harness from --nopoll-env
+    return json.loads(raw) if raw else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.splitlines()[0])
+    parser.add_argument("role", choices=("server", "client", "probe"))
+    parser.add_argument("--transport", required=True, choices=sorted(transports.TRANSPORTS))
+    parser.add_argument("--loop", default="asyncio", choices=transports.LOOPS)
+    parser.add_argument("--server", help="client: the server's ready message (JSON)")
+    args = parser.parse_args(argv)
+    out = _protocol_stream()
+    return {"server": server_main, "client": client_main, "probe": probe_main}[args.role](args, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Smoke tests of the benchmark harness: a tiny --quick run, its JSON, and the verification logic.
+
+No figure is asserted beyond "measured and positive": performance belongs in `python -m benchmarks`,
+never in a timed unit test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmarks import harness, peers, report, workloads
+from benchmarks.cases import CASES, select_cases
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE_CASES = "latency.64B.streams,throughput.64KiB.bufproto"
+
+
+def run_harness(out_dir, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, dict, float]:
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-plots", "-q", "--out", str(out_dir),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    elapsed = time.monotonic() - started
+    path = os.path.join(out_dir, "results.json")
+    assert os.path.exists(path), f"no results.json\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    with open(path) as f:
+        return proc, json.load(f), elapsed
+
+
+@pytest.fixture(scope="module")
+def tcp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc, doc, elapsed = run_harness(out, "--cases", SMOKE_CASES, "--transports", "tcp",
+                                     "--loops", "asyncio,uvloop", "--repeat", "2")
+    return out, proc, doc, elapsed
+
+
+@pytest.mark.timeout(90)
+def test_quick_tcp_run_structure(tcp_run):
+    out, proc, doc, elapsed = tcp_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert elapsed < 20, f"the smoke subset took {elapsed:.1f} s"
+    assert doc["schema"] == "smcish-bench/1"
+    for key in ("cpu_model", "cores", "kernel", "python", "uvloop", "date"):
+        assert doc["machine"][key], key
+    assert doc["settings"]["quick"] is True and doc["settings"]["repeat"] == 2
+    assert [c["name"] for c in doc["cases"]] == SMOKE_CASES.split(",")
+    ms = doc["measurements"]
+    assert len(ms) == 2 * 2 * 2  # cases x configurations x rounds
+    assert all(m["status"] == "ok" for m in ms), [m["error"] for m in ms]
+    # interleaved: within a case and round, every configuration runs before the next round starts
+    order = [(m["case"], m["round"], m["config"]) for m in ms]
+    assert order[:4] == [("latency.64B.streams", 0, "asyncio/tcp"), ("latency.64B.streams", 0, "uvloop/tcp"),
+                         ("latency.64B.streams", 1, "asyncio/tcp"), ("latency.64B.streams", 1, "uvloop/tcp")]
+    for m in ms:
+        assert m["loop"] == m["config"].split("/")[0] and m["transport"] == "tcp"
+        for side in ("client", "server"):
+            assert ("uvloop" in m["loop_class"][side]) == (m["loop"] == "uvloop"), m["loop_class"]
+        assert m["modes"]["client"] == {"none": 1} and m["modes"]["server"] == {"none": 1}
+        cpu = m["cpu"]
+        assert cpu["total_s"] > 0 and cpu["client"]["user"] + cpu["client"]["sys"] > 0
+        assert cpu["server"]["user"] + cpu["server"]["sys"] > 0
+        metrics = m["metrics"]
+        if m["case"].startswith("latency."):
+            assert 0 < metrics["min_us"] <= metrics["p50_us"] <= metrics["p99_us"] <= metrics["max_us"]
+            assert metrics["ops"] > 10 and metrics["cpu_us_per_op"] > 0
+            assert sum(count for _, count in m["raw"]["rtt_hist_ns"]) == metrics["ops"]
+        else:
+            assert metrics["MBps"] > 0 and metrics["cpu_s_per_GiB"] > 0 and metrics["bytes"] > 0
+            measured = [s for s in m["raw"]["segments"] if s["phase"] == "measured"]
+            assert len(measured) == 1 and measured[0]["bytes"] == metrics["bytes"]
+    summary = doc["summary"]["throughput.64KiB.bufproto"]["uvloop/tcp"]
+    assert summary["status"] == "ok" and summary["metrics"]["MBps"]["n"] == 2
+    assert summary["ratios"]["vs_uvloop_tcp"]["median"] == pytest.approx(1.0)
+    assert any(t["status"] == "SKIP" for t in doc["targets"])
+    md = (out / "summary.md").read_text()
+    assert "## Round-trip latency" in md and "asyncio/tcp" in md
+    assert "latency.64B.streams" in proc.stdout and "Targets" in proc.stdout
+
+
+def test_plots_from_smoke_results(tcp_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, _, doc, _ = tcp_run
+    written, why = report.plots(doc, str(tmp_path))
+    assert why is None
+    assert set(written) == {"latency.png", "throughput.png", "cpu_per_gib.png"}
+    assert all((tmp_path / name).stat().st_size > 1000 for name in written)
+
+
+# --- smcish: only where it imports and a loopback connection really gets shared memory -----------------
+
+def _smcish_probe() -> dict:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.peers", "probe", "--transport", "smcish"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"available": False, "reason": proc.stderr[-300:]}
+
+
+@pytest.mark.timeout(120)
+def test_quick_smcish_run(tmp_path):
+    probe = _smcish_probe()
+    if not probe.get("available") or probe.get("mode") != "ism":
+        error = (probe.get("error") or "").strip().splitlines()
+        why = probe.get("reason") or (error[-1] if error else f"mode {probe.get('mode')!r} ({probe.get('reason')})")
+        pytest.skip(f"smcish does not negotiate shared memory here: {why}")
+    proc, doc, _ = run_harness(tmp_path, "--cases", SMOKE_CASES, "--transports", "tcp,smcish,smcish-fallback",
+                               "--loops", "asyncio", "--repeat", "1")
+    ms = {(m["case"], m["transport"]): m for m in doc["measurements"]}
+    for case in SMOKE_CASES.split(","):
+        ism, fallback = ms[case, "smcish"], ms[case, "smcish-fallback"]
+        assert ism["status"] == "ok", ism["error"]
+        assert fallback["status"] == "ok", fallback["error"]
+        assert set(ism["modes"]["client"]) == {"ism"} and set(ism["modes"]["server"]) == {"ism"}
+        assert set(fallback["modes"]["client"]) == {"tcp"}
+        assert ism["metrics"][report.CASES_BY_NAME[case].primary.key] > 0
+    assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_smcish_missing_is_unavailable_not_fatal(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "smcish", None)  # `import smcish` raises ImportError
+    available, why, _ = peers.smcish_importable()
+    assert not available and "import smcish failed" in why
+
+    monkeypatch.setattr(harness, "probe_transports", lambda chosen, env: {
+        t.name: {"available": False, "reason": why} for t in chosen if t.needs_smcish})
+    status = harness.main(["--quick", "--no-plots", "-q", "--cases", "latency.64B.protocol", "--repeat", "1",
+                           "--transports", "tcp,smcish", "--loops", "asyncio", "--out", str(tmp_path)])
+    assert status == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    by_config = {m["config"]: m for m in doc["measurements"]}
+    assert by_config["asyncio/tcp"]["status"] == "ok"
+    assert by_config["asyncio/smcish"]["status"] == "unavailable"
+    assert doc["summary"]["latency.64B.protocol"]["asyncio/smcish"]["status"] == "unavailable"
+
+
+# --- the pieces that make a wrong figure impossible (no sockets) ---------------------------------------
+
+def _stream(offset: int, n: int) -> bytes:
+    return bytes((offset + i) % workloads.PERIOD for i in range(n))
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_pattern_check_catches_loss_and_corruption(full):
+    good = workloads.PatternCheck(full)
+    good.span(_stream(0, 1000), 0, 1000)
+    good.span(b"xx" + _stream(1000, 500), 2, 500)
+    assert (good.offset, good.mismatches) == (1500, 0)
+
+    lost = workloads.PatternCheck(full)
+    lost.span(_stream(0, 1000), 0, 1000)
+    lost.span(_stream(1001, 500), 0, 500)  # one byte dropped
+    assert lost.mismatches == 1 and lost.first_bad == 1000
+
+    corrupt = workloads.PatternCheck(full)
+    data = bytearray(_stream(0, 1001))
+    data[500] ^= 0xFF  # the middle byte: caught by both modes
+    corrupt.span(data, 0, 1001)
+    assert corrupt.mismatches == 1
+
+
+class _FakeTransport:
+    def __init__(self):
+        self.written = bytearray()
+        self.aborted = False
+
+    def write(self, data):
+        self.written += data
+
+    def abort(self):
+        self.aborted = True
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+def _feed(proto, data: bytes, step: int) -> None:
+    for i in range(0, len(data), step):
+        chunk = data[i:i + step]
+        buf = proto.get_buffer(len(chunk))
+        buf[:len(chunk)] = chunk
+        proto.buffer_updated(len(chunk))
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096, 1 << 20])
+def test_sink_protocol_segments_at_any_split(step):
+    state = workloads.ServerState()
+    proto = workloads.SinkProtocol(state)
+    transport = _FakeTransport()
+    proto.connection_made(transport)
+    wire = (workloads.HEADER.pack(workloads.MAGIC, workloads.KIND_STREAM, 0, 64)
+            + workloads.SEGMENT.pack(3000) + _stream(0, 3000)
+            + workloads.SEGMENT.pack(5000) + _stream(3000, 5000) + workloads.SEGMENT.pack(0))
+    _feed(proto, wire, step)
+    lines = [json.loads(line) for line in transport.written.splitlines()]
+    assert [line["bytes"] for line in lines] == [3000, 8000]
+    assert lines[-1]["mismatches"] == 0 and not transport.aborted and not state.errors
+
+
+def test_sink_protocol_reports_corruption():
+    state = workloads.ServerState()
+    proto = workloads.SinkProtocol(state)
+    transport = _FakeTransport()
+    proto.connection_made(transport)
+    payload = bytearray(_stream(0, 4096))
+    payload[0] ^= 1
+    _feed(proto, workloads.HEADER.pack(workloads.MAGIC, workloads.KIND_STREAM, 0, 64)
+          + workloads.SEGMENT.pack(4096) + bytes(payload), 1024)
+    assert json.loads(transport.written)["mismatches"] == 1
+
+
+def test_case_selection():
+    assert select_cases(None) == CASES
+    assert [c.name for c in select_cases("latency.64B")] == ["latency.64B.streams", "latency.64B.protocol"]
+    assert {c.kind for c in select_cases("throughput.*KiB.bufproto")} == {"throughput"}
+    assert len(select_cases("throughput.*KiB.bufproto")) == 2
+    with pytest.raises(ValueError):
+        select_cases("no-such-case")
+
+
+def test_targets_use_paired_rounds():
+    def m(config, rnd, value):
+        return {"case": "setup.64B", "config": config, "round": rnd, "status": "ok", "error": None,
+                "metrics": {"conns_per_s": value, "cpu_us_per_conn": 1.0}}
+
+    doc = {"cases": [{"name": "setup.64B"}],
+           "measurements": [m("uvloop/tcp", 0, 100), m("uvloop/smcish", 0, 80),
+                            m("uvloop/tcp", 1, 200), m("uvloop/smcish", 1, 140),
+                            m("asyncio/tcp", 0, 100), m("asyncio/smcish", 0, 50)]}
+    doc["summary"] = report.summarize(doc)
+    verdicts = {v["text"]: v for v in report.evaluate_targets(doc)}
+    uv = verdicts["connection setup rate (uvloop) >= 0.75x plain TCP"]
+    assert uv["status"] == "PASS" and uv["ratio"]["median"] == pytest.approx(0.75)
+    assert uv["ratio"]["min"] == pytest.approx(0.7) and uv["ratio"]["max"] == pytest.approx(0.8)
+    aio = verdicts["connection setup rate (asyncio) >= 0.75x plain TCP"]
+    assert aio["status"] == "MISS" and aio["missed_by"] == pytest.approx(0.5)
