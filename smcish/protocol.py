@@ -8,6 +8,7 @@ fallback the application protocol is attached to the TCP transport directly.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import ism_backend
@@ -16,7 +17,7 @@ from . import clc
 from . import ring as _ring
 from . import stats as _stats
 from .errors import HandshakeError
-from .transport import SmcInfo, SmcTransport, release_regions
+from .transport import SmcInfo, SmcTransport, device_pool, release_regions
 
 log = logging.getLogger("smcish")
 R = clc.DeclineReason
@@ -181,23 +182,18 @@ class HandshakeProtocol(asyncio.Protocol):
     def _on_proposal(self, event) -> None:
         proposal = event.proposal
         device = self._device
-        now = self._loop.time()
         if proposal.gid != device.gid:
-            self._tcp.write(self._clc.decline(R.GID_MISMATCH, now))
+            self._tcp.write(self._clc.decline(R.GID_MISMATCH, self._loop.time()))
             return
         if not proposal.min_version <= clc.PROTOCOL_VERSION <= proposal.max_version:
-            self._tcp.write(self._clc.decline(R.VERSION_MISMATCH, now))
+            self._tcp.write(self._clc.decline(R.VERSION_MISMATCH, self._loop.time()))
             return
-        peer_capacity = 1 << proposal.capacity_log2
-        try:
-            self._peer_region = device.attach(proposal.token, proposal.endpoint_id)
-            if self._peer_region.size < _ring.region_size(peer_capacity):
-                raise ValueError("peer region smaller than the ring it announced")
-        except Exception as exc:
-            log.debug("smcish: attach failed: %r", exc)
-            self._release()
-            self._tcp.write(self._clc.decline(_error_reason(exc, R.ATTACH_FAILED), now))
-            return
+        self._attach(proposal.token, proposal.endpoint_id, 1 << proposal.capacity_log2,
+                     functools.partial(self._accept_proposal, event.version))
+
+    def _accept_proposal(self, version: int, peer_capacity: int) -> None:
+        device = self._device
+        now = self._loop.time()
         try:
             self._my_region = device.alloc(_ring.region_size(self._config.ring_size))
         except Exception as exc:
@@ -213,32 +209,67 @@ class HandshakeProtocol(asyncio.Protocol):
             self._release()
             self._tcp.write(self._clc.decline(R.ATTACH_FAILED, now))
             return
-        accept = clc.Accept(version=clc.PROTOCOL_VERSION, flags=0, gid=device.gid,
+        accept = clc.Accept(version=version, flags=0, gid=device.gid,
                             endpoint_id=device.endpoint_id, token=self._my_region.token,
                             capacity_log2=self._config.ring_size.bit_length() - 1)
-        self._tcp.write(self._clc.accept(accept, now))
+        out = self._clc.accept(accept, now)
+        if out:
+            self._tcp.write(out)
 
     def _on_accept(self, event) -> None:
         accept = event.accept
-        device = self._device
-        now = self._loop.time()
-        if accept.gid != device.gid:
-            self._tcp.write(self._clc.decline(R.GID_MISMATCH, now))
+        if accept.gid != self._device.gid:
+            self._tcp.write(self._clc.decline(R.GID_MISMATCH, self._loop.time()))
             return
-        peer_capacity = 1 << accept.capacity_log2
+        self._attach(accept.token, accept.endpoint_id, 1 << accept.capacity_log2,
+                     self._confirm_accept)
+
+    def _confirm_accept(self, peer_capacity: int) -> None:
         try:
-            self._peer_region = device.attach(accept.token, accept.endpoint_id)
-            if self._peer_region.size < _ring.region_size(peer_capacity):
-                raise ValueError("peer region smaller than the ring it announced")
             self._ring = _ring.Ring(self._my_region.mem, self._peer_region.mem,
                                     self._config.ring_size, peer_capacity,
                                     self._peer_region.doorbell_fd)
         except Exception as exc:
-            log.debug("smcish: attach failed: %r", exc)
+            log.debug("smcish: ring set-up failed: %r", exc)
             self._release()
-            self._tcp.write(self._clc.decline(_error_reason(exc, R.ATTACH_FAILED), now))
+            self._tcp.write(self._clc.decline(R.ATTACH_FAILED, self._loop.time()))
             return
-        self._tcp.write(self._clc.confirm(now))
+        self._tcp.write(self._clc.confirm(self._loop.time()))
+
+    def _attach(self, token: bytes, endpoint_id: bytes, peer_capacity: int, then) -> None:
+        """Attach the peer's region in a device thread: attaching waits on the peer's device
+        endpoint, and a peer that stalls there must not freeze this loop. ``then(peer_capacity)``
+        continues the handshake on the loop (the codec's decision timer still runs meanwhile)."""
+        future = self._loop.run_in_executor(device_pool(), self._device.attach, token, endpoint_id)
+        future.add_done_callback(functools.partial(self._attached, peer_capacity, then))
+
+    def _attached(self, peer_capacity: int, then, future) -> None:
+        region = error = None
+        if future.cancelled():
+            error = ConnectionError("attach cancelled")
+        elif future.exception() is not None:
+            error = future.exception()
+        else:
+            region = future.result()
+            if region.size < _ring.region_size(peer_capacity):
+                error = ValueError("peer region smaller than the ring it announced")
+        waiting = clc.State.PROPOSAL_RECEIVED if self._role == "server" else clc.State.ACCEPT_RECEIVED
+        if self._done or self._clc.state is not waiting:
+            # The connection ended, or the decision timer fired, while we attached.
+            if region is not None:
+                release_regions(self._device, None, region)
+            return
+        if error is not None:
+            log.debug("smcish: attach failed: %r", error)
+            if region is not None:
+                release_regions(self._device, None, region)
+            self._release()
+            self._tcp.write(self._clc.decline(_error_reason(error, R.ATTACH_FAILED),
+                                              self._loop.time()))
+        else:
+            self._peer_region = region
+            then(peer_capacity)
+        self._process()
 
     def _on_established(self, event) -> None:
         self._done = True

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
+import os
+import threading
 import warnings
 
 from asyncio import constants as _aconst
@@ -578,7 +581,40 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 pass
 
 
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def device_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for device calls that wait on a peer (attach, detach): never on the event loop,
+    where a peer whose device endpoint stalls would freeze every connection of the process."""
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=8, thread_name_prefix="smcish-device")
+    return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def release_regions(device, mine, peer, written: int | None = None) -> None:
+    """Detach the peer's region and free ours, off the event loop (see device_pool)."""
+    try:
+        device_pool().submit(_release_now, device, mine, peer, written)
+    except RuntimeError:            # interpreter shutting down: do it here
+        _release_now(device, mine, peer, written)
+
+
+def _release_now(device, mine, peer, written: int | None = None) -> None:
     """Detach the peer's region and free ours (``written``: the pool's zeroing hint), ignoring a
     device that already went away."""
     try:
