@@ -439,7 +439,7 @@ class DaemonDevice(Device):
             reply, _ = self._request("claim", local_port=client_port, remote_host=server_host,
                                      remote_port=server_port, role=role)
         except (IsmError, ValueError):
-            return None if role == "client" else Handle(kind, None, self)
+            return None          # see EmbeddedDevice.claim: the safe answer for both roles
         if not reply["handle"]:
             return None
         return Handle(kind, reply["handle"], self)

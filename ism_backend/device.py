@@ -244,7 +244,10 @@ class Device:
         ``server_host/port`` = our sockname): returns None if the client claimed it (it will
         propose), else a handle recording "plain TCP" so that a later client claim gets None;
         such server claims expire by themselves (~60 s) if never released.
-        Never raises a device error: device trouble answers "stay TCP".
+        Never raises a device error. Device trouble answers None for both roles: the client
+        then does not propose, and the server waits for the client's first bytes (a plain client
+        falls back on them, or after the handshake timeout), so handshake bytes never reach an
+        application that took the connection for plain TCP.
         """
         raise NotImplementedError
 

@@ -154,8 +154,10 @@ class _SlotFiles:
     def __init__(self, dirpath: str, mutex: Callable[[], Any]) -> None:
         self.dir = dirpath
         self.mutex = mutex
-        # Lookups are on every connect: keep the per-key slot paths precomputed.
-        self.paths = functools.lru_cache(maxsize=4096)(self._slot_paths)
+        # Lookups are on every connect: keep the per-key slot paths precomputed. Bounded small:
+        # claim/intent keys are unique per connection (client port) and never hit again, and
+        # 4096 entries of 16 paths held ~7 MB per process (tests/hardening/test_load.py).
+        self.paths = functools.lru_cache(maxsize=256)(self._slot_paths)
 
     def _slot_paths(self, prefix: str) -> tuple[str, ...]:
         return tuple(os.path.join(self.dir, f"{prefix}.{slot}") for slot in range(MAX_SLOTS))
@@ -845,8 +847,11 @@ class EmbeddedDevice(Device):
                 taken = self._slots.register(mine, locked=True)
         except (IsmError, OSError):
             taken = None
-        if taken is None:  # device trouble or every slot live: the safe answer is TCP
-            return None if role == "client" else Handle("server-claim", None, self)
+        if taken is None:
+            # Device trouble or every slot live. Client: None, do not propose. Server: None too,
+            # "the client may propose": the server then waits for the client's first bytes, so a
+            # proposal is never taken for data; a plain client costs at most the handshake timeout.
+            return None
         handle = Handle("intent" if role == "client" else "server-claim",
                         (mine, taken[0], taken[1]), self)
         with self._lock:

@@ -133,6 +133,11 @@ async def create_connection(protocol_factory, host=None, port=None, *, config: C
             if infos is None:
                 infos = await _resolve(loop, host, port, kwargs.get("family", 0), kwargs.get("flags", 0))
             sock, claim = await _connect_claimed(loop, dev, infos, kwargs.get("local_addr"))
+            if claim is None:
+                # The server side already took this connection as plain TCP (a plain client used
+                # our port moments ago) or the device failed: proposing would put handshake bytes
+                # into the server application's stream.
+                skip = R.PEER_NOT_SMCISH
     elif dev is not None and preclaim is not None and preclaim[1] is dev:
         claim = preclaim[0]         # our sock_connect() claimed it before connecting
     elif dev is not None:
@@ -178,7 +183,7 @@ async def _connect_claimed(loop, dev, infos, local_addr):
             sock.bind(local_addr or (("::", 0, 0, 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)))
             claim = dev.claim(sock.getsockname()[1], addr[0], addr[1], "client")
             await loop.sock_connect(sock, addr)
-            return sock, claim
+            return sock, claim           # None: the server already decided plain TCP for us
         except OSError as exc:
             errors.append(exc)
         except BaseException:

@@ -427,7 +427,9 @@ def test_claims_through_ismd(device, agents, monkeypatch):
     assert device.status()["counts"]["server_claims"] == 1
     device.close()  # and so do the server's
     assert device.claim(1, "127.0.0.1", 2, "client") is None  # no device: stay TCP
-    assert device.claim(1, "127.0.0.1", 2, "server") is not None  # "not smcish"
+    # No device: the server must not assume "plain" (a claiming client's proposal would then
+    # reach its application as data): None, wait for the client's first bytes.
+    assert device.claim(1, "127.0.0.1", 2, "server") is None
 
 
 def test_unreleased_server_claims_expire():
