@@ -1,0 +1,407 @@
+"""Permissions: another uid cannot attach our regions; read-only mappings stay read-only; region
+tokens are 128-bit random capabilities with no structure.
+
+The "other uid" is a child that imports everything as root, then drops to uid/gid 1234 (as
+tests/device_helpers.py does: the interpreter lives under root's home).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import errno
+import json
+import mmap
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+
+import pytest
+
+import ism_backend
+import smcish
+from ism_backend.embedded import EmbeddedDevice
+
+from .conftest import HOST, PYTHON, ROOT, EchoProto, child_env, run_loop
+
+ROOT_USER = os.geteuid() == 0
+OTHER = 1234
+SIZE = 512 + 16384
+
+# Runs as root until DROP, then as uid/gid 1234; prints one JSON line of outcomes.
+OTHER_UID = r'''
+import json, os, socket, sys
+import ism_backend, ism_backend.client, ism_backend.embedded, ism_backend.memfd, ism_backend.daemon
+from ism_backend import IsmError
+args = json.loads(sys.argv[1])
+os.setgroups([])
+os.setgid(%(uid)d)
+os.setuid(%(uid)d)
+out = {"uid": os.getuid()}
+def attempt(name, fn):
+    try:
+        out[name] = "ok: " + repr(fn())[:80]
+    except (IsmError, OSError) as exc:
+        out[name] = f"{type(exc).__name__}: {exc}"[:200]
+if "runtime_dir" in args:
+    d = args["runtime_dir"]
+    attempt("listdir", lambda: os.listdir(d))
+    attempt("open_device", lambda: ism_backend.embedded.EmbeddedDevice(d))
+    def raw():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(args["endpoint_path"])
+        return "connected"
+    attempt("connect_endpoint", raw)
+    def request():
+        c = ism_backend.client.ControlClient(args["endpoint_path"], 2.0, "endpoint")
+        return c.request("attach", token=bytes.fromhex(args["token"]), access="r")
+    attempt("attach_via_endpoint", request)
+if "ismd" in args:
+    def daemon_attach(token):
+        dev = ism_backend.client.DaemonDevice(args["ismd"])
+        try:
+            return dev.attach(bytes.fromhex(token), bytes(16))
+        finally:
+            dev.close()
+    attempt("ismd_attach_live_token", lambda: daemon_attach(args["token"]))
+    attempt("ismd_attach_random_token", lambda: daemon_attach(os.urandom(16).hex()))
+print(json.dumps(out), flush=True)
+''' % {"uid": OTHER}
+
+
+def _as_other_uid(args: dict) -> dict:
+    proc = subprocess.run([PYTHON, "-c", OTHER_UID, json.dumps(args)], capture_output=True,
+                          text=True, env=child_env(), cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+async def _ism_pair(**kw):
+    server = await smcish.create_server(EchoProto, HOST, 0, ring_size=16384, **kw)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await smcish.open_connection(HOST, port, ring_size=16384, **kw)
+    assert writer.get_extra_info("smcish").mode == "ism"
+    writer.write(b"x")
+    await reader.readexactly(1)
+    return server, reader, writer
+
+
+@pytest.mark.skipif(not ROOT_USER, reason="needs root to run a child as another uid")
+def test_other_uid_cannot_attach_embedded_regions():
+    """Our runtime dir is 0700 and ours: uid 1234 can neither list it, open the device there,
+    reach our endpoint, nor attach a live connection's region. And if an admin loosened the
+    dir and socket modes, the endpoint itself refuses other uids (SO_PEERCRED)."""
+    dev = ism_backend.get_device()
+    st = os.stat(dev.dir)
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid(), oct(st.st_mode)
+
+    async def main():
+        server, reader, writer = await _ism_pair()
+        token = writer.transport._regions[1].token          # our live region's token
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(None, _as_other_uid, {
+            "runtime_dir": dev.dir, "endpoint_path": dev._sock_path, "token": token.hex()})
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return out
+
+    out, _ = run_loop(main())
+    print("other uid vs 0700 runtime dir:", out)
+    assert out["uid"] == OTHER
+    for key in ("listdir", "open_device", "connect_endpoint", "attach_via_endpoint"):
+        assert not out[key].startswith("ok"), (key, out[key])
+    assert "PermissionError" in out["listdir"]
+    assert "Permission denied" in out["connect_endpoint"]
+
+    # Defence in depth: a private device whose dir and socket an admin made world-accessible.
+    loose = tempfile.mkdtemp(prefix="smcish-loose-", dir="/tmp")
+    os.chmod(loose, 0o700)
+    private = EmbeddedDevice(loose)
+    try:
+        region = private.alloc(SIZE)
+        os.chmod(loose, 0o711)
+        os.chmod(private._sock_path, 0o777)
+        out = _as_other_uid({"runtime_dir": loose, "endpoint_path": private._sock_path,
+                             "token": region.token.hex()})
+        print("other uid vs loosened dir:", out)
+        assert not out["attach_via_endpoint"].startswith("ok"), out
+        assert "PermissionDenied" in out["attach_via_endpoint"] or \
+            "DeviceGone" in out["attach_via_endpoint"], out
+        assert private.status()["served_attachments"] == 0
+        private.free(region)
+    finally:
+        private.close()
+        shutil.rmtree(loose, ignore_errors=True)
+
+
+@pytest.mark.skipif(not ROOT_USER, reason="needs root to run a child as another uid")
+def test_other_uid_cannot_attach_via_ismd():
+    """Through ismd: uid 1234 outside the policy is refused at connect; allowed by
+    --allow-uid it still cannot attach a live connection's region (the token was spent by the
+    peer: one-shot) nor guess one."""
+    from device_helpers import Ismd
+
+    for allow in ([], ["--allow-uid", str(OTHER)]):
+        daemon = Ismd(*allow)
+        try:
+            async def main():
+                server, reader, writer = await _ism_pair(device=daemon.spec)
+                token = writer.transport._regions[1].token
+                loop = asyncio.get_running_loop()
+                out = await loop.run_in_executor(None, _as_other_uid, {
+                    "ismd": daemon.path, "token": token.hex()})
+                writer.close()
+                await writer.wait_closed()
+                server.close()
+                await server.wait_closed()
+                return out
+
+            out, _ = run_loop(main())
+            print("ismd", allow or "default policy", out)
+            live, rand = out["ismd_attach_live_token"], out["ismd_attach_random_token"]
+            assert not live.startswith("ok") and not rand.startswith("ok"), out
+            if not allow:
+                assert "PermissionDenied" in live and "PermissionDenied" in rand, out
+            else:
+                assert "PermissionDenied" in live, out       # spent one-shot token
+                assert "UnknownToken" in rand, out
+        finally:
+            daemon.stop()
+            shutil.rmtree(daemon.dir, ignore_errors=True)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+SEGV_CHILD = r'''
+import ctypes, sys
+fd, size = int(sys.argv[1]), int(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_long]
+addr = libc.mmap(None, size, 1, 1, fd, 0)        # PROT_READ, MAP_SHARED: what an attacher has
+print("mapped", flush=True)
+ctypes.memset(addr, 0x41, 1)                     # must die with SIGSEGV
+print("WROTE", flush=True)
+'''
+
+
+def test_readonly_mapping_stays_readonly():
+    """The peer's region of a live connection, as this process holds it: every route to write
+    fails (buffer write, mprotect, writable mmap of its fd, O_RDWR re-open + mmap, pwrite,
+    ftruncate, hole punching), and a raw store through the mapping kills a process (SIGSEGV)."""
+    async def main():
+        server, reader, writer = await _ism_pair()
+        peer = writer.transport._regions[2]
+        assert peer.access == "r"
+        results = {}
+        try:
+            peer.mem[0] = 1
+            results["buffer_write"] = "WROTE"
+        except TypeError as exc:
+            results["buffer_write"] = f"TypeError: {exc}"
+        page = mmap.PAGESIZE
+        # the mapping's address: map the same fd read-only ourselves and try to upgrade it
+        addr = _libc.mmap(None, page, mmap.PROT_READ, mmap.MAP_SHARED, peer.fd, 0)
+        assert addr != MAP_FAILED
+        rc = _libc.mprotect(addr, page, mmap.PROT_READ | mmap.PROT_WRITE)
+        results["mprotect_rw"] = f"rc={rc} errno={errno.errorcode.get(ctypes.get_errno())}"
+        _libc.munmap(addr, page)
+        addr = _libc.mmap(None, page, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                          peer.fd, 0)
+        results["mmap_rw_fd"] = ("MAPPED" if addr != MAP_FAILED else
+                                 f"errno={errno.errorcode.get(ctypes.get_errno())}")
+        try:
+            rw = os.open(f"/proc/self/fd/{peer.fd}", os.O_RDWR)
+        except OSError as exc:
+            results["reopen_rdwr"] = f"{exc.strerror}"
+        else:
+            addr = _libc.mmap(None, page, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                              rw, 0)
+            results["reopen_rdwr_mmap"] = ("MAPPED" if addr != MAP_FAILED else
+                                           f"errno={errno.errorcode.get(ctypes.get_errno())}")
+            for name, fn in (("pwrite", lambda: os.pwrite(rw, b"x", 0)),
+                             ("ftruncate", lambda: os.ftruncate(rw, 0))):
+                try:
+                    fn()
+                    results[name] = "WROTE"
+                except OSError as exc:
+                    results[name] = errno.errorcode.get(exc.errno)
+            rc = _libc.fallocate(rw, 0x02 | 0x01, 0, page)     # PUNCH_HOLE | KEEP_SIZE
+            results["punch_hole"] = f"rc={rc} errno={errno.errorcode.get(ctypes.get_errno())}"
+            os.close(rw)
+        proc = subprocess.run([PYTHON, "-c", SEGV_CHILD, str(peer.fd), str(page)],
+                              pass_fds=(peer.fd,), capture_output=True, text=True, timeout=30)
+        results["raw_store_child"] = (proc.returncode, proc.stdout.split())
+        # the connection is unharmed
+        writer.write(b"still fine")
+        assert await reader.readexactly(10) == b"still fine"
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return results
+
+    results, _ = run_loop(main())
+    print("read-only mapping:", results)
+    assert results["buffer_write"].startswith("TypeError")
+    assert results["mprotect_rw"].startswith("rc=-1"), results
+    assert results["mmap_rw_fd"] != "MAPPED", results
+    assert results.get("reopen_rdwr_mmap", "refused") != "MAPPED", results
+    assert results.get("pwrite") != "WROTE" and results.get("ftruncate") != "WROTE", results
+    assert results.get("punch_hole", "rc=-1").startswith("rc=-1"), results
+    assert results["raw_store_child"] == (-signal.SIGSEGV, ["mapped"]), results
+
+
+# ------------------------------------------------------------------ tokens
+
+TOKEN_CHILD = r'''
+import json, os, sys
+import ism_backend
+dev = ism_backend.get_device()
+out = []
+for _ in range(int(sys.argv[1])):
+    r = dev.alloc(512 + 16384)
+    out.append(r.token.hex())
+    dev.free(r)
+print(json.dumps({"pid": os.getpid(), "tokens": out}))
+'''
+
+
+def _token_checks(tokens: list[bytes], pids: list[int]) -> dict:
+    n = len(tokens)
+    assert all(len(t) == 16 for t in tokens)
+    assert len(set(tokens)) == n, "a token repeated"
+    # every bit is a fair coin: within 5 standard deviations of n/2
+    ones = [0] * 128
+    for t in tokens:
+        value = int.from_bytes(t, "big")
+        for bit in range(128):
+            ones[bit] += (value >> bit) & 1
+    sd = (n / 4) ** 0.5
+    worst_bit = max(abs(c - n / 2) / sd for c in ones)
+    assert worst_bit < 5.5, f"bit bias {worst_bit:.1f} sd"
+    # byte values at every position: chi-square over 256 cells (df 255; p=1e-6 near 370)
+    worst_chi = 0.0
+    for pos in range(16):
+        counts = collections.Counter(t[pos] for t in tokens)
+        expected = n / 256
+        chi = sum((counts.get(v, 0) - expected) ** 2 / expected for v in range(256))
+        worst_chi = max(worst_chi, chi)
+    assert worst_chi < 400, f"byte distribution chi2 {worst_chi:.0f}"
+    # no shared prefixes beyond chance: longest common prefix between neighbours once sorted
+    ordered = sorted(tokens)
+    lcp = max(len(os.path.commonprefix([a, b])) for a, b in zip(ordered, ordered[1:]))
+    assert lcp <= 5, f"two tokens share a {lcp}-byte prefix"
+    # consecutive tokens are unrelated: Hamming distance averages 64 bits (sd of mean ~0.06)
+    hamming = [bin(int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).count("1")
+               for a, b in zip(tokens, tokens[1:])]
+    mean_h = sum(hamming) / len(hamming)
+    assert abs(mean_h - 64) < 1.0, mean_h
+    # not derived from the pid: its bytes appear no more often than chance would put them there
+    pid_hits4 = pid_hits2 = 0
+    for pid in pids:
+        pats4 = {pid.to_bytes(4, "little"), pid.to_bytes(4, "big")}
+        pats2 = {(pid & 0xFFFF).to_bytes(2, "little"), (pid & 0xFFFF).to_bytes(2, "big")}
+        for t in tokens:
+            pid_hits4 += any(p in t for p in pats4)
+            pid_hits2 += any(p in t for p in pats2)
+    expect2 = len(pids) * n * 15 * 2 / 65536
+    assert pid_hits4 == 0, pid_hits4
+    assert pid_hits2 < 5 * expect2 + 10, (pid_hits2, expect2)
+    return {"tokens": n, "worst_bit_sd": round(worst_bit, 2), "worst_chi2": round(worst_chi),
+            "longest_common_prefix_bytes": lcp, "mean_hamming": round(mean_h, 2),
+            "pid_hits_2byte": pid_hits2, "pid_hits_2byte_expected": round(expect2, 1)}
+
+
+def test_tokens_are_128_bit_random_without_structure():
+    """10,000 tokens from this process's embedded device (fresh and pool-reused regions), 2,000
+    from a child process and 1,000 from ismd, plus the tokens seen on the wire in real
+    PROPOSAL/ACCEPT messages: distinct, unbiased bits and bytes, no shared prefixes, unrelated
+    successors, no pid inside; the endpoint ids and gids are random 16-byte values too."""
+    from device_helpers import Ismd
+
+    dev = ism_backend.get_device()
+    tokens = []
+    held = []
+    for i in range(10_000):
+        region = dev.alloc(SIZE)
+        tokens.append(region.token)
+        if i % 3:                      # a mix of pool reuse and fresh memfds
+            dev.free(region)
+        else:
+            held.append(region)
+        if len(held) > 8:
+            for region in held:
+                dev.free(region)
+            held = []
+    for region in held:
+        dev.free(region)
+    proc = subprocess.run([PYTHON, "-c", TOKEN_CHILD, "2000"], capture_output=True, text=True,
+                          env=child_env(), cwd=ROOT, timeout=120)
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    child_tokens = [bytes.fromhex(t) for t in child["tokens"]]
+    daemon = Ismd()
+    try:
+        ddev = ism_backend.open_device(daemon.spec)
+        daemon_tokens = []
+        for _ in range(1000):
+            region = ddev.alloc(SIZE)
+            daemon_tokens.append(region.token)
+            ddev.free(region)
+        ddev.close()
+    finally:
+        daemon.stop()
+        shutil.rmtree(daemon.dir, ignore_errors=True)
+
+    # tokens that went over the wire: record what real handshakes carried
+    wire = []
+    from smcish import clc
+    original = clc.encode
+
+    def spy(msg):
+        if isinstance(msg, (clc.Proposal, clc.Accept)):
+            wire.append(msg.token)
+        return original(msg)
+
+    async def handshakes():
+        clc.encode = spy
+        try:
+            server = await smcish.create_server(EchoProto, HOST, 0, ring_size=16384)
+            port = server.sockets[0].getsockname()[1]
+            for _ in range(100):
+                r, w = await smcish.open_connection(HOST, port, ring_size=16384)
+                w.close()
+                await w.wait_closed()
+            server.close()
+            await server.wait_closed()
+        finally:
+            clc.encode = original
+
+    run_loop(handshakes())
+    assert len(wire) == 200, len(wire)
+
+    local = _token_checks(tokens, [os.getpid()])
+    crossed = _token_checks(tokens[:2000] + child_tokens, [os.getpid(), child["pid"]])
+    via_ismd = _token_checks(daemon_tokens, [os.getpid(), daemon.pid])
+    on_wire = set(wire)
+    assert len(on_wire) == 200
+    all_tokens = set(tokens) | set(child_tokens) | set(daemon_tokens) | on_wire
+    assert len(all_tokens) == len(tokens) + len(child_tokens) + len(daemon_tokens) + 200
+    ids = [dev.endpoint_id, dev.gid]
+    assert all(len(x) == 16 and x != bytes(16) for x in ids)
+    print("tokens:", {"embedded": local, "two_processes": crossed, "ismd": via_ismd,
+                      "wire": len(on_wire)})
