@@ -76,10 +76,14 @@ def cpu_seconds() -> float:
 
 
 def shm_listing() -> set:
+    """/dev/shm entries, minus smcish runtime directories (the embedded device's default home and
+    the test sessions' own, which other sessions may create meanwhile): regions never go there."""
     try:
-        return set(os.listdir("/dev/shm"))
+        names = os.listdir("/dev/shm")
     except OSError:
         return set()
+    return {n for n in names
+            if not (n.startswith("smcish-") and os.path.isdir(os.path.join("/dev/shm", n)))}
 
 
 def runtime_files(device=None) -> set:
