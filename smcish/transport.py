@@ -37,7 +37,6 @@ _MAX_BACKOFF = 10               # a missed poll skips up to 2**10 - 1 later chan
 # so a poll spins only while it is the only one queued.
 _queued_polls = 0
 _ST_DONE = _ring.ST_EOF | _ring.ST_CLOSED | _ring.ST_ABORT
-_ST_READY = _ring.ST_DATA | _ST_DONE
 
 # Methods re-bound to the TCP transport when a connection falls back.
 _DELEGATED = (
