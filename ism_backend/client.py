@@ -1,188 +1,40 @@
-"""The ismd client device, and the control connection it shares with embedded peers.
+"""``DaemonDevice``: the Device served by ismd, for processes of several users and containers.
 
-``ControlClient`` is one persistent SOCK_SEQPACKET connection: one request at a time (a lock),
-every reply validated by ``proto``, every wait bounded by a timeout; a connection that timed out or
-broke is closed and reported as ``DeviceGone``. ``DaemonDevice`` implements the Device interface
-on top of it, plus the per-process pool of freed regions (docs/device.md, "Pooling").
+Two connections to ismd per device: the *control connection* (every request this process makes,
+one at a time) and the *endpoint channel* (``hello``, ``serve_endpoint``; then ismd hands it the
+ends of brokered peer channels with ``take_peer``), served with those channels by the device's
+endpoint thread; peer ops run on the ``PeerDispatcher``'s handler thread. A daemon is trusted
+only if its SO_PEERCRED uid is 0, our euid, or ``SMCISH_DAEMON_UID``: another user could have
+bound the socket path. Freed regions are pooled per process (``policy.FreedPool``); ismd keeps
+them charged to us until reused or released.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import select
+import secrets
 import socket
 import threading
 from typing import Any, Callable
 
-from . import memfd, proto
-from .device import (
-    DEFAULT_TIMEOUT, MAX_REGION_SIZE, TOKEN_SIZE, ZERO_ID, Device, DeviceGone,
-    DeviceProtocolError, IsmError, NoDevice, PermissionDenied, QuotaExceeded, Region,
-    UnknownToken,
+from . import memfd, proto, sockets
+from .contract import (
+    DEFAULT_TIMEOUT, ID_SIZE, Advert, Device, Handle, PeerInfo, Region, check_id,
+    check_read_access, check_size, check_token,
 )
+from .control import ControlClient, ControlServer, PeerDispatcher
+from .errors import (
+    DeviceGone, DeviceProtocolError, IsmError, NoDevice, QuotaExceeded, UnknownToken,
+)
+from .policy import FreedPool, check_daemon_uid, dirty_bytes
 
+__all__ = ["DaemonDevice", "MAX_CHANNELS_PER_PEER", "MAX_SERVED_CHANNELS"]
 
-class ControlClient:
-    """A persistent control connection to ismd or to an embedded endpoint.
-
-    Raises OSError from the constructor if the socket cannot be connected.
-    """
-
-    def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT, what: str = "ismd") -> None:
-        self.path = path
-        self.what = what
-        self.timeout = timeout
-        self._lock = threading.Lock()
-        self._next_id = 0
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock: socket.socket | None = sock
-
-    @property
-    def closed(self) -> bool:
-        return self.sock is None
-
-    def close(self) -> None:
-        with self._lock:
-            self._close_locked()
-
-    def hung_up(self) -> bool:
-        """True if an idle connection was closed by the other side (EOF, error, stray data)."""
-        if not self._lock.acquire(blocking=False):
-            return False  # a request is in flight: not idle
-        try:
-            if self.sock is None:
-                return True
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-            return bool(poller.poll(0))
-        finally:
-            self._lock.release()
-
-    def forget(self) -> None:
-        """After fork, in the child: drop our copy of the socket (the parent's stays open)."""
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def _close_locked(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def request(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
-        """Send one request and wait (bounded) for its validated reply.
-
-        Returns:
-            (result fields, fds passed with the reply: exactly ``proto.REPLY_FDS[op]``, ours).
-        Raises:
-            The IsmError subclass the other side answered with; DeviceGone (closed, broken or
-            timed out: the connection is then closed); DeviceProtocolError (bad reply).
-        """
-        with self._lock:
-            sock = self.sock
-            if sock is None:
-                raise DeviceGone(f"{self.what} connection at {self.path} is closed: fall back to "
-                                 "TCP (a new device will reconnect)")
-            self._next_id += 1
-            req_id = self._next_id
-            data = proto.encode_request(op, req_id, **fields)
-            send_failed = False
-            try:
-                try:
-                    memfd.send_msg(sock, data)
-                except (BrokenPipeError, ConnectionResetError):
-                    send_failed = True  # a refusal (uid policy) may still be queued for us
-                try:
-                    record, fds, truncated = memfd.recv_msg(sock, proto.MAX_RECORD)
-                except ConnectionResetError:
-                    # The kernel reports the reset before records still queued for us (such
-                    # as a refusal sent just before the server closed): read once more.
-                    send_failed = True
-                    record, fds, truncated = memfd.recv_msg(sock, proto.MAX_RECORD)
-            except TimeoutError:
-                self._close_locked()
-                gone = DeviceGone(f"{self.what} at {self.path} did not answer {op} within "
-                                  f"{self.timeout:g} s: fall back to TCP")
-                gone.timed_out = True  # callers must not retry: the bound is already spent
-                raise gone from None
-            except OSError as exc:
-                self._close_locked()
-                raise DeviceGone(f"{self.what} at {self.path} is gone ({exc.strerror or exc}): "
-                                 "fall back to TCP") from None
-            if not record or truncated:
-                memfd.close_fds(fds)
-                self._close_locked()
-                if not record:
-                    raise DeviceGone(f"{self.what} at {self.path} closed the connection: fall "
-                                     "back to TCP")
-                raise DeviceProtocolError(f"{self.what} sent an oversized reply to {op}")
-            try:
-                reply = proto.decode_reply(record, op, req_id)
-            except IsmError as exc:
-                memfd.close_fds(fds)
-                if send_failed or type(exc) is DeviceProtocolError:
-                    self._close_locked()
-                raise
-            if send_failed:
-                self._close_locked()
-            expected = proto.REPLY_FDS.get(op, 0)
-            if len(fds) != expected:
-                memfd.close_fds(fds)
-                self._close_locked()
-                raise DeviceProtocolError(f"{self.what} passed {len(fds)} fds with the {op} "
-                                          f"reply, expected {expected}")
-            return reply, fds
-
-
-class Handle:
-    """An advertisement or intent registration; pass it back to withdraw/remove_intent."""
-
-    __slots__ = ("kind", "value", "device", "active")
-
-    def __init__(self, kind: str, value: Any, device: Device) -> None:
-        self.kind = kind
-        self.value = value
-        self.device = device
-        self.active = True
-
-    def __repr__(self) -> str:
-        return f"<Handle {self.kind} {self.value!r} {'active' if self.active else 'released'}>"
-
-
-def check_size(size: int) -> int:
-    if type(size) is not int or not 0 < size <= MAX_REGION_SIZE:
-        raise ValueError(f"region size must be an int in 1..{MAX_REGION_SIZE}, got {size!r}")
-    return size
-
-
-def check_token(token: bytes) -> bytes:
-    if not isinstance(token, (bytes, bytearray)) or len(token) != TOKEN_SIZE:
-        raise UnknownToken(f"a region token is {TOKEN_SIZE} bytes: this one is malformed")
-    return bytes(token)
-
-
-def check_read_access(access: str) -> None:
-    if access == "rw":
-        raise PermissionDenied("writable attach is not supported: regions are sealed "
-                               "F_SEAL_FUTURE_WRITE, each side writes only its own region")
-    if access != "r":
-        raise ValueError(f"access must be 'r' (or 'rw', refused), got {access!r}")
-
-
-def unmap(mem: Any) -> bool:
-    """Close a mapping; False while buffer exports (memoryviews, cffi buffers) keep it alive."""
-    try:
-        mem.close()
-        return True
-    except BufferError:
-        return False
+#: Brokered channels served per peer endpoint, and in total: a hostile peer (or a flood of
+#: ``connect_endpoint``) cannot exhaust our fds; beyond, ``take_peer`` is refused.
+MAX_CHANNELS_PER_PEER = 8
+MAX_SERVED_CHANNELS = 4096
 
 
 class _Pooled:
@@ -198,50 +50,128 @@ class _Pooled:
         self.dirty = dirty                 # leading bytes that may be non-zero
 
 
+class _Channels:
+    """ControlServer handler of the device's endpoint thread: the endpoint channel to ismd
+    (only ``take_peer`` arrives on it) and the brokered peer channels (peer ops)."""
+
+    def __init__(self, device: "DaemonDevice") -> None:
+        self.device = device
+
+    def accept(self, conn: Any) -> IsmError | None:
+        return None  # every connection here was handed over by ismd (already trusted)
+
+    def handle(self, conn: Any, request: proto.Request, fds: list[int]) -> Any:
+        dev = self.device
+        op, f = request.op, request.fields
+        if conn.state == "ismd":
+            if op == "take_peer":
+                return dev._take_peer(f, fds)
+            if op == "ping":
+                return {}, []
+            raise IsmError(f"{op} is not served on an endpoint channel")
+        if op in proto.PEER_OPS:
+            return dev._dispatcher.submit(dev._channel_server, conn, request, conn.peer)
+        if op == "ping":
+            return {}, []
+        raise IsmError(f"{op} is not served on a peer channel (only {sorted(proto.PEER_OPS)})")
+
+    def disconnect(self, conn: Any) -> None:
+        dev = self.device
+        if conn.state == "ismd":
+            dev._endpoint_lost = True  # peers can no longer reach us: get_device() reopens
+            return
+        if conn.endpoint_id is not None:
+            if dev._count_served(conn.endpoint_id, -1) == 0 and dev._dispatcher.handler:
+                dev._dispatcher.gone(conn.peer)
+
+
 class DaemonDevice(Device):
-    """The device served by ismd over ``path``: one control connection per device object."""
+    """The device served by ismd at ``path``.
+
+    Args:
+        path: ismd's control socket.
+        timeout: bound on every request.
+        pool_per_size, pool_bytes: bounds of the pool of freed regions.
+    Raises:
+        NoDevice: ismd unreachable, not trusted (``SMCISH_DAEMON_UID``), or refused us.
+        PermissionDenied, QuotaExceeded: ismd's uid policy or connection limit refused us.
+    """
 
     kind = "daemon"
 
     def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT, pool_per_size: int = 8,
                  pool_bytes: int = 64 << 20) -> None:
         self.path = path
-        self.endpoint_id = ZERO_ID
-        self.pool_per_size = pool_per_size
-        self.pool_bytes = pool_bytes
-        self._pool: dict[int, collections.deque[_Pooled]] = collections.defaultdict(
-            collections.deque)
+        self.timeout = timeout
+        self.endpoint_id = secrets.token_bytes(ID_SIZE)
+        self._pool = FreedPool(pool_per_size, pool_bytes)
         self._pool_by_id: dict[int, _Pooled] = {}
-        self._pooled_bytes = 0
         self._zombies: list[tuple[Any, list[int], int | None]] = []
         self._info_provider: Callable[[], list[dict]] | None = None
         self._lock = threading.RLock()
+        self._channels: dict[bytes, tuple[ControlClient, PeerInfo]] = {}
+        self._served: collections.Counter[bytes] = collections.Counter()
+        self._dispatcher = PeerDispatcher("smcish-ism-handler", timeout)
         self._closed = False
+        self._endpoint_lost = False
+        self._conn = self._connect()
         try:
-            self._conn = ControlClient(path, timeout, "ismd")
-        except OSError as exc:
-            raise NoDevice(f"no ISM device: ismd is not reachable at {path} "
-                           f"({exc.strerror or exc}): start ismd or set SMCISH_DEVICE") from None
-        try:
-            hello, _ = self._conn.request("hello")
+            hello, _ = self._conn.request("hello", endpoint_id=self.endpoint_id)
+            self.gid = hello["gid"]
+            self.uid = hello["uid"]
+            self.daemon_pid = hello["pid"]
+            channel = self._connect()
+            try:
+                channel.request("hello", endpoint_id=self.endpoint_id)
+                channel.request("serve_endpoint")
+                daemon_creds = channel.credentials()
+                sock = channel.detach_socket()
+            except BaseException:
+                channel.close()
+                raise
         except DeviceGone as exc:
             self._conn.close()
             raise NoDevice(f"no ISM device: {exc}") from None
-        except IsmError:
+        except BaseException:
             self._conn.close()
             raise
-        self.gid = hello["gid"]
-        self.uid = hello["uid"]
-        self.daemon_pid = hello["pid"]
+        self._channel_server = ControlServer(None, _Channels(self))
+        ismd = self._channel_server.add(sock, daemon_creds)
+        assert ismd is not None
+        ismd.state = "ismd"
+        self._thread = threading.Thread(target=self._serve, name="smcish-ism-endpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> ControlClient:
+        try:
+            conn = ControlClient(self.path, self.timeout, "ismd")
+        except OSError as exc:
+            raise NoDevice(f"no ISM device: ismd is not reachable at {self.path} "
+                           f"({exc.strerror or exc}): start ismd or set SMCISH_DEVICE") from None
+        try:
+            check_daemon_uid(conn.credentials()[1], self.path)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _serve(self) -> None:
+        try:
+            self._channel_server.serve()
+        finally:
+            self._channel_server.close()
 
     @property
     def available(self) -> bool:
-        return not self._closed and not self._conn.closed
+        return not self._closed and not self._conn.closed and not self._endpoint_lost
 
-    def _request(self, op: str, **fields: Any) -> tuple[dict, list[int]]:
+    def _request(self, op: str, fds: Any = (), **fields: Any) -> tuple[dict, list[int]]:
         if self._closed:
-            raise DeviceGone("this ismd device was closed: get_device() opens a new one")
-        return self._conn.request(op, **fields)
+            gone = DeviceGone("this ismd device was closed: get_device() opens a new one")
+            gone.delivered = False
+            raise gone
+        return self._conn.request(op, fds, **fields)
 
     # --- regions ---
 
@@ -249,7 +179,7 @@ class DaemonDevice(Device):
         check_size(size)
         with self._lock:
             self._reap_zombies()
-            if self._pool.get(size):
+            if self._pool.count:
                 region = self._alloc_from_pool(size)
                 if region is not None:
                     return region
@@ -262,6 +192,8 @@ class DaemonDevice(Device):
                 return self._alloc_fresh(size)
 
     def _alloc_from_pool(self, size: int) -> Region | None:
+        if not self._pool.has(size):
+            return None
         try:
             reply, fds = self._request("reuse", size=size)
         except UnknownToken:
@@ -270,9 +202,8 @@ class DaemonDevice(Device):
         if entry is None or entry.size != size:
             memfd.close_fds(fds)
             raise DeviceProtocolError("ismd offered a region this process did not pool")
-        self._pool[size].remove(entry)
-        self._pooled_bytes -= size
-        memfd.zero(entry.mem, entry.dirty)
+        self._pool.remove(entry)
+        FreedPool.scrub(entry)
         return Region(reply["token"], size, "rw", entry.mem, fds[0], entry.fd, entry.offset,
                       self, entry.region_id)
 
@@ -294,11 +225,10 @@ class DaemonDevice(Device):
 
     def free(self, region: Region, written: int | None = None) -> None:
         self._check_mine(region, "rw", "free")
-        dirty = region.size if written is None else max(0, min(region.size, int(written)))
+        dirty = dirty_bytes(region.size, written)
         with self._lock:
             size = region.size
-            keep = (len(self._pool[size]) < self.pool_per_size
-                    and self._pooled_bytes + size <= self.pool_bytes)
+            keep = self._pool.has_room(size)
             try:
                 self._request("free", token=region.token, keep=keep)
             except (DeviceGone, UnknownToken):
@@ -308,14 +238,14 @@ class DaemonDevice(Device):
             os.close(doorbell)
             if keep:
                 entry = _Pooled(region._handle, size, region.offset, fd, mem, dirty)
-                self._pool[size].append(entry)
+                self._pool.offer(entry)
                 self._pool_by_id[entry.region_id] = entry
-                self._pooled_bytes += size
             else:
-                unmap(mem)
+                memfd.unmap(mem)
                 os.close(fd)
 
     def attach(self, token: bytes, endpoint_id: bytes, access: str = "r") -> Region:
+        """See ``Device.attach``; through ismd tokens are global, ``endpoint_id`` is not used."""
         token = check_token(token)
         check_read_access(access)
         with self._lock:
@@ -338,7 +268,7 @@ class DaemonDevice(Device):
         with self._lock:
             mem, fds, attachment = region.mem, [region.fd, region.doorbell_fd], region._handle
             self._closed_region(region)
-            if not unmap(mem):
+            if not memfd.unmap(mem):
                 # Still exported (a live memoryview/cffi buffer): keep the attachment until the
                 # mapping is really gone, so the owner never reuses memory we still see.
                 self._zombies.append((mem, fds, attachment))
@@ -355,7 +285,7 @@ class DaemonDevice(Device):
     def _reap_zombies(self) -> None:
         still = []
         for mem, fds, attachment in self._zombies:
-            if unmap(mem):
+            if memfd.unmap(mem):
                 memfd.close_fds(fds)
                 self._tell_detached(attachment)
             else:
@@ -377,16 +307,14 @@ class DaemonDevice(Device):
         region.doorbell_fd = -1
 
     def _drain_pool(self) -> None:
-        for entry in list(self._pool_by_id.values()):
+        for entry in self._pool.drain():
             try:
                 self._request("release", region=entry.region_id)
             except (DeviceGone, UnknownToken):
                 pass
-            unmap(entry.mem)
+            memfd.unmap(entry.mem)
             os.close(entry.fd)
-        self._pool.clear()
         self._pool_by_id.clear()
-        self._pooled_bytes = 0
 
     # --- permissions ---
 
@@ -397,71 +325,170 @@ class DaemonDevice(Device):
     def revoke(self, token: bytes, uid: int) -> None:
         self._request("revoke", token=check_token(token), uid=uid)
 
-    # --- discovery ---
+    # --- socket-bound discovery ---
 
-    def advertise(self, host: str, port: int) -> Handle:
-        reply, _ = self._request("advertise", host=host, port=port)
-        return Handle("listener", reply["handle"], self)
+    def advertise(self, sock: socket.socket, hub_id: bytes) -> Handle:
+        hub_id = check_id(hub_id, "hub id")
+        sockets.listener_facts(sock)  # ValueError here rather than a refusal from ismd
+        reply, _ = self._request("advertise", fds=[sock.fileno()], hub_id=hub_id)
+        return Handle("advert", reply["handle"], self)
 
     def withdraw(self, handle: Handle) -> None:
-        self._release_handle(handle, "listener", "withdraw")
-
-    def lookup(self, host: str, port: int) -> bool:
-        try:
-            reply, _ = self._request("lookup", host=host, port=port)
-        except (IsmError, ValueError):
-            return False  # no answer means no acceleration, never an error for the caller
-        return reply["found"]
-
-    def add_intent(self, local_port: int, remote_host: str, remote_port: int) -> Handle:
-        reply, _ = self._request("add_intent", local_port=local_port, remote_host=remote_host,
-                                 remote_port=remote_port)
-        return Handle("intent", reply["handle"], self)
-
-    def remove_intent(self, handle: Handle) -> None:
-        self._release_handle(handle, "intent", "remove_intent")
-
-    def has_intent(self, peer_port: int, local_host: str, local_port: int) -> bool:
-        try:
-            reply, _ = self._request("has_intent", peer_port=peer_port, local_host=local_host,
-                                     local_port=local_port)
-        except (IsmError, ValueError):
-            return False
-        return reply["found"]
-
-    def claim(self, client_port: int, server_host: str, server_port: int,
-              role: str) -> Handle | None:
-        """See ``Device.claim``: one round trip to ismd, which does the test-and-set."""
-        if role not in ("client", "server"):
-            raise ValueError(f"role must be 'client' or 'server', got {role!r}")
-        kind = "intent" if role == "client" else "server-claim"
-        try:
-            reply, _ = self._request("claim", local_port=client_port, remote_host=server_host,
-                                     remote_port=server_port, role=role)
-        except (IsmError, ValueError):
-            return None          # see EmbeddedDevice.claim: the safe answer for both roles
-        if not reply["handle"]:
-            return None
-        return Handle(kind, reply["handle"], self)
-
-    def release_claim(self, handle: Handle) -> None:
-        if not isinstance(handle, Handle) or handle.kind not in ("intent", "server-claim"):
-            raise ValueError("release_claim() takes a handle returned by claim()")
-        if handle.value is None:
-            handle.active = False
-            return
-        self._release_handle(handle, handle.kind, "release_claim")
-
-    def _release_handle(self, handle: Handle, kind: str, op: str) -> None:
-        if not isinstance(handle, Handle) or handle.kind != kind or handle.device is not self:
-            raise ValueError(f"{op}() takes a handle returned by this device")
+        if not isinstance(handle, Handle) or handle.kind != "advert" or handle.device is not self:
+            raise ValueError("withdraw() takes a handle returned by this device's advertise()")
         if not handle.active:
             return
         handle.active = False
         try:
-            self._request(op, handle=handle.value)
+            self._request("withdraw", handle=handle.value)
         except (DeviceGone, UnknownToken):
             pass  # gone with the connection anyway
+
+    @staticmethod
+    def _advert(reply: dict) -> Advert | None:
+        if not reply["found"]:
+            return None
+        return Advert(reply["endpoint_id"], reply["hub_id"], reply["pid"], reply["uid"])
+
+    def find_listener(self, inode: int) -> Advert | None:
+        if type(inode) is not int or inode <= 0:
+            raise ValueError(f"a socket inode is a positive int, got {inode!r}")
+        try:
+            reply, _ = self._request("find_listener", inode=inode)
+        except IsmError:
+            return None  # no answer means no acceleration, never an error for the caller
+        return self._advert(reply)
+
+    def find_remote_listener(self, sock: socket.socket, host: str, port: int) -> Advert | None:
+        try:
+            reply, _ = self._request("find_remote_listener", fds=[sock.fileno()], host=host,
+                                     port=port)
+        except (IsmError, ValueError, OSError):
+            return None
+        return self._advert(reply)
+
+    def verify_remote_peer(self, sock: socket.socket, inode: int) -> bool:
+        try:
+            reply, _ = self._request("verify_remote_peer", fds=[sock.fileno()], inode=inode)
+        except (IsmError, ValueError, OSError):
+            return False
+        return reply["verified"]
+
+    def release_remote_claim(self, inode: int) -> None:
+        try:
+            self._request("release_remote_claim", inode=inode)
+        except (IsmError, ValueError):
+            pass  # gone with the connection anyway
+
+    # --- peer messaging ---
+
+    def set_endpoint_handler(self, handler: Any) -> None:
+        self._dispatcher.set_handler(handler)
+
+    def _count_served(self, endpoint_id: bytes, delta: int) -> int:
+        with self._lock:
+            self._served[endpoint_id] += delta
+            left = self._served[endpoint_id]
+            if left <= 0:
+                del self._served[endpoint_id]
+            return left
+
+    def _take_peer(self, f: dict, fds: list[int]) -> tuple[dict, list[int]]:
+        """Endpoint thread: ismd hands us our end of a channel from the peer ``f`` describes."""
+        endpoint_id = f["endpoint_id"]
+        with self._lock:
+            if (self._served.get(endpoint_id, 0) >= MAX_CHANNELS_PER_PEER
+                    or sum(self._served.values()) >= MAX_SERVED_CHANNELS):
+                raise QuotaExceeded("too many peer channels from that endpoint: refused")
+        fd = fds.pop()
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise DeviceProtocolError("take_peer carried no socket") from None
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+            sock.close()
+            raise DeviceProtocolError("take_peer carried a socket that is not a peer channel")
+        conn = self._channel_server.add(sock, (f["pid"], f["uid"], f["gid"]))
+        if conn is None:
+            return {}, []
+        conn.endpoint_id = endpoint_id
+        conn.state = "peer"
+        self._count_served(endpoint_id, +1)
+        return {}, []
+
+    def _channel(self, endpoint_id: bytes) -> ControlClient:
+        with self._lock:
+            entry = self._channels.get(endpoint_id)
+        if entry is not None and not entry[0].closed:
+            return entry[0]
+        reply, (fd,) = self._request("connect_endpoint", endpoint_id=endpoint_id)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise DeviceProtocolError("ismd's connect_endpoint reply carried no socket") from None
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+            sock.close()
+            raise DeviceProtocolError("ismd's connect_endpoint reply is not a peer channel")
+        conn = ControlClient(f"(peer {endpoint_id.hex()[:8]})", self.timeout,
+                             "the peer's endpoint", sock=sock)
+        peer = PeerInfo(endpoint_id, reply["pid"], reply["uid"], reply["gid"])
+        with self._lock:
+            old = self._channels.get(endpoint_id)
+            if old is not None and not old[0].closed:
+                conn.close()
+                return old[0]
+            self._prune_channels_locked()
+            self._channels[endpoint_id] = (conn, peer)
+        return conn
+
+    def _prune_channels_locked(self) -> None:
+        for eid, (other, _) in list(self._channels.items()):  # peers that went away
+            if other.closed or other.hung_up():
+                other.close()
+                del self._channels[eid]
+
+    def _drop_channel(self, endpoint_id: bytes, conn: ControlClient) -> None:
+        with self._lock:
+            entry = self._channels.get(endpoint_id)
+            if entry is not None and entry[0] is conn:
+                del self._channels[endpoint_id]
+        conn.close()
+
+    def peer_request(self, endpoint_id: bytes, op: str, **fields: Any) -> dict:
+        endpoint_id = check_id(endpoint_id)
+        if op not in proto.PEER_OPS:
+            raise ValueError(f"{op!r} is not a peer op (proto.PEER_OPS: {sorted(proto.PEER_OPS)})")
+        proto.encode_request(op, 0, **fields)  # ValueError before anything is sent
+        if self._closed:
+            raise DeviceGone("this ismd device was closed: get_device() opens a new one")
+        if endpoint_id == self.endpoint_id:
+            me = PeerInfo(self.endpoint_id, os.getpid(), os.geteuid(), os.getegid())
+            return self._dispatcher.call(me, op, fields)
+        for attempt in (0, 1):
+            conn = self._channel(endpoint_id)
+            try:
+                reply, _ = conn.request(op, **fields)
+                return reply
+            except DeviceGone as exc:
+                self._drop_channel(endpoint_id, conn)
+                if attempt or exc.timed_out or exc.delivered:
+                    raise
+        raise AssertionError("unreachable")
+
+    def peer_alive(self, endpoint_id: bytes) -> bool:
+        """Alive while a channel to or from that peer is open (no round trip); through ismd,
+        a peer we have no channel with reads as not alive."""
+        endpoint_id = check_id(endpoint_id)
+        if endpoint_id == self.endpoint_id:
+            return self.available
+        with self._lock:
+            entry = self._channels.get(endpoint_id)
+            served = self._served.get(endpoint_id, 0) > 0
+        if entry is not None and not entry[0].closed and not entry[0].hung_up():
+            return True
+        return served
 
     # --- introspection ---
 
@@ -479,32 +506,53 @@ class DaemonDevice(Device):
     def status(self) -> dict:
         reply, _ = self._request("status")
         status = reply["status"]
-        status["client"] = {"pid": os.getpid(), "pooled": len(self._pool_by_id),
-                            "pooled_bytes": self._pooled_bytes, "zombies": len(self._zombies),
-                            # memfd + mmap's own dup on Python < 3.13 (doorbells are not kept)
-                            "pooled_fds": (1 + memfd.FDS_PER_MAPPING) * len(self._pool_by_id)}
+        with self._lock:
+            self._prune_channels_locked()
+            status["client"] = {
+                "pid": os.getpid(), "endpoint_id": self.endpoint_id.hex(),
+                "pooled": self._pool.count, "pooled_bytes": self._pool.bytes,
+                "zombies": len(self._zombies),
+                # memfd + mmap's own dup on Python < 3.13 (doorbells are not kept)
+                "pooled_fds": (1 + memfd.FDS_PER_MAPPING) * self._pool.count,
+                "peer_channels": len(self._channels), "served_peers": len(self._served),
+                "handler": self._dispatcher.handler is not None,
+            }
         return status
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
-            for entry in self._pool_by_id.values():
-                unmap(entry.mem)
-                os.close(entry.fd)
-            self._pool.clear()
-            self._pool_by_id.clear()
-            self._pooled_bytes = 0
             self._closed = True
-            self._conn.close()  # ismd reclaims everything this connection owned
+            for entry in self._pool.drain():
+                memfd.unmap(entry.mem)
+                os.close(entry.fd)
+            self._pool_by_id.clear()
+            channels = [conn for conn, _ in self._channels.values()]
+            self._channels.clear()
+        for conn in channels:
+            conn.close()
+        self._dispatcher.close()
+        self._channel_server.stop()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self._conn.close()  # ismd reclaims everything this connection owned
 
     def _forget_after_fork(self) -> None:
+        # In a forked child: close our copies of the parent's connections (the parent's stay
+        # open). A device the parent had closed holds only stale fd numbers: touch nothing.
+        if self._closed:
+            return
         self._closed = True
         self._conn.forget()
-        for entry in self._pool_by_id.values():
-            unmap(entry.mem)
+        for conn, _ in self._channels.values():
+            conn.forget()
+        self._channels.clear()
+        self._channel_server.forget()
+        self._dispatcher.forget()
+        for entry in self._pool.drain():
+            memfd.unmap(entry.mem)
             os.close(entry.fd)
-        self._pool.clear()
         self._pool_by_id.clear()
         self._lock = threading.RLock()
 

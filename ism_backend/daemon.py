@@ -1,12 +1,16 @@
-"""ismd, the host ISM daemon, and the control-socket server loop it shares with embedded endpoints.
+"""ismd, the host ISM daemon: device memory, grants and socket-bound discovery for several users and
+containers, plus brokered peer channels; and its command line.
 
-``python -m ism_backend.daemon [serve] --socket PATH ...`` runs the daemon; ``... status --socket
-PATH`` prints its state as JSON. The daemon is single-threaded: one ``selectors`` loop serves every
-client connection (SOCK_SEQPACKET, one request per record, replies in order), so its state needs no
-locks and a slow or hostile client can only delay its own replies (bounded output queue, then
-disconnect). It owns the device memory: each region is a fresh sealed memfd (so new memory is
-always zero), accounted against the total and the owner uid's quota until its owner freed it (or
-disconnected) *and* every attachment is gone.
+``python -m ism_backend.daemon [serve] --socket PATH ...`` (or ``python -m ism_backend``, or the
+``ismd`` console script) runs the daemon; ``... status --socket PATH`` prints its state as JSON.
+The daemon is single-threaded: one ``control.ControlServer`` loop serves every connection, so
+its state needs no locks and a slow or hostile client can only delay its own replies. It owns
+the device memory (each region a fresh sealed memfd, accounted against the total and the owner
+uid's quota until freed *and* unmapped), the advertisements (read from the listening sockets
+themselves, which it closes at once), the remote claims (copies of client sockets it keeps
+until verified), and the endpoint channels it hands brokered peer channels to. Everything a
+connection holds dies with it. Cross-namespace discovery runs the kernel's socket lookup inside
+the server's namespace (docs/design.md section 3.4; docs/device.md section 4).
 """
 
 from __future__ import annotations
@@ -19,239 +23,31 @@ import logging
 import os
 import resource
 import secrets
-import selectors
 import signal
 import socket
 import stat
 import sys
-import time
 from typing import Any, Callable
 
-from . import memfd, proto
-from .device import (
-    ID_SIZE, MAX_REGION_SIZE, ZERO_ID, DeviceProtocolError, IsmError, PermissionDenied,
-    QuotaExceeded, UnknownToken, listener_keys, normalize_host,
+from . import memfd, proto, sockets
+from .contract import ID_SIZE, MAX_REGION_SIZE, ZERO_ID
+from .control import ControlClient, ControlConn, ControlServer
+from .errors import (
+    DeviceGone, DeviceProtocolError, IsmError, PermissionDenied, QuotaExceeded, UnknownToken,
 )
+from .policy import AttachRights, UidPolicy, check_daemon_uid, check_entries
+
+__all__ = ["Ismd", "main", "build_parser", "default_socket_path", "check_socket_dir",
+           "bind_listener", "parse_bytes"]
 
 log = logging.getLogger("ism_backend.daemon")
 
-CLAIM_TTL = 60.0        # seconds a server claim lives if never released (see Device.claim)
-MAX_OUT_QUEUE = 64      # replies queued to a client that does not read; then it is dropped
-RECORDS_PER_WAKEUP = 32  # fairness between clients
+_NOT_FOUND = {"found": False, "endpoint_id": ZERO_ID, "hub_id": ZERO_ID, "pid": 0, "uid": 0}
 
-
-class ControlConn:
-    """One accepted control connection and its peer credentials (SO_PEERCRED at connect)."""
-
-    __slots__ = ("sock", "fd", "pid", "uid", "gid", "outq", "state", "closed", "want_write")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.pid, self.uid, self.gid = memfd.peer_credentials(sock)
-        self.outq: collections.deque[tuple[bytes, list[int]]] = collections.deque()
-        self.state: Any = None
-        self.closed = False
-        self.want_write = False
-
-
-class ControlServer:
-    """A selectors loop serving control connections on a listening SOCK_SEQPACKET socket.
-
-    ``handler`` provides ``accept(conn) -> IsmError | None`` (a refusal is sent, then the
-    connection closed), ``handle(conn, request) -> (fields, fds)`` (``fds`` are handed over: the
-    server closes them once sent) raising IsmError to refuse, and ``disconnect(conn)``.
-    No request can stop the loop: malformed records get an error reply, unexpected exceptions
-    are logged and answered as internal errors.
-    """
-
-    def __init__(self, listener: socket.socket, handler: Any) -> None:
-        self.listener = listener
-        self.handler = handler
-        self.conns: dict[int, ControlConn] = {}
-        self.selector = selectors.DefaultSelector()
-        listener.setblocking(False)
-        self.selector.register(listener, selectors.EVENT_READ, None)
-        self._stop = False
-        self._accept_paused = False
-
-    def stop(self) -> None:
-        self._stop = True
-
-    def serve(self, wakeup_fd: int | None = None) -> None:
-        """Run until ``stop()`` or until ``wakeup_fd`` becomes readable."""
-        if wakeup_fd is not None:
-            self.selector.register(wakeup_fd, selectors.EVENT_READ, "wakeup")
-        try:
-            while not self._stop:
-                for key, events in self.selector.select():
-                    if key.data == "wakeup":
-                        self._stop = True
-                    elif key.data is None:
-                        self._accept()
-                    else:
-                        conn = key.data
-                        if events & selectors.EVENT_WRITE and not conn.closed:
-                            self._flush(conn)
-                        if events & selectors.EVENT_READ and not conn.closed:
-                            self._read(conn)
-        finally:
-            if wakeup_fd is not None:
-                self.selector.unregister(wakeup_fd)
-
-    def close(self) -> None:
-        for conn in list(self.conns.values()):
-            self._drop(conn)
-        self.selector.close()
-        self.listener.close()
-
-    # --- internals ---
-
-    def _accept(self) -> None:
-        for _ in range(RECORDS_PER_WAKEUP):
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # EMFILE/ENFILE: the pending connection stays pending and the listener stays
-                # readable; stop polling it (no busy loop) until a connection closes.
-                log.warning("accept failed: %s (pausing accepts)", exc)
-                self.selector.unregister(self.listener)
-                self._accept_paused = True
-                return
-            sock.setblocking(False)
-            try:
-                conn = ControlConn(sock)
-            except OSError:
-                sock.close()
-                continue
-            try:
-                refusal = self.handler.accept(conn)
-            except Exception:  # noqa: BLE001 - the loop must survive handler bugs
-                log.exception("accept handler failed")
-                refusal = IsmError("internal ismd error at connect")
-            if refusal is not None:
-                try:
-                    memfd.send_msg(sock, proto.encode_error(0, refusal))
-                except OSError:
-                    pass
-                sock.close()
-                continue
-            self.conns[conn.fd] = conn
-            self.selector.register(sock, selectors.EVENT_READ, conn)
-
-    def _read(self, conn: ControlConn) -> None:
-        for _ in range(RECORDS_PER_WAKEUP):
-            try:
-                record, fds, truncated = memfd.recv_msg(conn.sock, proto.MAX_RECORD)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._drop(conn)
-                return
-            if not record and not fds:
-                self._drop(conn)  # EOF (or an empty record: treated as a clean disconnect)
-                return
-            if fds:
-                memfd.close_fds(fds)  # nothing we serve accepts fds from a client
-                self._send(conn, proto.encode_error(0, DeviceProtocolError(
-                    "requests must not carry file descriptors")), [])
-            elif truncated:
-                self._send(conn, proto.encode_error(0, DeviceProtocolError(
-                    f"request larger than {proto.MAX_RECORD} bytes")), [])
-            else:
-                self._dispatch(conn, record)
-            if conn.closed:
-                return
-
-    def _dispatch(self, conn: ControlConn, record: bytes) -> None:
-        try:
-            request = proto.decode_request(record)
-        except proto.ProtoError as exc:
-            self._send(conn, proto.encode_error(exc.req_id, DeviceProtocolError(str(exc))), [])
-            return
-        fds: list[int] = []
-        try:
-            fields, fds = self.handler.handle(conn, request)
-            reply = proto.encode_reply(request.id, **fields)
-        except IsmError as exc:
-            memfd.close_fds(fds)
-            fds = []
-            reply = proto.encode_error(request.id, exc)
-        except OSError as exc:  # resource exhaustion (EMFILE, ENOMEM): refuse, keep serving
-            memfd.close_fds(fds)
-            fds = []
-            log.warning("%s failed: %s", request.op, exc)
-            reply = proto.encode_error(request.id, QuotaExceeded(
-                f"the device could not serve {request.op} ({exc.strerror or exc}): retry later "
-                "or free resources"))
-        except Exception:  # noqa: BLE001 - never let one request take the server down
-            log.exception("%s handler failed", request.op)
-            memfd.close_fds(fds)
-            fds = []
-            reply = proto.encode_error(request.id, IsmError(f"internal error in {request.op}"))
-        self._send(conn, reply, fds)
-
-    def _send(self, conn: ControlConn, data: bytes, fds: list[int]) -> None:
-        if conn.closed:
-            memfd.close_fds(fds)
-            return
-        if len(conn.outq) >= MAX_OUT_QUEUE:
-            memfd.close_fds(fds)
-            log.info("dropping pid %d: %d replies unread", conn.pid, len(conn.outq))
-            self._drop(conn)
-            return
-        conn.outq.append((data, fds))
-        if len(conn.outq) == 1:
-            self._flush(conn)
-
-    def _flush(self, conn: ControlConn) -> None:
-        while conn.outq:
-            data, fds = conn.outq[0]
-            try:
-                memfd.send_msg(conn.sock, data, fds)
-            except (BlockingIOError, InterruptedError):
-                if not conn.want_write:
-                    conn.want_write = True
-                    self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                         conn)
-                return
-            except OSError:
-                self._drop(conn)
-                return
-            conn.outq.popleft()
-            memfd.close_fds(fds)
-        if conn.want_write:
-            conn.want_write = False
-            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
-
-    def _drop(self, conn: ControlConn) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
-        self.conns.pop(conn.fd, None)
-        try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        while conn.outq:
-            memfd.close_fds(conn.outq.popleft()[1])
-        conn.sock.close()
-        try:
-            self.handler.disconnect(conn)
-        except Exception:  # noqa: BLE001
-            log.exception("disconnect handler failed")
-        if self._accept_paused:
-            self._accept_paused = False
-            self.selector.register(self.listener, selectors.EVENT_READ, None)
-
-
-# --- the daemon's device state -------------------------------------------------------------
 
 class _Region:
     __slots__ = ("id", "token", "owner", "uid", "pid", "size", "charged", "memfd", "doorbell",
-                 "keep", "claimed", "grants", "revoked", "attachments")
+                 "keep", "rights", "attachments")
 
     def __init__(self, region_id: int, owner: ControlConn, size: int, fd: int, doorbell: int):
         self.id = region_id
@@ -264,9 +60,7 @@ class _Region:
         self.memfd = fd
         self.doorbell = doorbell
         self.keep = False
-        self.claimed = False
-        self.grants: dict[int, str] = {}
-        self.revoked: set[int] = set()
+        self.rights = AttachRights()
         self.attachments: dict[int, ControlConn] = {}
 
     def state(self) -> str:
@@ -277,51 +71,125 @@ class _Region:
         return "pooled" if self.keep else "freed"
 
 
+class _Advert:
+    """An advertised listener, as read from the socket itself (which ismd closed at once)."""
+
+    __slots__ = ("handle", "conn", "endpoint_id", "hub_id", "pid", "uid", "facts")
+
+    def __init__(self, handle: int, conn: ControlConn, hub_id: bytes,
+                 facts: sockets.ListenerFacts) -> None:
+        self.handle = handle
+        self.conn = conn
+        self.endpoint_id = conn.endpoint_id or ZERO_ID
+        self.hub_id = hub_id
+        self.pid = conn.pid
+        self.uid = conn.uid
+        self.facts = facts
+
+    def reply(self) -> dict:
+        return {"found": True, "endpoint_id": self.endpoint_id, "hub_id": self.hub_id,
+                "pid": self.pid, "uid": self.uid}
+
+
+class _RemoteClaim:
+    """A client socket ismd keeps (a dup) after finding its listener in another namespace."""
+
+    __slots__ = ("inode", "sock", "conn", "client_netns", "server_netns", "listener")
+
+    def __init__(self, inode: int, sock: socket.socket, conn: ControlConn, client_netns: int,
+                 server_netns: int, listener: int) -> None:
+        self.inode = inode
+        self.sock = sock
+        self.conn = conn
+        self.client_netns = client_netns
+        self.server_netns = server_netns
+        self.listener = listener
+
+
+class _Netns:
+    """A network namespace some advertisement lives in: an fd to it, and its diag socket."""
+
+    __slots__ = ("inode", "fd", "owned", "refs", "diag")
+
+    def __init__(self, inode: int, fd: int, owned: bool) -> None:
+        self.inode = inode
+        self.fd = fd
+        self.owned = owned          # owned by ismd's own user namespace (the policy)
+        self.refs = 0
+        self.diag: sockets.Diag | None = None
+
+
 class _Client:
-    __slots__ = ("owned", "attachments", "listeners", "intents", "server_claims")
+    __slots__ = ("owned", "attachments", "adverts", "claims")
 
     def __init__(self) -> None:
         self.owned: dict[int, _Region] = {}
         self.attachments: dict[int, _Region] = {}
-        self.listeners: dict[int, tuple[str, int]] = {}
-        self.intents: dict[int, tuple[int, str, int]] = {}
-        self.server_claims: dict[int, tuple[int, str, int]] = {}
+        self.adverts: dict[int, _Advert] = {}
+        self.claims: set[int] = set()
+
+
+def _endpoint(name: tuple) -> tuple[str, int]:
+    """A socket name normalised for comparison (v4-mapped folded, zone kept)."""
+    return sockets.normalize_address(name[0])[1], name[1]
+
+
+def _inet_stream(sock: socket.socket) -> bool:
+    return (sock.family in (socket.AF_INET, socket.AF_INET6)
+            and sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM)
 
 
 class Ismd:
-    """The daemon's request handler: regions, grants, attachments, listeners, intents."""
+    """The daemon's request handler (a ``ControlServer`` handler). See the module docstring.
+
+    Args:
+        total_memory: bytes of region memory the device may hand out.
+        quota: bytes one uid may hold.
+        allow_uids, allow_gids: who may connect besides root and ismd's own uid.
+        max_regions: regions per uid (each costs ismd two fds).
+        max_entries: attachments + advertisements + remote claims per connection.
+        gid: the device gid (random by default).
+        socket_path: for status output.
+        max_connections: control connections per uid (each costs ismd an fd).
+    """
 
     def __init__(self, *, total_memory: int, quota: int, allow_uids: set[int] = frozenset(),
                  allow_gids: set[int] = frozenset(), max_regions: int = 4096,
                  max_entries: int = 4096, gid: bytes | None = None, socket_path: str = "",
-                 claim_ttl: float = CLAIM_TTL, max_connections: int = 1024):
+                 max_connections: int = 1024):
         self.total_memory = total_memory
         self.quota = quota
-        self.allow_uids = set(allow_uids)
-        self.allow_gids = set(allow_gids)
-        self.max_regions = max_regions      # per uid: each region costs the daemon two fds
-        self.max_entries = max_entries      # per connection: attachments, listeners, intents
+        self.policy = UidPolicy(allow_uids, allow_gids,
+                                fix="restart ismd with --allow-uid {uid} or --allow-gid {gid}")
+        self.max_regions = max_regions
+        self.max_entries = max_entries
         self.gid = gid or secrets.token_bytes(ID_SIZE)
         self.socket_path = socket_path
-        self.claim_ttl = claim_ttl
-        self.max_connections = max_connections  # per uid: each costs ismd an fd
+        self.max_connections = max_connections
+        self.server: ControlServer | None = None
+        self.userns = sockets.own_userns()
         self.connections_by_uid: collections.Counter[int] = collections.Counter()
         self.used = 0
         self.used_by_uid: collections.Counter[int] = collections.Counter()
         self.regions_by_uid: collections.Counter[int] = collections.Counter()
         self.regions: dict[bytes, _Region] = {}     # live tokens
         self.by_id: dict[int, _Region] = {}         # every region not yet reclaimed
-        self.listeners: dict[tuple[str, int], set[int]] = collections.defaultdict(set)
-        self.intents: dict[tuple[int, str, int], set[int]] = collections.defaultdict(set)
-        # A server's "this connection stays TCP" decisions (see Device.claim), expiring lazily.
-        self.server_claims: dict[tuple[int, str, int], set[int]] = collections.defaultdict(set)
-        # handle -> (deadline, conn), in insertion order = deadline order (one TTL for all).
-        self.claim_deadlines: dict[int, tuple[float, ControlConn]] = {}
+        self.adverts: dict[int, dict[int, _Advert]] = {}   # listener inode -> handle -> advert
+        self.ports: dict[int, set[int]] = {}               # port -> advertised listener inodes
+        self.remote_claims: dict[int, _RemoteClaim] = {}   # client socket inode -> claim
+        self.netns: dict[int, _Netns] = {}
+        self.endpoints: dict[bytes, ControlConn] = {}      # endpoint id -> endpoint channel
+        # endpoint id -> [pid, uid, connections saying it]: an id belongs to one process.
+        self.endpoint_owners: dict[bytes, list[int]] = {}
         self.clients: dict[ControlConn, _Client] = {}
         self._next = 0
-        self._ops: dict[str, Callable[[ControlConn, _Client, dict], tuple[dict, list[int]]]] = {
-            op: getattr(self, "_op_" + op) for op in proto.REQUESTS
+        self._ops: dict[str, Callable[..., tuple[dict, list[int]]]] = {
+            op: getattr(self, "_op_" + op) for op in proto.REQUESTS if hasattr(self, "_op_" + op)
         }
+
+    def bind(self, server: ControlServer) -> None:
+        """The server whose connections this handler serves (for ``send_request``)."""
+        self.server = server
 
     def _id(self) -> int:
         self._next += 1
@@ -330,16 +198,14 @@ class Ismd:
     # --- ControlServer handler ---
 
     def allowed(self, uid: int, gid: int) -> bool:
-        if uid == 0 or uid == os.geteuid():
-            return True
-        return uid in self.allow_uids or gid in self.allow_gids
+        """May a client with these credentials connect (``--allow-uid``/``--allow-gid``)?"""
+        return self.policy.allowed(uid, gid)
 
     def accept(self, conn: ControlConn) -> IsmError | None:
-        if not self.allowed(conn.uid, conn.gid):
+        refusal = self.policy.check(conn.uid, conn.gid)
+        if refusal is not None:
             log.info("refused pid %d uid %d gid %d (policy)", conn.pid, conn.uid, conn.gid)
-            return PermissionDenied(
-                f"uid {conn.uid} / gid {conn.gid} is not allowed by ismd's policy: restart ismd "
-                f"with --allow-uid {conn.uid} or --allow-gid {conn.gid}")
+            return refusal
         if self.connections_by_uid[conn.uid] >= self.max_connections:
             return QuotaExceeded(f"uid {conn.uid} already has {self.max_connections} ismd "
                                  "connections: close some or raise ismd --max-connections")
@@ -347,8 +213,20 @@ class Ismd:
         self.clients[conn] = _Client()
         return None
 
-    def handle(self, conn: ControlConn, request: proto.Request) -> tuple[dict, list[int]]:
-        return self._ops[request.op](conn, self.clients[conn], request.fields)
+    def handle(self, conn: ControlConn, request: proto.Request,
+               fds: list[int]) -> tuple[dict, list[int]]:
+        fn = self._ops.get(request.op)
+        if fn is None:
+            if request.op in proto.PEER_OPS:
+                raise IsmError(f"{request.op} is a peer op: send it to the peer's endpoint "
+                               "(Device.peer_request), not to ismd")
+            raise IsmError(f"{request.op} is not served by ismd")
+        return fn(conn, self.clients[conn], request.fields, fds)
+
+    def reply(self, conn: ControlConn, op: str, result: Any) -> None:
+        """A reply on an endpoint channel (to our ``take_peer``)."""
+        if isinstance(result, IsmError):
+            log.info("pid %d refused %s: %s", conn.pid, op, result)
 
     def disconnect(self, conn: ControlConn) -> None:
         client = self.clients.pop(conn, None)
@@ -367,19 +245,33 @@ class Ismd:
             region.owner = None
             region.keep = False
             self._maybe_reclaim(region)
-        for handle, key in client.listeners.items():
-            self._unregister(self.listeners, key, handle)
-        for handle, key in client.intents.items():
-            self._unregister(self.intents, key, handle)
-        for handle, key in client.server_claims.items():
-            self._unregister(self.server_claims, key, handle)
-            self.claim_deadlines.pop(handle, None)
+        for advert in list(client.adverts.values()):
+            self._remove_advert(advert)
+        client.adverts.clear()
+        for inode in list(client.claims):
+            self._forget_claim(inode)
+        eid = conn.endpoint_id
+        if eid is not None:
+            if self.endpoints.get(eid) is conn:
+                del self.endpoints[eid]
+            owner = self.endpoint_owners.get(eid)
+            if owner is not None:
+                owner[2] -= 1
+                if owner[2] <= 0:
+                    del self.endpoint_owners[eid]
 
     def close(self) -> None:
+        """Release every fd the daemon holds (after the server closed its connections)."""
         for region in list(self.by_id.values()):
             memfd.close_fds((region.memfd, region.doorbell))
         self.by_id.clear()
         self.regions.clear()
+        for claim in self.remote_claims.values():
+            claim.sock.close()
+        self.remote_claims.clear()
+        for ns in self.netns.values():
+            self._close_netns(ns)
+        self.netns.clear()
 
     # --- helpers ---
 
@@ -408,31 +300,116 @@ class Ismd:
             raise UnknownToken("unknown region token (not yours, wrong, or already freed)")
         return region
 
-    @staticmethod
-    def _unregister(table: dict, key: Any, handle: int) -> None:
-        handles = table.get(key)
-        if handles is not None:
-            handles.discard(handle)
-            if not handles:
-                del table[key]
-
     def _entries(self, client: _Client) -> None:
-        held = (len(client.attachments) + len(client.listeners) + len(client.intents)
-                + len(client.server_claims))
-        if held >= self.max_entries:
-            raise QuotaExceeded(f"this connection holds {self.max_entries} attachments, listeners "
-                                "and intents: detach/withdraw some (or raise --max-entries)")
+        check_entries(len(client.attachments) + len(client.adverts) + len(client.claims),
+                      self.max_entries, "detach, withdraw or release some (or raise ismd "
+                      "--max-entries)")
 
-    # --- ops ---
+    @staticmethod
+    def _endpoint_of(conn: ControlConn, op: str) -> bytes:
+        if conn.endpoint_id is None:
+            raise PermissionDenied(f"{op} needs this connection's endpoint id: send hello with "
+                                   "a non-zero endpoint_id first")
+        return conn.endpoint_id
 
-    def _op_hello(self, conn, client, f):
+    @staticmethod
+    def _socket_from(fds: list[int], op: str) -> socket.socket:
+        fd = fds.pop()
+        try:
+            return socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise PermissionDenied(f"{op} must carry a socket") from None
+
+    def _netns_of(self, sock: socket.socket) -> _Netns | None:
+        """The namespace entry of ``sock`` (created unreferenced), None where SIOCGSKNS is
+        refused (ismd is not root: cross-namespace discovery is unsupported)."""
+        fd = sockets.socket_netns_fd(sock)
+        if fd is None:
+            return None
+        inode = os.fstat(fd).st_ino
+        entry = self.netns.get(inode)
+        if entry is not None:
+            os.close(fd)
+            return entry
+        owner = sockets.netns_owner(fd)
+        entry = self.netns[inode] = _Netns(inode, fd, owner is not None and owner == self.userns)
+        return entry
+
+    def _unref_netns(self, inode: int | None) -> None:
+        entry = self.netns.get(inode) if inode is not None else None
+        if entry is not None:
+            entry.refs -= 1
+            if entry.refs <= 0:
+                self._close_netns(self.netns.pop(inode))
+
+    @staticmethod
+    def _close_netns(entry: _Netns) -> None:
+        if entry.diag is not None:
+            entry.diag.close()
+            entry.diag = None
+        memfd.close_fds((entry.fd,))
+        entry.fd = -1
+
+    def _diag(self, entry: _Netns) -> sockets.Diag | None:
+        if entry.diag is None:
+            try:
+                entry.diag = sockets.diag_in_netns(entry.fd)
+            except OSError as exc:
+                log.warning("no diag socket in netns %d: %s", entry.inode, exc)
+                return None
+        return entry.diag
+
+    def _remove_advert(self, advert: _Advert) -> None:
+        inode = advert.facts.inode
+        table = self.adverts.get(inode)
+        if table is None or table.pop(advert.handle, None) is None:
+            return
+        if not table:
+            del self.adverts[inode]
+            inodes = self.ports.get(advert.facts.port)
+            if inodes is not None:
+                inodes.discard(inode)
+                if not inodes:
+                    del self.ports[advert.facts.port]
+        self._unref_netns(advert.facts.netns)
+
+    def _latest(self, inode: int) -> _Advert | None:
+        table = self.adverts.get(inode)
+        return next(reversed(table.values())) if table else None
+
+    def _forget_claim(self, inode: int) -> None:
+        claim = self.remote_claims.pop(inode, None)
+        if claim is None:
+            return
+        client = self.clients.get(claim.conn)
+        if client is not None:
+            client.claims.discard(inode)
+        claim.sock.close()
+
+    # --- ops: identity, regions ---
+
+    def _op_hello(self, conn, client, f, fds):
+        endpoint_id = f["endpoint_id"]
+        if endpoint_id != ZERO_ID:
+            if conn.endpoint_id is not None and conn.endpoint_id != endpoint_id:
+                raise DeviceProtocolError("a connection cannot change its endpoint id")
+            if conn.endpoint_id is None:
+                owner = self.endpoint_owners.get(endpoint_id)
+                if owner is not None and (owner[0], owner[1]) != (conn.pid, conn.uid):
+                    raise PermissionDenied("that endpoint id belongs to another process: "
+                                           "endpoint ids are random per device; open a new one")
+                if owner is None:
+                    owner = self.endpoint_owners[endpoint_id] = [conn.pid, conn.uid, 0]
+                owner[2] += 1
+                conn.endpoint_id = endpoint_id
         return {"kind": "daemon", "gid": self.gid, "endpoint_id": ZERO_ID, "pid": os.getpid(),
                 "uid": conn.uid}, []
 
-    def _op_ping(self, conn, client, f):
+    def _op_ping(self, conn, client, f, fds):
         return {}, []
 
-    def _op_alloc(self, conn, client, f):
+    def _op_alloc(self, conn, client, f, fds):
         size = f["size"]
         if size > MAX_REGION_SIZE:
             raise QuotaExceeded(f"region of {size} bytes exceeds the maximum {MAX_REGION_SIZE}")
@@ -465,7 +442,7 @@ class Ismd:
         return ({"token": region.token, "region": region.id, "size": size, "offset": 0},
                 [os.dup(fd), os.dup(doorbell)])
 
-    def _op_reuse(self, conn, client, f):
+    def _op_reuse(self, conn, client, f, fds):
         for region in client.owned.values():
             if (region.token is None and region.keep and not region.attachments
                     and region.size == f["size"]):
@@ -477,28 +454,17 @@ class Ismd:
         region.doorbell = doorbell
         region.token = secrets.token_bytes(16)
         region.keep = False
-        region.claimed = False
-        region.grants.clear()
-        region.revoked.clear()
+        region.rights.reset()
         self.regions[region.token] = region
         return ({"token": region.token, "region": region.id, "size": region.size, "offset": 0},
                 [os.dup(doorbell)])
 
-    def _op_attach(self, conn, client, f):
+    def _op_attach(self, conn, client, f, fds):
         region = self.regions.get(f["token"])
         if region is None:
             raise UnknownToken("unknown region token: wrong, or freed by its owner; fall back to "
                                "TCP")
-        if f["access"] != "r":
-            raise PermissionDenied("writable attach is not supported: regions are sealed "
-                                   "F_SEAL_FUTURE_WRITE, each side writes only its own region")
-        uid = conn.uid
-        if uid in region.revoked:
-            raise PermissionDenied(f"the owner revoked uid {uid}'s access to this region: ask "
-                                   "the owner to grant() it again")
-        if region.claimed and uid not in region.grants:
-            raise PermissionDenied(f"this token was already attached (tokens are one-shot): the "
-                                   f"owner must grant(token, uid={uid})")
+        region.rights.check(conn.uid, f["access"])
         seals = memfd.get_seals(region.memfd)
         if seals & memfd.ATTACH_SEALS != memfd.ATTACH_SEALS:
             raise DeviceProtocolError("the owner has not sealed this region (F_SEAL_FUTURE_WRITE)"
@@ -510,13 +476,13 @@ class Ismd:
         except OSError:
             os.close(ro)
             raise
-        region.claimed = True
+        region.rights.record()
         aid = self._id()
         region.attachments[aid] = conn
         client.attachments[aid] = region
         return {"attachment": aid, "size": region.size, "offset": 0}, [ro, doorbell]
 
-    def _op_detach(self, conn, client, f):
+    def _op_detach(self, conn, client, f, fds):
         region = client.attachments.pop(f["attachment"], None)
         if region is None:
             raise UnknownToken("unknown attachment: already detached")
@@ -524,7 +490,7 @@ class Ismd:
         self._maybe_reclaim(region)
         return {}, []
 
-    def _op_free(self, conn, client, f):
+    def _op_free(self, conn, client, f, fds):
         region = self._owned(conn, f["token"])
         del self.regions[region.token]
         region.token = None
@@ -532,7 +498,7 @@ class Ismd:
         self._maybe_reclaim(region)
         return {}, []
 
-    def _op_release(self, conn, client, f):
+    def _op_release(self, conn, client, f, fds):
         region = client.owned.get(f["region"])
         if region is None or region.token is not None:
             raise UnknownToken("unknown pooled region")
@@ -540,105 +506,200 @@ class Ismd:
         self._maybe_reclaim(region)
         return {}, []
 
-    def _op_grant(self, conn, client, f):
-        if f["access"] != "r":
-            raise PermissionDenied("writable grants are not supported: regions are sealed "
-                                   "F_SEAL_FUTURE_WRITE")
-        region = self._owned(conn, f["token"])
-        region.grants[f["uid"]] = f["access"]
-        region.revoked.discard(f["uid"])
+    def _op_grant(self, conn, client, f, fds):
+        self._owned(conn, f["token"]).rights.grant(f["uid"], f["access"])
         return {}, []
 
-    def _op_revoke(self, conn, client, f):
-        region = self._owned(conn, f["token"])
-        region.grants.pop(f["uid"], None)
-        region.revoked.add(f["uid"])
+    def _op_revoke(self, conn, client, f, fds):
+        self._owned(conn, f["token"]).rights.revoke(f["uid"])
         return {}, []
 
-    def _op_advertise(self, conn, client, f):
+    # --- ops: socket-bound discovery ---
+
+    def _op_advertise(self, conn, client, f, fds):
+        self._endpoint_of(conn, "advertise")
         self._entries(client)
-        key = (normalize_host(f["host"]), f["port"])
-        handle = self._id()
-        self.listeners[key].add(handle)
-        client.listeners[handle] = key
-        return {"handle": handle}, []
+        sock = self._socket_from(fds, "advertise")
+        netns: _Netns | None = None
+        try:
+            try:
+                facts = sockets.listener_facts(sock)
+            except ValueError as exc:
+                raise PermissionDenied(f"advertise takes the listening TCP socket itself: {exc}") \
+                    from None
+            netns = self._netns_of(sock)
+        finally:
+            sock.close()  # ismd never keeps a listener open: its owner's close() must close it
+        facts = facts._replace(netns=netns.inode if netns is not None else None)
+        if netns is not None:
+            netns.refs += 1
+        advert = _Advert(self._id(), conn, f["hub_id"], facts)
+        self.adverts.setdefault(facts.inode, {})[advert.handle] = advert
+        self.ports.setdefault(facts.port, set()).add(facts.inode)
+        client.adverts[advert.handle] = advert
+        return {"handle": advert.handle}, []
 
-    def _op_withdraw(self, conn, client, f):
-        key = client.listeners.pop(f["handle"], None)
-        if key is None:
+    def _op_withdraw(self, conn, client, f, fds):
+        advert = client.adverts.pop(f["handle"], None)
+        if advert is None:
             raise UnknownToken("unknown advertisement handle")
-        self._unregister(self.listeners, key, f["handle"])
+        self._remove_advert(advert)
         return {}, []
 
-    def _op_lookup(self, conn, client, f):
-        port = f["port"]
-        found = any((host, port) in self.listeners for host in listener_keys(f["host"]))
-        return {"found": found}, []
+    def _op_find_listener(self, conn, client, f, fds):
+        advert = self._latest(f["inode"])
+        return (advert.reply() if advert is not None else dict(_NOT_FOUND)), []
 
-    def _op_add_intent(self, conn, client, f):
-        self._entries(client)
-        key = (f["local_port"], normalize_host(f["remote_host"]), f["remote_port"])
-        handle = self._id()
-        self.intents[key].add(handle)
-        client.intents[handle] = key
-        return {"handle": handle}, []
+    def _op_find_remote_listener(self, conn, client, f, fds):
+        sock = self._socket_from(fds, "find_remote_listener")
+        keep = False
+        try:
+            found = self._match_remote(sock, f["host"], f["port"])
+            if found is None:
+                return dict(_NOT_FOUND), []
+            advert, client_ns, server_ns = found
+            inode = sockets.socket_inode(sock)
+            if inode in self.remote_claims:
+                self._forget_claim(inode)  # the same socket asked again: the newer answer wins
+            self._entries(client)
+            self.remote_claims[inode] = _RemoteClaim(inode, sock, conn, client_ns, server_ns,
+                                                     advert.facts.inode)
+            client.claims.add(inode)
+            keep = True
+            return advert.reply(), []
+        finally:
+            if not keep:
+                sock.close()
 
-    def _op_remove_intent(self, conn, client, f):
-        key = client.intents.pop(f["handle"], None)
-        if key is None:
-            raise UnknownToken("unknown intent handle")
-        self._unregister(self.intents, key, f["handle"])
+    def _match_remote(self, sock: socket.socket, host: str,
+                      port: int) -> tuple[_Advert, int, int] | None:
+        """The one advertised listener of another namespace that the kernel's lookup inside
+        that namespace names for ``sock -> (host, port)``; None if none, several, or the
+        namespace policy fails."""
+        try:
+            if not _inet_stream(sock) or sock.getsockopt(socket.SOL_SOCKET,
+                                                         sockets.SO_ACCEPTCONN):
+                raise PermissionDenied("find_remote_listener takes the client's bound TCP socket")
+            name = sock.getsockname()
+        except OSError:
+            raise PermissionDenied("find_remote_listener takes the client's bound TCP socket") \
+                from None
+        if name[1] == 0:
+            raise PermissionDenied("bind the client socket to its source address and port first")
+        try:
+            host_family, host_addr = sockets.normalize_address(host)
+            client_family, client_addr = sockets.normalize_address(name[0])
+        except ValueError:
+            return None  # a name: ismd resolves nothing
+        if host_family != client_family or client_addr in ("0.0.0.0", "::"):
+            return None
+        client_ns = self._netns_of(sock)
+        if client_ns is None:
+            return None
+        try:
+            if not client_ns.owned:
+                return None
+            matches: dict[int, _Advert] = {}
+            for inode in list(self.ports.get(port, ())):
+                advert = self._latest(inode)
+                ns = self.netns.get(advert.facts.netns) if advert is not None else None
+                if ns is None or ns.inode == client_ns.inode or not ns.owned:
+                    continue
+                diag = self._diag(ns)
+                if diag is None:
+                    continue
+                try:
+                    if not diag.is_local(host_addr):
+                        continue  # a wildcard listener there would match, but no segment to
+                        # an address that namespace does not own ever reaches it
+                    hit = diag.lookup(host_family, (host_addr, port), (client_addr, name[1]))
+                except (OSError, ValueError):
+                    continue
+                if hit is not None and hit.state == sockets.TCP_LISTEN and hit.inode == inode:
+                    matches[inode] = advert
+            if len(matches) != 1:
+                return None  # nothing, or ambiguous (overlapping namespaces): stay TCP
+            advert = next(iter(matches.values()))
+            return advert, client_ns.inode, advert.facts.netns
+        finally:
+            if client_ns.refs <= 0:  # not an advertised namespace: do not keep its fd
+                self._close_netns(self.netns.pop(client_ns.inode))
+
+    def _op_verify_remote_peer(self, conn, client, f, fds):
+        sock = self._socket_from(fds, "verify_remote_peer")
+        try:
+            claim = self.remote_claims.get(f["inode"])
+            verified = claim is not None and self._verify(claim, sock)
+            if verified:
+                self._forget_claim(claim.inode)
+            return {"verified": verified}, []
+        finally:
+            sock.close()  # the accepted socket stays the server's alone
+
+    def _verify(self, claim: _RemoteClaim, sock: socket.socket) -> bool:
+        try:
+            if not _inet_stream(sock):
+                return False
+            local, peer = sock.getsockname(), sock.getpeername()
+            claim_local, claim_peer = claim.sock.getsockname(), claim.sock.getpeername()
+            same = (_endpoint(claim_local) == _endpoint(peer)
+                    and _endpoint(claim_peer) == _endpoint(local))
+        except (OSError, ValueError):
+            return False
+        if not same:
+            return False
+        ns = self._netns_of(sock)
+        if ns is None:
+            return False
+        try:
+            return ns.owned and ns.inode == claim.server_netns
+        finally:
+            if ns.refs <= 0:
+                self._close_netns(self.netns.pop(ns.inode))
+
+    def _op_release_remote_claim(self, conn, client, f, fds):
+        if f["inode"] in client.claims:
+            self._forget_claim(f["inode"])
         return {}, []
 
-    def _op_has_intent(self, conn, client, f):
-        key = (f["peer_port"], normalize_host(f["local_host"]), f["local_port"])
-        return {"found": key in self.intents}, []
+    # --- ops: endpoints and brokered peer channels ---
 
-    def _op_claim(self, conn, client, f):
-        self._expire_claims()
-        key = (f["local_port"], normalize_host(f["remote_host"]), f["remote_port"])
-        if f["role"] == "client":
-            if key in self.server_claims:
-                return {"handle": 0}, []
-            return self._op_add_intent(conn, client, f)
-        if key in self.intents:
-            return {"handle": 0}, []
-        self._entries(client)
-        handle = self._id()
-        self.server_claims[key].add(handle)
-        client.server_claims[handle] = key
-        self.claim_deadlines[handle] = (time.monotonic() + self.claim_ttl, conn)
-        return {"handle": handle}, []
-
-    def _op_release_claim(self, conn, client, f):
-        handle = f["handle"]
-        if handle in client.intents:
-            return self._op_remove_intent(conn, client, f)
-        key = client.server_claims.pop(handle, None)
-        if key is None:
-            raise UnknownToken("unknown claim handle")
-        self._unregister(self.server_claims, key, handle)
-        self.claim_deadlines.pop(handle, None)
+    def _op_serve_endpoint(self, conn, client, f, fds):
+        endpoint_id = self._endpoint_of(conn, "serve_endpoint")
+        current = self.endpoints.get(endpoint_id)
+        if current is not None and not current.closed:
+            raise PermissionDenied("this endpoint already has an endpoint channel")
+        if client.owned or client.attachments or client.adverts or client.claims:
+            raise IsmError("an endpoint channel must be a connection of its own: open another")
+        self.endpoints[endpoint_id] = conn
+        conn.outbound = True  # from now on ismd sends the requests (take_peer) on it
+        conn.state = "endpoint"
         return {}, []
 
-    def _expire_claims(self) -> None:
-        now = time.monotonic()
-        expired = []
-        for handle, (deadline, conn) in self.claim_deadlines.items():
-            if deadline > now:
-                break
-            expired.append((handle, conn))
-        for handle, conn in expired:
-            del self.claim_deadlines[handle]
-            client = self.clients.get(conn)
-            key = client.server_claims.pop(handle, None) if client is not None else None
-            if key is not None:
-                self._unregister(self.server_claims, key, handle)
+    def _op_connect_endpoint(self, conn, client, f, fds):
+        requester = self._endpoint_of(conn, "connect_endpoint")
+        target = self.endpoints.get(f["endpoint_id"])
+        if target is None or target.closed or self.server is None:
+            raise DeviceGone(f"no process serves endpoint {f['endpoint_id'].hex()[:8]}... through "
+                             "this ismd (it exited, or uses another device): fall back to TCP")
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        ours_fd, theirs_fd = ours.detach(), theirs.detach()
+        try:
+            self.server.send_request(target, "take_peer", [theirs_fd], endpoint_id=requester,
+                                     pid=conn.pid, uid=conn.uid, gid=conn.gid)
+        except BaseException:
+            os.close(ours_fd)
+            raise
+        return {"pid": target.pid, "uid": target.uid, "gid": target.gid}, [ours_fd]
 
-    def _op_info(self, conn, client, f):
+    def _op_take_peer(self, conn, client, f, fds):
+        raise IsmError("take_peer is sent by ismd to endpoint channels, not to it")
+
+    def _op_info(self, conn, client, f, fds):
         raise IsmError("info is served by embedded endpoints; ask ismd for status")
 
-    def _op_status(self, conn, client, f):
+    def _op_status(self, conn, client, f, fds):
         return {"status": self.status(conn)}, []
 
     # --- status ---
@@ -659,31 +720,38 @@ class Ismd:
         attachments = [{"id": aid, "region": r.id, "pid": c.pid, "uid": c.uid}
                        for r in self.by_id.values() for aid, c in r.attachments.items()
                        if visible(c.uid)]
-        listeners, intents, clients = [], [], []
-        for conn, client in self.clients.items():
-            if not visible(conn.uid):
-                continue
-            clients.append({"pid": conn.pid, "uid": conn.uid, "gid": conn.gid,
-                            "regions": len(client.owned), "attachments": len(client.attachments),
-                            "listeners": len(client.listeners), "intents": len(client.intents)})
-            listeners += [{"host": h, "port": p, "pid": conn.pid}
-                          for h, p in client.listeners.values()]
-            intents += [{"local_port": lp, "remote_host": h, "remote_port": rp, "pid": conn.pid}
-                        for lp, h, rp in client.intents.values()]
+        adverts = [{"inode": a.facts.inode, "addr": a.facts.addr, "port": a.facts.port,
+                    "v6only": a.facts.v6only, "netns": a.facts.netns, "pid": a.pid, "uid": a.uid}
+                   for table in self.adverts.values() for a in table.values() if visible(a.uid)]
+        claims = [{"inode": c.inode, "pid": c.conn.pid, "uid": c.conn.uid,
+                   "client_netns": c.client_netns, "server_netns": c.server_netns,
+                   "listener": c.listener}
+                  for c in self.remote_claims.values() if visible(c.conn.uid)]
+        endpoints = [{"endpoint_id": eid.hex(), "pid": c.pid, "uid": c.uid}
+                     for eid, c in self.endpoints.items() if visible(c.uid)]
+        clients = [{"pid": conn.pid, "uid": conn.uid, "gid": conn.gid,
+                    "endpoint_id": conn.endpoint_id.hex() if conn.endpoint_id else None,
+                    "endpoint_channel": conn.state == "endpoint",
+                    "regions": len(client.owned), "attachments": len(client.attachments),
+                    "adverts": len(client.adverts), "remote_claims": len(client.claims)}
+                   for conn, client in self.clients.items() if visible(conn.uid)]
         out: dict[str, Any] = {
             "kind": "daemon", "pid": os.getpid(), "gid": self.gid.hex(), "socket": self.socket_path,
             "total_memory": self.total_memory, "used": self.used, "quota": self.quota,
+            "cross_netns": self.userns is not None and os.geteuid() == 0,
             "counts": {"regions": len(self.by_id), "live_tokens": len(self.regions),
                        "clients": len(self.clients),
                        "attachments": sum(len(r.attachments) for r in self.by_id.values()),
-                       "listeners": sum(len(h) for h in self.listeners.values()),
-                       "intents": sum(len(h) for h in self.intents.values()),
-                       "server_claims": sum(len(h) for h in self.server_claims.values())},
+                       "adverts": sum(len(t) for t in self.adverts.values()),
+                       "remote_claims": len(self.remote_claims),
+                       "endpoint_channels": len(self.endpoints), "netns": len(self.netns)},
             "truncated": False,
         }
-        budget = (proto.MAX_BODY - 2048) // 5
-        for name, items in (("regions", regions), ("attachments", attachments),
-                            ("listeners", listeners), ("intents", intents), ("clients", clients)):
+        lists = (("regions", regions), ("attachments", attachments), ("adverts", adverts),
+                 ("remote_claims", claims), ("endpoint_channels", endpoints),
+                 ("clients", clients))
+        budget = (proto.MAX_BODY - 2048) // len(lists)
+        for name, items in lists:
             out[name], cut = proto.fit_list(items, budget)
             out["truncated"] |= cut
         return out
@@ -707,17 +775,65 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def _private_default_dir() -> str:
+    return f"/tmp/smcish-{os.getuid()}"
+
+
 def default_socket_path() -> str:
+    """``/run/smcish/ismd.sock`` as root; else ``$XDG_RUNTIME_DIR/ismd.sock``, else
+    ``/tmp/smcish-<uid>/ismd.sock`` (that directory created 0700)."""
     if os.geteuid() == 0:
         return "/run/smcish/ismd.sock"
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/smcish-{os.getuid()}"
-    return os.path.join(base, "ismd.sock")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(os.path.abspath(xdg), "ismd.sock")
+    return os.path.join(_private_default_dir(), "ismd.sock")
+
+
+def check_socket_dir(directory: str) -> None:
+    """Create the socket's directory if missing, and refuse one another user could tamper with.
+
+    Refused: not a real directory (a symlink), owned by neither ismd's euid nor root, or
+    writable by group/others (anyone who can write there can replace the socket and answer
+    clients in ismd's name). The non-root default ``/tmp/smcish-<uid>`` must be ours and 0700.
+
+    Raises:
+        SystemExit: with a message naming the fix.
+    """
+    private = directory == _private_default_dir() and os.geteuid() != 0
+    try:
+        os.makedirs(directory, 0o700 if private else 0o755, exist_ok=True)
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise SystemExit(f"ismd: cannot create the socket directory {directory} "
+                         f"({exc.strerror}): choose another --socket") from None
+    euid = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        raise SystemExit(f"ismd: refusing the socket directory {directory}: not a directory "
+                         "(a symlink?); remove it or choose another --socket")
+    if st.st_uid not in ((euid,) if private else (euid, 0)):
+        raise SystemExit(f"ismd: refusing the socket directory {directory}: it is owned by uid "
+                         f"{st.st_uid}, not by ismd's uid {euid}"
+                         f"{'' if private else ' or root'}, so that user could replace the "
+                         "socket; remove it or choose another --socket")
+    if private and mode & 0o077:
+        raise SystemExit(f"ismd: refusing the socket directory {directory}: mode {mode:o}, it "
+                         f"must be private (chmod 700 {directory}) or choose another --socket")
+    if mode & 0o022:
+        raise SystemExit(f"ismd: refusing the socket directory {directory}: mode {mode:o} lets "
+                         "group/others replace the socket; chmod go-w it (e.g. 755) or choose "
+                         "another --socket")
 
 
 def bind_listener(path: str, mode: int) -> socket.socket:
-    """Bind the daemon socket, replacing a stale one but never a live daemon's."""
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, 0o755, exist_ok=True)
+    """Bind the daemon socket in a checked directory, replacing a stale socket but never a live
+    daemon's.
+
+    Raises:
+        SystemExit: an unsafe directory, a non-socket in the way, or a live ismd.
+    """
+    check_socket_dir(os.path.dirname(path) or ".")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -743,6 +859,7 @@ def bind_listener(path: str, mode: int) -> socket.socket:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """``ismd serve``: bind the socket (after the directory check) and run until a signal."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="ismd: %(message)s", stream=sys.stderr)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -755,14 +872,18 @@ def serve(args: argparse.Namespace) -> int:
                   allow_uids=set(args.allow_uid), allow_gids=set(args.allow_gid),
                   max_regions=args.max_regions, max_entries=args.max_entries,
                   gid=bytes.fromhex(args.gid) if args.gid else None, socket_path=path,
-                  claim_ttl=args.claim_ttl, max_connections=args.max_connections)
+                  max_connections=args.max_connections)
     server = ControlServer(listener, daemon)
+    daemon.bind(server)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
+    # The handlers only need to exist: the wake-up fd makes the loop stop. (A signal handler
+    # must take no lock.)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda *_: server.stop())
-    log.info("serving %s (pid %d, total %d bytes, quota %d bytes per uid)", path, os.getpid(),
-             args.total_memory, args.quota)
+        signal.signal(signum, lambda *_: None)
+    log.info("serving %s (pid %d, total %d bytes, quota %d bytes per uid, cross-namespace "
+             "discovery %s)", path, os.getpid(), args.total_memory, args.quota,
+             "on" if os.geteuid() == 0 else "off (not root)")
     try:
         server.serve(wake_r)
     finally:
@@ -778,16 +899,17 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    from .client import ControlClient
-
+    """``ismd status``: print the daemon's state as JSON (a daemon we do not trust is refused)."""
+    path = os.path.abspath(args.socket)
     try:
-        conn = ControlClient(os.path.abspath(args.socket), timeout=args.timeout, what="ismd")
+        conn = ControlClient(path, timeout=args.timeout, what="ismd")
     except OSError as exc:
         print(f"ismd not reachable at {args.socket}: {exc.strerror}: start ismd", file=sys.stderr)
         return 1
     try:
+        check_daemon_uid(conn.credentials()[1], path)
         reply, _ = conn.request("status")
-    except IsmError as exc:
+    except (IsmError, OSError) as exc:
         print(f"ismd status failed: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -809,10 +931,12 @@ def _uint(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ismd command line."""
     parser = argparse.ArgumentParser(prog="ismd", description="smcish host ISM device daemon")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("serve", help="run the daemon (default)")
-    run.add_argument("--socket", default=default_socket_path(), help="control socket path")
+    run.add_argument("--socket", default=default_socket_path(),
+                     help="control socket path (its directory must not be writable by others)")
     run.add_argument("--total-memory", type=parse_bytes, default=parse_bytes("1G"),
                      help="bytes of region memory the device may hand out (default 1G)")
     run.add_argument("--quota", type=parse_bytes, default=parse_bytes("256M"),
@@ -823,13 +947,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="primary gid allowed to connect (repeatable)")
     run.add_argument("--max-regions", type=_uint, default=4096, help="regions per uid")
     run.add_argument("--max-connections", type=_uint, default=1024,
-                     help="control connections per uid")
+                     help="control connections per uid (a device uses two)")
     run.add_argument("--max-entries", type=_uint, default=4096,
-                     help="attachments + listeners + intents per connection")
+                     help="attachments + advertisements + remote claims per connection")
     run.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o666,
                      help="socket file mode, octal (default 666: the uid policy decides)")
-    run.add_argument("--claim-ttl", type=float, default=CLAIM_TTL,
-                     help="seconds an unreleased server claim lasts (default 60)")
     run.add_argument("--gid", help="fixed device gid, 32 hex digits (default: random per start)")
     run.add_argument("-v", "--verbose", action="store_true")
     st = sub.add_parser("status", help="print the daemon's state as JSON")

@@ -1,25 +1,27 @@
-"""The embedded ISM device: this process serves its own regions from an endpoint in a runtime dir.
+"""The embedded ISM device: this process serves its own regions and peer ops from an endpoint in a
+runtime directory shared by the processes of one uid.
 
-Layout of the runtime directory (0700, owned by us; see docs/device.md):
-``gid``                      the sharing domain's 16 random bytes (hex), created once, atomically
-``.mutex``                   flock'ed around every create/remove below (never by lookups)
-``ep-<id>.lock``             held flock(LOCK_EX) by the endpoint's process while it lives
-``ep-<id>.sock``             its endpoint (SOCK_SEQPACKET), served by a daemon thread
-``adv-<port>-<host>.<n>``    listener advertisement slot n, held LOCK_EX by the advertiser
-``int-<lport>-<host>-<rport>.<n>``  connection intent (client claim) slot n, held by the client
-``srv-<lport>-<host>-<rport>.<n>``  a server's "this client is plain TCP" decision (server claim)
-A file whose lock can be taken (LOCK_SH|LOCK_NB succeeds) belongs to a dead process. Lookups open
-slots 0, 1, ... until one is missing and report True at the first one they cannot lock shared.
-Removal only ever takes the highest slot (lower dead slots stay as placeholders while a higher one
-lives), so slots stay contiguous and a lookup never stops early except in the rare race documented
-in docs/device.md (a false negative: the client just uses TCP; never a false positive).
+Layout of the runtime directory (0700, owned by us; see docs/device.md section 3):
+``gid``               the sharing domain's 16 random bytes (hex), created once, atomically
+``.mutex``            flock'ed around creating/removing the files below (never by readers)
+``ep-<id>.lock``      held flock(LOCK_EX) by the endpoint's process while it lives
+``ep-<id>.sock``      its endpoint (SOCK_SEQPACKET), served by the device's endpoint thread
+``adv-<inode>``       the advertisement of the listening socket with that inode:
+                      ``endpoint_id_hex hub_id_hex pid uid``, held LOCK_EX by the advertiser
+A file whose lock can be taken (``LOCK_SH|LOCK_NB`` succeeds) belongs to a dead process and is
+removed (at device open, and by readers that meet it). An advertisement is written to a temp
+name, locked, then renamed in place: a reader never sees it half-written, and the latest
+advertiser of an inode wins.
+
+Threads: the *endpoint thread* runs the ``ControlServer`` (attach, detach, hello, info: never
+blocking); peer ops go to the ``PeerDispatcher``'s handler thread. Attaching one of our own
+regions never goes through the endpoint socket (same accounting, done in the caller's thread).
 """
 
 from __future__ import annotations
 
 import collections
 import fcntl
-import functools
 import os
 import re
 import secrets
@@ -30,31 +32,32 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from . import memfd, proto
-from .client import (
-    ControlClient, Handle, check_read_access, check_size, check_token, unmap,
+from . import memfd, proto, sockets
+from .contract import (
+    DEFAULT_TIMEOUT, ID_SIZE, ZERO_ID, Advert, Device, Handle, PeerInfo, Region, check_id,
+    check_read_access, check_size, check_token,
 )
-from .device import (
-    DEFAULT_TIMEOUT, ID_SIZE, Device, DeviceGone, DeviceProtocolError, IsmError, NoDevice,
-    PermissionDenied, Region, UnknownToken, listener_keys, normalize_host,
+from .control import ControlClient, ControlServer, PeerDispatcher
+from .errors import (
+    DeviceGone, DeviceProtocolError, IsmError, NoDevice, PermissionDenied, UnknownToken,
 )
+from .policy import AttachRights, FreedPool, UidPolicy, dirty_bytes
 
-MAX_SLOTS = 16
-#: How long a server's claim ("this connection stays TCP") outlives a release it never gets:
-#: the TIME_WAIT scale, after which the same (client port, server) key may be a new connection.
-CLAIM_TTL = 60.0
+__all__ = ["EmbeddedDevice", "runtime_dir", "prepare_runtime_dir", "read_or_create_gid"]
+
 UNIX_PATH_MAX = 107
 INFO_TIMEOUT = 0.5
+TEMP_MAX_AGE = 60.0   # seconds after which a temp file of a crashed process is removed
 _OPEN_RO = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _LOCK_PROBE = fcntl.LOCK_SH | fcntl.LOCK_NB
-_SLOT_RE = re.compile(r"((?:adv|int|srv)-[0-9a-z\-]+)\.(\d+)")
 _EP_RE = re.compile(r"ep-([0-9a-f]{32})\.(lock|sock)")
+_ADV_RE = re.compile(r"adv-([1-9][0-9]{0,19})")
+_ADV_CONTENT = re.compile(rb"([0-9a-f]{32}) ([0-9a-f]{32}) ([0-9]{1,10}) ([0-9]{1,10})\n")
 
 
 def runtime_dir() -> str:
     """``SMCISH_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/smcish``, else ``/dev/shm/smcish-<uid>``
-    (tmpfs: every connection creates and removes a claim file there, 5x cheaper than on a disk
-    file system such as /tmp often is), else ``/tmp/smcish-<uid>``."""
+    (tmpfs), else ``/tmp/smcish-<uid>``."""
     explicit = os.environ.get("SMCISH_RUNTIME_DIR")
     if explicit:
         return os.path.abspath(explicit)
@@ -91,7 +94,11 @@ def prepare_runtime_dir(path: str) -> None:
 
 
 def read_or_create_gid(path: str) -> bytes:
-    """The domain gid in ``<dir>/gid``: created once with link(2), so readers never see half."""
+    """The domain gid in ``<dir>/gid``: created once with link(2), so readers never see half.
+
+    Raises:
+        NoDevice: the file is corrupt or cannot be created.
+    """
     gid_path = os.path.join(path, "gid")
     for _ in range(3):
         try:
@@ -123,154 +130,27 @@ def read_or_create_gid(path: str) -> bytes:
     raise NoDevice(f"cannot create {gid_path}")
 
 
-@functools.lru_cache(maxsize=4096)
-def host_key(host: str) -> str:
-    """A file-name-safe key for a normalised host (hex of the address, or of the name)."""
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).packed.hex()
-    except ValueError:
-        return "n" + host.encode().hex()[:96]
-
-
 def _lockable_shared(fd: int) -> bool:
-    """True if nobody holds LOCK_EX: the file's owner is dead (or it is a placeholder)."""
+    """True if nobody holds LOCK_EX: the file's owner is dead (or it never locked it)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, _LOCK_PROBE)
     except BlockingIOError:
         return False
     return True
 
 
-@functools.lru_cache(maxsize=4096)
-def _lookup_prefixes(host: str, port: int) -> tuple[str, ...]:
-    return tuple(f"adv-{int(port)}-{host_key(key)}" for key in listener_keys(host))
-
-
-class _SlotFiles:
-    """Slot files ``<prefix>.<n>`` for one key: liveness by flock, as in the module docstring."""
-
-    def __init__(self, dirpath: str, mutex: Callable[[], Any]) -> None:
-        self.dir = dirpath
-        self.mutex = mutex
-        # Lookups are on every connect: keep the per-key slot paths precomputed. Bounded small:
-        # claim/intent keys are unique per connection (client port) and never hit again, and
-        # 4096 entries of 16 paths held ~7 MB per process (tests/hardening/test_load.py).
-        self.paths = functools.lru_cache(maxsize=256)(self._slot_paths)
-
-    def _slot_paths(self, prefix: str) -> tuple[str, ...]:
-        return tuple(os.path.join(self.dir, f"{prefix}.{slot}") for slot in range(MAX_SLOTS))
-
-    def _path(self, prefix: str, slot: int) -> str:
-        return self.paths(prefix)[slot]
-
-    def alive(self, prefix: str, locked: bool = False) -> bool:
-        """Is a live process holding any slot of ``prefix``? Cleans up if it saw dead ones.
-
-        ``locked``: the caller holds the mutex (then dead slots are left for later).
-        """
-        saw_dead = False
-        for path in self.paths(prefix):
-            try:
-                fd = os.open(path, _OPEN_RO)
-            except FileNotFoundError:
-                break
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, _LOCK_PROBE)
-            except BlockingIOError:
-                return True  # somebody holds LOCK_EX: a live registration
-            finally:
-                os.close(fd)
-            saw_dead = True
-        if saw_dead and not locked:
-            with self.mutex():
-                self.compact(prefix)
-        return False
-
-    def register(self, prefix: str, locked: bool = False) -> tuple[int, str] | None:
-        """Take the lowest free or dead slot, holding LOCK_EX. None if all slots are live."""
-        if locked:
-            return self._register_locked(prefix)
-        with self.mutex():
-            return self._register_locked(prefix)
-
-    def _register_locked(self, prefix: str) -> tuple[int, str] | None:
-        for slot in range(MAX_SLOTS):
-            path = self._path(prefix, slot)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                             | os.O_NOFOLLOW, 0o600)
-            except FileExistsError:
-                fd = self._take_dead(path)
-                if fd is None:
-                    continue
-                return fd, path
-            fcntl.flock(fd, fcntl.LOCK_EX)  # new file, under the mutex: uncontended
-            return fd, path
-        return None
-
-    @staticmethod
-    def _take_dead(path: str) -> int | None:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            return None
-        # A lookup may hold LOCK_SH for a few microseconds: retry briefly before giving up.
-        for _ in range(50):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if not _lockable_shared(fd):
-                    break  # a live owner holds LOCK_EX
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                threading.Event().wait(0.0001)
-        os.close(fd)
-        return None
-
-    def unregister(self, fd: int, path: str, prefix: str) -> None:
-        with self.mutex():
-            os.close(fd)  # our lock goes with it: the slot is now dead
-            self.compact(prefix, self.paths(prefix).index(path))
-
-    def compact(self, prefix: str, start: int = 0, full: bool = False) -> None:
-        """Under the mutex: remove dead slots from the top down, stop at the first live one.
-
-        The top is the last existing slot at or after ``start`` before a missing one (slots are
-        contiguous); ``full`` scans every slot instead (startup cleanup after crashes).
-        """
-        paths = self.paths(prefix)
-        top = start - 1
-        for slot in range(start, MAX_SLOTS):
-            try:
-                os.lstat(paths[slot])
-            except FileNotFoundError:
-                if not full:
-                    break
-                continue
-            top = slot
-        for slot in range(top, -1, -1):
-            path = self._path(prefix, slot)
-            try:
-                fd = os.open(path, _OPEN_RO)
-            except FileNotFoundError:
-                continue
-            try:
-                if not _lockable_shared(fd):
-                    return
-                os.unlink(path)
-            finally:
-                os.close(fd)
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class _Owned:
-    """Owner-side state of one region (mapping, fds, grants, attachment count)."""
+    """Owner-side state of one region (mapping, fds, attach rights, attachment count)."""
 
-    __slots__ = ("token", "size", "fd", "mem", "doorbell", "claimed", "grants", "revoked",
-                 "attachments", "freed", "dirty")
+    __slots__ = ("token", "size", "fd", "mem", "doorbell", "rights", "attachments", "freed",
+                 "dirty")
 
     def __init__(self, size: int, fd: int, mem: Any, doorbell: int) -> None:
         self.token = secrets.token_bytes(16)
@@ -278,30 +158,32 @@ class _Owned:
         self.fd = fd
         self.mem = mem
         self.doorbell = doorbell
-        self.claimed = False
-        self.grants: dict[int, str] = {}
-        self.revoked: set[int] = set()
+        self.rights = AttachRights()
         self.attachments = 0
         self.freed = False
         self.dirty = size                  # leading bytes that may be non-zero (zeroed on reuse)
 
 
 class _Endpoint:
-    """ControlServer handler of our endpoint: peers attach/detach our regions, ask for info."""
+    """ControlServer handler of our endpoint: peers attach/detach our regions, send peer ops,
+    ask for info. Runs on the endpoint thread; never blocks (peer ops are deferred)."""
 
     def __init__(self, device: "EmbeddedDevice") -> None:
         self.device = device
+        self.policy = UidPolicy(fix="use ismd to share memory across uids")
 
     def accept(self, conn: Any) -> IsmError | None:
-        if conn.uid not in (0, os.geteuid()):
-            return PermissionDenied(f"uid {conn.uid} may not use this embedded endpoint: use ismd "
-                                    "to share memory across uids")
         conn.state = {}
-        return None
+        return self.policy.check(conn.uid, conn.gid)
 
-    def handle(self, conn: Any, request: proto.Request) -> tuple[dict, list[int]]:
+    def handle(self, conn: Any, request: proto.Request, fds: list[int]) -> Any:
         op, f = request.op, request.fields
         dev = self.device
+        if op in proto.PEER_OPS:
+            peer = conn.peer
+            if peer is None:
+                raise PermissionDenied(f"{op} needs the sender's endpoint id: send hello first")
+            return dev._dispatcher.submit(dev._server, conn, request, peer)
         if op == "attach":
             return dev._serve_attach(conn, f["token"], f["access"])
         if op == "detach":
@@ -311,6 +193,13 @@ class _Endpoint:
             dev._release(owned)
             return {}, []
         if op == "hello":
+            endpoint_id = f["endpoint_id"]
+            if endpoint_id != ZERO_ID:
+                if conn.endpoint_id is None:
+                    conn.endpoint_id = endpoint_id
+                    dev._count_served(endpoint_id, +1)
+                elif conn.endpoint_id != endpoint_id:
+                    raise DeviceProtocolError("a connection cannot change its endpoint id")
             return {"kind": "embedded", "gid": dev.gid, "endpoint_id": dev.endpoint_id,
                     "pid": os.getpid(), "uid": conn.uid}, []
         if op == "ping":
@@ -323,46 +212,53 @@ class _Endpoint:
         raise IsmError(f"{op} is not served by an embedded endpoint (only by ismd)")
 
     def disconnect(self, conn: Any) -> None:
+        dev = self.device
         for owned in (conn.state or {}).values():
-            self.device._release(owned)
+            dev._release(owned)
         conn.state = {}
+        if conn.endpoint_id is not None:
+            if dev._count_served(conn.endpoint_id, -1) == 0 and dev._dispatcher.handler:
+                dev._dispatcher.gone(conn.peer)
 
 
 class EmbeddedDevice(Device):
-    """The in-process device (the default). See the module docstring and docs/device.md."""
+    """The in-process device (the default). See the module docstring and docs/device.md.
+
+    Args:
+        runtime_dir_path: the shared runtime dir (default ``runtime_dir()``).
+        timeout: bound on attach and peer requests.
+        pool_per_size, pool_bytes: bounds of the pool of freed regions.
+    Raises:
+        NoDevice: an unsafe or unusable runtime dir.
+    """
 
     kind = "embedded"
 
     def __init__(self, runtime_dir_path: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  pool_per_size: int = 8, pool_bytes: int = 64 << 20) -> None:
-        from .daemon import ControlServer
-
         self.dir = os.path.abspath(runtime_dir_path or runtime_dir())
         self.timeout = timeout
-        self.pool_per_size = pool_per_size
-        self.pool_bytes = pool_bytes
         prepare_runtime_dir(self.dir)
         self.gid = read_or_create_gid(self.dir)
         self.endpoint_id = secrets.token_bytes(ID_SIZE)
         self._lock = threading.RLock()
         self._regions: dict[bytes, _Owned] = {}
         self._draining: set[_Owned] = set()
-        self._pool: dict[int, collections.deque[_Owned]] = collections.defaultdict(
-            collections.deque)
-        self._pooled_bytes = 0
+        self._pool = FreedPool(pool_per_size, pool_bytes)
         self._next_attachment = 0
         self._attached_count = 0
         self._peers: dict[bytes, ControlClient] = {}
         self._peer_refs: collections.Counter[bytes] = collections.Counter()
+        self._pinned: set[bytes] = set()     # peers we sent peer ops to: never evicted
+        self._served: collections.Counter[bytes] = collections.Counter()
         self.peer_cache_max = 64
-        self._zombies: list[tuple[Any, list[int], bytes, int]] = []
-        self._handles: set[Handle] = set()
-        self._server_claims: dict[Handle, float] = {}
+        self._zombies: list[tuple[Any, list[int], bytes, Any]] = []
+        self._adverts: set[Handle] = set()
         self._info_provider: Callable[[], list[dict]] | None = None
+        self._dispatcher = PeerDispatcher("smcish-ism-handler", timeout)
         self._closed = False
         self._mutex_thread_lock = threading.Lock()
         self._mutex_fd: int | None = None
-        self._slots = _SlotFiles(self.dir, self._mutex)
         self._cleanup_stale()
 
         self._sock_path = self._ep_path(self.endpoint_id, "sock")
@@ -384,7 +280,6 @@ class EmbeddedDevice(Device):
                 os.unlink(lock_path)
                 raise NoDevice(f"cannot serve the embedded endpoint in {self.dir} "
                                f"({exc.strerror}): set SMCISH_RUNTIME_DIR") from None
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._server = ControlServer(listener, _Endpoint(self))
         self._thread = threading.Thread(target=self._serve, name="smcish-ism-endpoint",
                                         daemon=True)
@@ -395,6 +290,9 @@ class EmbeddedDevice(Device):
     def _ep_path(self, endpoint_id: bytes, kind: str) -> str:
         # Only the 16-byte id comes from a peer; the path is always built here, in our dir.
         return os.path.join(self.dir, f"ep-{endpoint_id.hex()}.{kind}")
+
+    def _adv_path(self, inode: int) -> str:
+        return os.path.join(self.dir, f"adv-{inode}")
 
     @contextmanager
     def _mutex(self) -> Iterator[None]:
@@ -413,7 +311,7 @@ class EmbeddedDevice(Device):
 
     def _serve(self) -> None:
         try:
-            self._server.serve(self._wake_r)
+            self._server.serve()
         finally:
             self._server.close()
 
@@ -423,35 +321,32 @@ class EmbeddedDevice(Device):
             names = os.listdir(self.dir)
         except OSError:
             return
-        prefixes = set()
+        now = time.time()
         with self._mutex():
             for name in names:
+                path = os.path.join(self.dir, name)
                 match = _EP_RE.fullmatch(name)
                 if match and match.group(2) == "lock":
                     self._reap_endpoint_locked(bytes.fromhex(match.group(1)))
                 elif match:  # a socket whose lock file is gone: its owner died mid-cleanup
                     if not os.path.lexists(self._ep_path(bytes.fromhex(match.group(1)), "lock")):
-                        self._unlink(os.path.join(self.dir, name))
-                elif name.startswith(".gid-"):  # a gid temp file of a crashed first start
-                    path = os.path.join(self.dir, name)
+                        _unlink(path)
+                elif _ADV_RE.fullmatch(name):
                     try:
-                        if time.time() - os.lstat(path).st_mtime > 60:
-                            self._unlink(path)
+                        fd = os.open(path, _OPEN_RO)
+                    except OSError:
+                        continue
+                    try:
+                        if _lockable_shared(fd):
+                            _unlink(path)
+                    finally:
+                        os.close(fd)
+                elif name.startswith((".gid-", ".adv-")):  # temp files of a crashed process
+                    try:
+                        if now - os.lstat(path).st_mtime > TEMP_MAX_AGE:
+                            _unlink(path)
                     except OSError:
                         pass
-                else:
-                    slot = _SLOT_RE.fullmatch(name)
-                    if slot:
-                        prefixes.add(slot.group(1))
-            for prefix in prefixes:
-                self._slots.compact(prefix, full=True)
-
-    @staticmethod
-    def _unlink(path: str) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
     def _reap_endpoint_locked(self, endpoint_id: bytes) -> bool:
         """Under the mutex: remove a dead endpoint's socket and lock. True if it was dead."""
@@ -459,13 +354,13 @@ class EmbeddedDevice(Device):
         try:
             fd = os.open(lock_path, _OPEN_RO)
         except FileNotFoundError:
-            self._unlink(self._ep_path(endpoint_id, "sock"))
+            _unlink(self._ep_path(endpoint_id, "sock"))
             return True
         try:
             if not _lockable_shared(fd):
                 return False
-            self._unlink(self._ep_path(endpoint_id, "sock"))
-            self._unlink(lock_path)
+            _unlink(self._ep_path(endpoint_id, "sock"))
+            _unlink(lock_path)
             return True
         finally:
             os.close(fd)
@@ -502,19 +397,13 @@ class EmbeddedDevice(Device):
         self._check_open()
         self._reap_zombies()
         with self._lock:
-            pooled = self._pool.get(size)
-            owned = pooled.popleft() if pooled else None
-            if owned is not None:
-                self._pooled_bytes -= size
+            owned = self._pool.take(size)
         if owned is not None:
-            memfd.zero(owned.mem, owned.dirty)
-            owned.dirty = size
+            FreedPool.scrub(owned)
             os.close(owned.doorbell)
-            owned.doorbell = memfd.new_doorbell()  # nobody else holds this one
+            owned.doorbell = memfd.new_doorbell()  # a former peer may still hold the old one
             owned.token = secrets.token_bytes(16)
-            owned.claimed = False
-            owned.grants = {}
-            owned.revoked = set()
+            owned.rights.reset()
             owned.freed = False
         else:
             fd = memfd.create_memory(size, "smcish-region")
@@ -532,8 +421,7 @@ class EmbeddedDevice(Device):
     def free(self, region: Region, written: int | None = None) -> None:
         self._check_region(region, "rw", "free")
         owned: _Owned = region._handle
-        if written is not None:
-            owned.dirty = max(0, min(owned.size, int(written)))
+        owned.dirty = dirty_bytes(owned.size, written)
         with self._lock:
             self._regions.pop(owned.token, None)  # the token is dead from here on
             owned.freed = True
@@ -546,7 +434,7 @@ class EmbeddedDevice(Device):
                 self._to_pool_locked(owned)
 
     def _release(self, owned: _Owned) -> None:
-        """An attachment of ``owned`` is gone (detach or the peer's connection closed)."""
+        """An attachment of ``owned`` is gone (detach, or the peer's connection closed)."""
         with self._lock:
             owned.attachments -= 1
             if owned.freed and owned.attachments == 0 and owned in self._draining:
@@ -554,62 +442,49 @@ class EmbeddedDevice(Device):
                 self._to_pool_locked(owned)
 
     def _to_pool_locked(self, owned: _Owned) -> None:
-        size = owned.size
-        if (not self._closed and len(self._pool[size]) < self.pool_per_size
-                and self._pooled_bytes + size <= self.pool_bytes):
-            self._pool[size].append(owned)
-            self._pooled_bytes += size
-        else:
+        if self._closed or not self._pool.offer(owned):
             self._destroy(owned)
 
     @staticmethod
     def _destroy(owned: _Owned) -> None:
-        unmap(owned.mem)  # if still exported, the mapping dies with its last buffer
+        memfd.unmap(owned.mem)  # if still exported, the mapping dies with its last buffer
         memfd.close_fds((owned.fd, owned.doorbell))
         owned.fd = owned.doorbell = -1
 
+    def _grant_attachment(self, token: bytes, uid: int, access: str) -> tuple[_Owned, int, int]:
+        """Under our lock: check ``uid`` may attach ``token``; returns (owned, ro fd, doorbell dup)
+        with the attachment counted. Shared by the endpoint and the local short-circuit."""
+        owned = self._regions.get(token)
+        if owned is None:
+            raise UnknownToken("unknown region token: wrong, or freed by its owner; fall back to "
+                               "TCP")
+        owned.rights.check(uid, access)
+        ro = memfd.reopen_readonly(owned.fd)
+        try:
+            doorbell = os.dup(owned.doorbell)
+        except OSError:
+            os.close(ro)
+            raise
+        owned.rights.record()
+        owned.attachments += 1
+        return owned, ro, doorbell
+
     def _serve_attach(self, conn: Any, token: bytes, access: str) -> tuple[dict, list[int]]:
         """Endpoint thread: the peer ``conn`` asks for ``token``."""
-        if access != "r":
-            raise PermissionDenied("writable attach is not supported: regions are sealed "
-                                   "F_SEAL_FUTURE_WRITE, each side writes only its own region")
         with self._lock:
-            owned = self._regions.get(token)
-            if owned is None:
-                raise UnknownToken("unknown region token: wrong, or freed by its owner; fall "
-                                   "back to TCP")
-            uid = conn.uid
-            if uid in owned.revoked:
-                raise PermissionDenied(f"the owner revoked uid {uid}'s access to this region: "
-                                       "ask the owner to grant() it again")
-            if owned.claimed and uid not in owned.grants:
-                raise PermissionDenied("this token was already attached (tokens are one-shot): "
-                                       f"the owner must grant(token, uid={uid})")
-            ro = memfd.reopen_readonly(owned.fd)
-            try:
-                doorbell = os.dup(owned.doorbell)
-            except OSError:
-                os.close(ro)
-                raise
-            owned.claimed = True
-            owned.attachments += 1
+            owned, ro, doorbell = self._grant_attachment(token, conn.uid, access)
             self._next_attachment += 1
             aid = self._next_attachment
             conn.state[aid] = owned
         return {"attachment": aid, "size": owned.size, "offset": 0}, [ro, doorbell]
 
     def grant(self, token: bytes, uid: int, access: str = "r") -> None:
-        check_read_access(access)
         with self._lock:
-            owned = self._owned(token)
-            owned.grants[uid] = access
-            owned.revoked.discard(uid)
+            self._owned(token).rights.grant(uid, access)
 
     def revoke(self, token: bytes, uid: int) -> None:
         with self._lock:
-            owned = self._owned(token)
-            owned.grants.pop(uid, None)
-            owned.revoked.add(uid)
+            self._owned(token).rights.revoke(uid)
 
     def _owned(self, token: bytes) -> _Owned:
         owned = self._regions.get(check_token(token))
@@ -619,38 +494,52 @@ class EmbeddedDevice(Device):
 
     # --- attacher side ---
 
-    def _peer(self, endpoint_id: bytes) -> ControlClient:
+    def _peer(self, endpoint_id: bytes, pin: bool = False) -> ControlClient:
+        """The cached connection to a peer's endpoint, opened (and introduced) if needed."""
         with self._lock:
             conn = self._peers.get(endpoint_id)
             if conn is not None and not conn.closed:
+                if pin:
+                    self._pinned.add(endpoint_id)
                 return conn
         try:
             conn = ControlClient(self._ep_path(endpoint_id, "sock"), self.timeout,
                                  "smcish endpoint")
         except OSError as exc:
             self._reap_endpoint(endpoint_id)
-            raise DeviceGone(f"the peer's ISM endpoint {endpoint_id.hex()[:8]}... is not "
-                             f"reachable ({exc.strerror or exc}): its process exited or uses "
-                             "another runtime dir; fall back to TCP") from None
+            gone = DeviceGone(f"the peer's ISM endpoint {endpoint_id.hex()[:8]}... is not "
+                              f"reachable ({exc.strerror or exc}): its process exited or uses "
+                              "another runtime dir; fall back to TCP")
+            gone.delivered = False
+            raise gone from None
+        try:
+            hello, _ = conn.request("hello", endpoint_id=self.endpoint_id)
+            if hello["endpoint_id"] != endpoint_id:
+                raise DeviceProtocolError("the endpoint socket answered with another endpoint "
+                                          "id: the runtime dir is corrupt; fall back to TCP")
+        except BaseException:
+            conn.close()
+            raise
         with self._lock:
             old = self._peers.get(endpoint_id)
             if old is not None and not old.closed:
                 conn.close()
-                return old
-            self._peers[endpoint_id] = conn
-            if len(self._peers) > self.peer_cache_max:
-                self._sweep_peers_locked()
+                conn = old
+            else:
+                self._peers[endpoint_id] = conn
+                if len(self._peers) > self.peer_cache_max:
+                    self._sweep_peers_locked()
+            if pin:
+                self._pinned.add(endpoint_id)
         return conn
 
     def _prune_dead_peers(self) -> None:
-        """Drop cached connections whose endpoint hung up (its process exited), reap its files.
-
-        Safe even with attachments left: nobody is on the other side to release them to.
-        """
+        """Drop cached connections whose endpoint hung up (its process exited), reap its files."""
         with self._lock:
             dead = [ep for ep, conn in self._peers.items() if conn.closed or conn.hung_up()]
             for endpoint_id in dead:
                 self._peers.pop(endpoint_id).close()
+                self._pinned.discard(endpoint_id)
         for endpoint_id in dead:
             self._reap_endpoint(endpoint_id)
 
@@ -658,23 +547,23 @@ class EmbeddedDevice(Device):
         with self._lock:
             if self._peers.get(endpoint_id) is conn:
                 del self._peers[endpoint_id]
+                self._pinned.discard(endpoint_id)
         conn.close()
         self._reap_endpoint(endpoint_id)
 
     def _sweep_peers_locked(self) -> None:
-        """Bound the peer connection cache (peers come and go; their sockets must not pile up).
-
-        A live connection that still carries attachments is never closed: closing it would
-        release them on the owner's side while we still map the memory.
-        """
+        """Bound the peer connection cache. Never closed while alive: a connection carrying
+        attachments (closing it would release them on the owner's side while we still map the
+        memory) or one we sent peer ops on (the peer would take it for our death)."""
         for endpoint_id, conn in list(self._peers.items()):
             if conn.closed or conn.hung_up():
                 conn.close()
                 del self._peers[endpoint_id]
+                self._pinned.discard(endpoint_id)
         for endpoint_id, conn in list(self._peers.items()):  # oldest first
             if len(self._peers) <= self.peer_cache_max:
                 break
-            if not self._peer_refs.get(endpoint_id):
+            if not self._peer_refs.get(endpoint_id) and endpoint_id not in self._pinned:
                 conn.close()
                 del self._peers[endpoint_id]
 
@@ -682,10 +571,13 @@ class EmbeddedDevice(Device):
         token = check_token(token)
         check_read_access(access)
         self._check_open()
-        if not isinstance(endpoint_id, (bytes, bytearray)) or len(endpoint_id) != ID_SIZE:
-            raise DeviceProtocolError(f"an endpoint id is {ID_SIZE} bytes")
-        endpoint_id = bytes(endpoint_id)
+        try:
+            endpoint_id = check_id(endpoint_id)
+        except ValueError as exc:
+            raise DeviceProtocolError(str(exc)) from None
         self._reap_zombies()
+        if endpoint_id == self.endpoint_id:
+            return self._attach_local(token)
         for attempt in (0, 1):
             conn = self._peer(endpoint_id)
             try:
@@ -694,10 +586,10 @@ class EmbeddedDevice(Device):
                     self._peer_refs[endpoint_id] += 1  # dropped again in _tell_detached
                 break
             except DeviceGone as exc:
-                # A cached connection may have broken since its last use: reconnect once (but
-                # never after a timeout, which already spent the bound).
+                # A cached connection may have broken since its last use: reconnect once, if
+                # the request provably never arrived (and never after a timeout).
                 self._drop_peer(endpoint_id, conn)
-                if attempt or getattr(exc, "timed_out", False):
+                if attempt or exc.timed_out or exc.delivered:
                     raise
         try:
             mem = memfd.map_readonly(fd, reply["size"], reply["offset"])
@@ -710,6 +602,22 @@ class EmbeddedDevice(Device):
         return Region(token, reply["size"], "r", mem, doorbell, fd, reply["offset"], self,
                       (endpoint_id, reply["attachment"]))
 
+    def _attach_local(self, token: bytes) -> Region:
+        """Attach our own region without the endpoint socket (whose thread may be the caller,
+        or busy): the same permission check and attachment accounting as a peer's attach."""
+        with self._lock:
+            owned, ro, doorbell = self._grant_attachment(token, os.geteuid(), "r")
+        try:
+            mem = memfd.map_readonly(ro, owned.size, 0)
+        except BaseException:
+            memfd.close_fds((ro, doorbell))
+            self._release(owned)
+            raise
+        with self._lock:
+            self._attached_count += 1
+        return Region(token, owned.size, "r", mem, doorbell, ro, 0, self,
+                      (self.endpoint_id, owned))
+
     def detach(self, region: Region) -> None:
         self._check_region(region, "r", "detach")
         endpoint_id, attachment = region._handle
@@ -719,7 +627,7 @@ class EmbeddedDevice(Device):
         region.fd = region.doorbell_fd = -1
         with self._lock:
             self._attached_count -= 1
-            if not unmap(mem):
+            if not memfd.unmap(mem):
                 # Still exported: keep the attachment until the mapping is really gone, so the
                 # owner never reuses memory we can still read.
                 self._zombies.append((mem, fds, endpoint_id, attachment))
@@ -727,7 +635,10 @@ class EmbeddedDevice(Device):
         memfd.close_fds(fds)
         self._tell_detached(endpoint_id, attachment)
 
-    def _tell_detached(self, endpoint_id: bytes, attachment: int) -> None:
+    def _tell_detached(self, endpoint_id: bytes, attachment: Any) -> None:
+        if isinstance(attachment, _Owned):  # one of our own regions (local attach)
+            self._release(attachment)
+            return
         with self._lock:
             conn = self._peers.get(endpoint_id)
             self._peer_refs[endpoint_id] -= 1
@@ -754,14 +665,13 @@ class EmbeddedDevice(Device):
         with self._lock:
             still = []
             for mem, fds, endpoint_id, attachment in self._zombies:
-                if unmap(mem):
+                if memfd.unmap(mem):
                     memfd.close_fds(fds)
                     released.append((endpoint_id, attachment))
                 else:
                     still.append((mem, fds, endpoint_id, attachment))
             self._zombies = still
-        # Outside our lock: the owner may be this very process (its endpoint thread needs it).
-        for endpoint_id, attachment in released:
+        for endpoint_id, attachment in released:  # outside our lock: may be a round trip
             self._tell_detached(endpoint_id, attachment)
 
     def _check_region(self, region: Region, access: str, what: str) -> None:
@@ -771,120 +681,131 @@ class EmbeddedDevice(Device):
         if region.closed:
             raise ValueError(f"region already {'freed' if access == 'rw' else 'detached'}")
 
-    # --- discovery ---
+    # --- socket-bound discovery ---
 
-    @staticmethod
-    def _adv_prefix(host: str, port: int) -> str:
-        return f"adv-{int(port)}-{host_key(normalize_host(host))}"
-
-    @staticmethod
-    def _intent_prefix(local_port: int, remote_host: str, remote_port: int,
-                       kind: str = "int") -> str:
-        return (f"{kind}-{int(local_port)}-{host_key(normalize_host(remote_host))}"
-                f"-{int(remote_port)}")
-
-    def _register(self, kind: str, prefix: str) -> Handle:
+    def advertise(self, sock: socket.socket, hub_id: bytes) -> Handle:
+        hub_id = check_id(hub_id, "hub id")
+        facts = sockets.listener_facts(sock)
         self._check_open()
-        taken = self._slots.register(prefix)
-        if taken is None:
-            raise IsmError(f"{MAX_SLOTS} live processes already registered {prefix}: not "
-                           "registered (connections fall back to TCP)")
-        handle = Handle(kind, (prefix, taken[0], taken[1]), self)
+        content = (f"{self.endpoint_id.hex()} {hub_id.hex()} {os.getpid()} {os.getuid()}\n"
+                   .encode())
+        path = self._adv_path(facts.inode)
+        tmp = os.path.join(self.dir, f".adv-{facts.inode}-{secrets.token_hex(6)}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            os.write(fd, content)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # before it has its name: nobody can see it unlocked
+            with self._mutex():
+                os.rename(tmp, path)  # the latest advertiser of an inode wins
+        except BaseException:
+            os.close(fd)
+            _unlink(tmp)
+            raise
+        handle = Handle("advert", (facts.inode, fd, path), self)
         with self._lock:
-            self._handles.add(handle)
+            self._adverts.add(handle)
         return handle
 
-    def _unregister(self, handle: Handle, kind: str, op: str) -> None:
-        if not isinstance(handle, Handle) or handle.kind != kind or handle.device is not self:
-            raise ValueError(f"{op}() takes a handle returned by this device")
+    def withdraw(self, handle: Handle) -> None:
+        if not isinstance(handle, Handle) or handle.kind != "advert" or handle.device is not self:
+            raise ValueError("withdraw() takes a handle returned by this device's advertise()")
         with self._lock:
             if not handle.active:
                 return
             handle.active = False
-            self._handles.discard(handle)
-        prefix, fd, path = handle.value
-        self._slots.unregister(fd, path, prefix)
+            self._adverts.discard(handle)
+        self._remove_advert(handle)
 
-    def advertise(self, host: str, port: int) -> Handle:
-        return self._register("listener", self._adv_prefix(host, port))
-
-    def withdraw(self, handle: Handle) -> None:
-        self._unregister(handle, "listener", "withdraw")
-
-    def lookup(self, host: str, port: int) -> bool:
-        alive = self._slots.alive
-        for prefix in _lookup_prefixes(host, port):
-            if alive(prefix):
-                return True
-        return False
-
-    def add_intent(self, local_port: int, remote_host: str, remote_port: int) -> Handle:
-        return self._register("intent", self._intent_prefix(local_port, remote_host, remote_port))
-
-    def remove_intent(self, handle: Handle) -> None:
-        self._unregister(handle, "intent", "remove_intent")
-
-    def has_intent(self, peer_port: int, local_host: str, local_port: int) -> bool:
-        return self._slots.alive(self._intent_prefix(peer_port, local_host, local_port))
-
-    def claim(self, client_port: int, server_host: str, server_port: int,
-              role: str) -> Handle | None:
-        """Atomic test-and-set of "will this client propose?" for one TCP connection.
-
-        See ``Device.claim``. Never raises a device error: a failure answers "stay TCP".
-        """
-        if role not in ("client", "server"):
-            raise ValueError(f"role must be 'client' or 'server', got {role!r}")
-        intent = self._intent_prefix(client_port, server_host, server_port)
-        marker = self._intent_prefix(client_port, server_host, server_port, "srv")
-        mine, theirs = (intent, marker) if role == "client" else (marker, intent)
+    def _remove_advert(self, handle: Handle) -> None:
+        _, fd, path = handle.value
         try:
-            self._check_open()
-            self._expire_server_claims()
             with self._mutex():
-                if self._slots.alive(theirs, locked=True):
-                    return None
-                taken = self._slots.register(mine, locked=True)
-        except (IsmError, OSError):
-            taken = None
-        if taken is None:
-            # Device trouble or every slot live. Client: None, do not propose. Server: None too,
-            # "the client may propose": the server then waits for the client's first bytes, so a
-            # proposal is never taken for data; a plain client costs at most the handshake timeout.
+                try:
+                    if os.lstat(path).st_ino == os.fstat(fd).st_ino:
+                        os.unlink(path)  # still ours (not replaced by a later advertiser)
+                except FileNotFoundError:
+                    pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # our lock goes with it
+
+    def find_listener(self, inode: int) -> Advert | None:
+        if type(inode) is not int or inode <= 0:
+            raise ValueError(f"a socket inode is a positive int, got {inode!r}")
+        path = self._adv_path(inode)
+        try:
+            fd = os.open(path, _OPEN_RO)
+        except OSError:
             return None
-        handle = Handle("intent" if role == "client" else "server-claim",
-                        (mine, taken[0], taken[1]), self)
-        with self._lock:
-            self._handles.add(handle)
-            if role == "server":
-                self._server_claims[handle] = time.monotonic() + CLAIM_TTL
-        return handle
+        try:
+            if _lockable_shared(fd):
+                self._reap_advert(path, fd)
+                return None
+            data = os.pread(fd, 128, 0)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        match = _ADV_CONTENT.fullmatch(data)
+        if match is None:
+            return None
+        endpoint_id, hub_id, pid, uid = match.groups()
+        return Advert(bytes.fromhex(endpoint_id.decode()), bytes.fromhex(hub_id.decode()),
+                      int(pid), int(uid))
 
-    def release_claim(self, handle: Handle) -> None:
-        if not isinstance(handle, Handle) or handle.kind not in ("intent", "server-claim"):
-            raise ValueError("release_claim() takes a handle returned by claim()")
-        if handle.value is None:
-            handle.active = False
-            return
-        with self._lock:
-            self._server_claims.pop(handle, None)
-        self._unregister(handle, handle.kind, "release_claim")
+    def _reap_advert(self, path: str, fd: int) -> None:
+        """A dead advertisement (we hold its lock shared): remove it unless replaced meanwhile."""
+        try:
+            with self._mutex():
+                if os.lstat(path).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(path)
+        except OSError:
+            pass
 
-    def _expire_server_claims(self) -> None:
-        # The transport keeps no reference to a server claim: they expire after CLAIM_TTL.
-        if not self._server_claims:
-            return
-        now = time.monotonic()
-        expired = []
+    # --- peer messaging ---
+
+    def set_endpoint_handler(self, handler: Any) -> None:
+        self._dispatcher.set_handler(handler)
+
+    def _count_served(self, endpoint_id: bytes, delta: int) -> int:
         with self._lock:
-            for handle, deadline in self._server_claims.items():  # insertion = deadline order
-                if deadline > now:
-                    break
-                expired.append(handle)
-            for handle in expired:
-                del self._server_claims[handle]
-        for handle in expired:
-            self._unregister(handle, "server-claim", "expire")
+            self._served[endpoint_id] += delta
+            left = self._served[endpoint_id]
+            if left <= 0:
+                del self._served[endpoint_id]
+            return left
+
+    def peer_request(self, endpoint_id: bytes, op: str, **fields: Any) -> dict:
+        endpoint_id = check_id(endpoint_id)
+        if op not in proto.PEER_OPS:
+            raise ValueError(f"{op!r} is not a peer op (proto.PEER_OPS: {sorted(proto.PEER_OPS)})")
+        proto.encode_request(op, 0, **fields)  # ValueError before anything is sent
+        self._check_open()
+        if endpoint_id == self.endpoint_id:
+            me = PeerInfo(self.endpoint_id, os.getpid(), os.geteuid(), os.getegid())
+            return self._dispatcher.call(me, op, fields)
+        for attempt in (0, 1):
+            conn = self._peer(endpoint_id, pin=True)
+            try:
+                reply, _ = conn.request(op, **fields)
+                return reply
+            except DeviceGone as exc:
+                self._drop_peer(endpoint_id, conn)
+                if attempt or exc.timed_out or exc.delivered:
+                    raise
+        raise AssertionError("unreachable")
+
+    def peer_alive(self, endpoint_id: bytes) -> bool:
+        endpoint_id = check_id(endpoint_id)
+        if endpoint_id == self.endpoint_id:
+            return not self._closed
+        with self._lock:
+            conn = self._peers.get(endpoint_id)
+        if conn is not None and (conn.closed or conn.hung_up()):
+            return False
+        return self._endpoint_alive(endpoint_id)
 
     # --- introspection ---
 
@@ -942,24 +863,23 @@ class EmbeddedDevice(Device):
                 "endpoint_id": self.endpoint_id.hex(), "pid": os.getpid(),
                 "available": self.available, "regions": len(self._regions),
                 "draining": len(self._draining),
-                "pooled": sum(len(q) for q in self._pool.values()),
-                "pooled_bytes": self._pooled_bytes,
+                "pooled": self._pool.count,
+                "pooled_bytes": self._pool.bytes,
                 # fds the pool holds (memfd, doorbell, mmap's own dup on Python < 3.13)
-                "pooled_fds": (2 + memfd.FDS_PER_MAPPING)
-                * sum(len(q) for q in self._pool.values()),
+                "pooled_fds": (2 + memfd.FDS_PER_MAPPING) * self._pool.count,
                 "served_attachments": sum(o.attachments for o in self._regions.values())
                 + sum(o.attachments for o in self._draining),
                 "attached": self._attached_count, "zombies": len(self._zombies),
-                "peers": len(self._peers),
-                "listeners": sum(1 for h in self._handles if h.kind == "listener"),
-                "intents": sum(1 for h in self._handles if h.kind == "intent"),
-                "server_claims": len(self._server_claims),
+                "peers": len(self._peers), "peer_channels": len(self._pinned),
+                "served_peers": len(self._served),
+                "adverts": len(self._adverts),
+                "handler": self._dispatcher.handler is not None,
             }
 
     # --- teardown ---
 
     def close(self) -> None:
-        """Stop the endpoint, withdraw every registration, remove our files, drop the pool.
+        """Stop the endpoint, withdraw every advertisement, remove our files, drop the pool.
 
         Regions still allocated stay mapped for their holders (peers that attached keep their
         mappings too); their tokens can no longer be attached.
@@ -968,63 +888,58 @@ class EmbeddedDevice(Device):
             if self._closed:
                 return
             self._closed = True
-            handles = list(self._handles)
-            self._server_claims.clear()
-        for handle in handles:
-            try:
-                self._unregister(handle, handle.kind, "close")
-            except OSError:
-                pass
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+            adverts = list(self._adverts)
+            self._adverts.clear()
+        for handle in adverts:
+            handle.active = False
+            self._remove_advert(handle)
+        self._dispatcher.close()
+        self._server.stop()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
         with self._lock:
             peers = list(self._peers.values())
             self._peers.clear()
+            self._pinned.clear()
         for conn in peers:
             conn.close()
         try:
             with self._mutex():
-                self._unlink(self._sock_path)
-                self._unlink(self._ep_path(self.endpoint_id, "lock"))
+                _unlink(self._sock_path)
+                _unlink(self._ep_path(self.endpoint_id, "lock"))
                 os.close(self._ep_lock)
+                self._ep_lock = -1
         except OSError:
             pass
         with self._lock:
-            for queue in self._pool.values():
-                for owned in queue:
-                    self._destroy(owned)
-            self._pool.clear()
-            self._pooled_bytes = 0
-        memfd.close_fds((self._wake_r, self._wake_w))
+            for owned in self._pool.drain():
+                self._destroy(owned)
         with self._mutex_thread_lock:
             if self._mutex_fd is not None:
                 memfd.close_fds((self._mutex_fd,))
                 self._mutex_fd = None
 
     def _forget_after_fork(self) -> None:
-        # In a forked child: the endpoint thread does not exist here. Close our copies of the
-        # parent's fds without unlinking anything or releasing the parent's locks (flock locks
-        # belong to the shared open file description and survive while the parent holds it).
+        # In a forked child: the endpoint and handler threads do not exist here. Close our
+        # copies of the parent's fds without unlinking anything or releasing the parent's locks
+        # (flock locks belong to the shared open file description and survive while the parent
+        # holds it). A device the parent had closed holds only stale fd numbers, which may name
+        # other objects' fds by now: touch nothing.
+        if self._closed:
+            return
         self._closed = True
         self._lock = threading.RLock()
         for conn in self._peers.values():
             conn.forget()
         self._peers.clear()
-        for handle in self._handles:
+        self._pinned.clear()
+        for handle in self._adverts:
             memfd.close_fds((handle.value[1],))
             handle.active = False
-        self._handles.clear()
-        self._server_claims.clear()
-        try:
-            self._server.listener.close()
-            self._server.selector.close()
-        except OSError:
-            pass
-        memfd.close_fds((self._ep_lock, self._wake_r, self._wake_w))
+        self._adverts.clear()
+        self._dispatcher.forget()
+        self._server.forget()
+        memfd.close_fds((self._ep_lock,))
         if self._mutex_fd is not None:
             memfd.close_fds((self._mutex_fd,))  # a new OFD is opened if ever needed again
             self._mutex_fd = None

@@ -1,4 +1,4 @@
-"""Kernel plumbing for regions: sealed memfds, their mappings, eventfd doorbells, SCM_RIGHTS.
+"""Kernel plumbing for regions: sealed memfds, mappings, eventfd doorbells, SCM_RIGHTS, SO_PEERCRED.
 
 Why the seals (docs/design.md section 2, ../shared/DESIGN.md section 2): a memfd sealed
 ``F_SEAL_SHRINK | F_SEAL_GROW`` can never be truncated under a mapping (no SIGBUS), and
@@ -16,9 +16,11 @@ import mmap
 import os
 import socket
 import stat
+import struct
 import sys
+from typing import Any, Iterable
 
-from .device import DeviceProtocolError
+from .errors import DeviceProtocolError
 
 F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
@@ -42,6 +44,7 @@ _ZERO_CHUNK = bytes(1 << 18)
 
 
 def page_round(size: int) -> int:
+    """``size`` rounded up to whole pages (what a region really costs)."""
     return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
@@ -142,6 +145,15 @@ def reopen_readonly(fd: int) -> int:
         return os.dup(fd)
 
 
+def unmap(mem: Any) -> bool:
+    """Close a mapping; False while buffer exports (memoryviews, cffi buffers) keep it alive."""
+    try:
+        mem.close()
+        return True
+    except BufferError:
+        return False
+
+
 def zero(mem: mmap.mmap, size: int) -> None:
     """Zero ``size`` bytes of a writable mapping (pool reuse)."""
     chunk = len(_ZERO_CHUNK)
@@ -162,6 +174,7 @@ def new_doorbell() -> int:
 
 
 def ring(fd: int) -> None:
+    """Ring a doorbell (a saturated counter is already rung)."""
     try:
         os.eventfd_write(fd, 1)
     except BlockingIOError:
@@ -169,6 +182,7 @@ def ring(fd: int) -> None:
 
 
 def drain(fd: int) -> int:
+    """Consume pending rings of a doorbell (non-blocking); returns the count read."""
     try:
         return os.eventfd_read(fd)
     except BlockingIOError:
@@ -177,7 +191,8 @@ def drain(fd: int) -> int:
 
 # --- messages with fds ---------------------------------------------------------------------
 
-def close_fds(fds) -> None:
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every fd, ignoring the already closed."""
     for fd in fds:
         try:
             os.close(fd)
@@ -185,8 +200,9 @@ def close_fds(fds) -> None:
             pass
 
 
-def send_msg(sock: socket.socket, data: bytes, fds=()) -> None:
+def send_msg(sock: socket.socket, data: bytes, fds: Iterable[int] = ()) -> None:
     """One SOCK_SEQPACKET record, with ``fds`` attached via SCM_RIGHTS (the fds stay ours)."""
+    fds = list(fds)
     if fds:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         sent = sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
@@ -217,9 +233,7 @@ def recv_msg(sock: socket.socket, maxlen: int) -> tuple[bytes, list[int], bool]:
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """SO_PEERCRED: (pid, uid, gid) of the process that connected."""
-    import struct
-
+    """SO_PEERCRED: (pid, uid, gid) of the process at the other end, as of its connect()."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid

@@ -1,17 +1,20 @@
-"""The device control protocol codec: framing, versioning and strict validation (no I/O).
+"""The device control protocol codec: framing, versioning, op schemas, strict validation (no I/O).
 
-Used between a client and ismd, and between embedded peers and a process's endpoint. Transport:
-one request or reply per SOCK_SEQPACKET record (so fds passed with SCM_RIGHTS stay attached to
-the reply they belong to, and a bad record never desynchronises the stream).
+Spoken between a client and ismd, between a process and a peer's embedded endpoint, and on the
+peer channels ismd brokers. Transport: one request or reply per SOCK_SEQPACKET record (fds passed
+with SCM_RIGHTS stay attached to the record they belong to, and a bad record never
+desynchronises the stream).
 
 Record: ``u32 big-endian body length | body``; the length must equal the rest of the record and
 be at most ``MAX_BODY`` (64 KiB). Body: a UTF-8 JSON object.
-Request: ``{"v": 1, "id": <int>, "op": <name>, <fields of that op>}``.
-Reply:   ``{"v": 1, "id": <same>, "ok": true, <result fields>}`` or
-         ``{"v": 1, "id": <same>, "ok": false, "error": <IsmError subclass>, "message": <text>}``.
+Request: ``{"v": 2, "id": <int>, "op": <name>, <fields of that op>}``.
+Reply:   ``{"v": 2, "id": <same>, "ok": true, <result fields>}`` or
+         ``{"v": 2, "id": <same>, "ok": false, "error": <IsmError subclass>, "message": <text>}``.
 Every field of every op is declared in ``REQUESTS`` / ``REPLIES`` below: a missing, unknown,
 duplicate or ill-typed field is a violation (ints are never bools or floats, binary values are
-exactly 32 lowercase hex digits). Fds expected with a reply are declared in ``REPLY_FDS``.
+exactly 32 lowercase hex digits). Fds travel only where declared: with the reply to the ops in
+``REPLY_FDS`` and with the requests in ``REQUEST_FDS``; any other record carrying fds is refused.
+``PEER_OPS`` are the ops one process's endpoint serves for another (link groups).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .device import ERRORS, DeviceProtocolError, IsmError
+from .errors import ERRORS, DeviceProtocolError, IsmError
 
-VERSION = 1
+# 2: socket-bound discovery and peer ops (v1 had address lookups and claims).
+VERSION = 2
 MAX_BODY = 64 * 1024
 HEADER = struct.Struct(">I")
 MAX_RECORD = HEADER.size + MAX_BODY
@@ -87,15 +91,15 @@ def _text(value: Any) -> str:
     return value
 
 
-def _role(value: Any) -> str:
-    if value not in ("client", "server") or type(value) is not str:
-        raise ValueError("must be 'client' or 'server'")
-    return value
-
-
 def _kind(value: Any) -> str:
     if value not in ("embedded", "daemon"):
         raise ValueError("must be 'embedded' or 'daemon'")
+    return value
+
+
+def _side(value: Any) -> str:
+    if type(value) is not str or value not in ("client", "server"):
+        raise ValueError("must be 'client' or 'server'")
     return value
 
 
@@ -116,11 +120,33 @@ _offset = _int(0, MAX_SIZE)
 _handle = _int(1, MAX_ID)
 _port = _int(1, 65535)
 _uid = _int(0, (1 << 32) - 2)
+_gid = _uid
 _pid = _int(0, (1 << 31) - 1)
+_inode = _int(1, (1 << 64) - 1)
+
+Schema = dict[str, Callable[[Any], Any]]
+
+# Peer ops: op -> (request fields, reply fields). Served by the endpoint handler of the process
+# addressed by ``Device.peer_request``; the semantics are smcish's (docs/design.md section 2).
+PEER_OPS: dict[str, tuple[Schema, Schema]] = {
+    "group_open": (
+        {"group_id": _hex16, "hub_id": _hex16, "token": _hex16, "size": _size,
+         "max_slots": _int(1, 1 << 20), "version": _int(0, (1 << 32) - 1)},
+        {"token": _hex16, "size": _size, "max_slots": _int(1, 1 << 20)}),
+    # side: the RECEIVER's side of the group ("client" or "server"). Both sides of a group share
+    # its id, and one process may hold both (a connection to itself).
+    "extent_add": ({"group_id": _hex16, "side": _side, "index": _int(1, 31), "token": _hex16,
+                    "size": _size}, {}),
+    "extent_remove": ({"group_id": _hex16, "side": _side, "index": _int(1, 31)}, {}),
+    "group_close": ({"group_id": _hex16, "side": _side}, {}),
+}
+
+_listener_reply = {"found": _bool, "endpoint_id": _hex16, "hub_id": _hex16, "pid": _pid,
+                   "uid": _uid}
 
 # op -> {field: validator}. All fields are required; nothing else is allowed.
-REQUESTS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "hello": {},
+REQUESTS: dict[str, Schema] = {
+    "hello": {"endpoint_id": _hex16},
     "ping": {},
     "alloc": {"size": _size},
     "reuse": {"size": _size},
@@ -130,20 +156,22 @@ REQUESTS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "release": {"region": _handle},
     "grant": {"token": _hex16, "uid": _uid, "access": _access},
     "revoke": {"token": _hex16, "uid": _uid},
-    "advertise": {"host": _host, "port": _port},
+    "advertise": {"hub_id": _hex16},
     "withdraw": {"handle": _handle},
-    "lookup": {"host": _host, "port": _port},
-    "add_intent": {"local_port": _port, "remote_host": _host, "remote_port": _port},
-    "remove_intent": {"handle": _handle},
-    "has_intent": {"peer_port": _port, "local_host": _host, "local_port": _port},
-    "claim": {"local_port": _port, "remote_host": _host, "remote_port": _port, "role": _role},
-    "release_claim": {"handle": _handle},
+    "find_listener": {"inode": _inode},
+    "find_remote_listener": {"host": _host, "port": _port},
+    "verify_remote_peer": {"inode": _inode},
+    "release_remote_claim": {"inode": _inode},
+    "serve_endpoint": {},
+    "connect_endpoint": {"endpoint_id": _hex16},
+    "take_peer": {"endpoint_id": _hex16, "pid": _pid, "uid": _uid, "gid": _gid},
     "info": {},
     "status": {},
+    **{op: schemas[0] for op, schemas in PEER_OPS.items()},
 }
 
 _region_reply = {"token": _hex16, "region": _handle, "size": _size, "offset": _offset}
-REPLIES: dict[str, dict[str, Callable[[Any], Any]]] = {
+REPLIES: dict[str, Schema] = {
     "hello": {"kind": _kind, "gid": _hex16, "endpoint_id": _hex16, "pid": _pid, "uid": _uid},
     "ping": {},
     "alloc": _region_reply,
@@ -156,22 +184,31 @@ REPLIES: dict[str, dict[str, Callable[[Any], Any]]] = {
     "revoke": {},
     "advertise": {"handle": _handle},
     "withdraw": {},
-    "lookup": {"found": _bool},
-    "add_intent": {"handle": _handle},
-    "remove_intent": {},
-    "has_intent": {"found": _bool},
-    "claim": {"handle": _int(0, MAX_ID)},  # 0: not claimed (None)
-    "release_claim": {},
+    "find_listener": _listener_reply,
+    "find_remote_listener": _listener_reply,
+    "verify_remote_peer": {"verified": _bool},
+    "release_remote_claim": {},
+    "serve_endpoint": {},
+    "connect_endpoint": {"pid": _pid, "uid": _uid, "gid": _gid},
+    "take_peer": {},
     "info": {"pid": _pid, "endpoint_id": _hex16, "connections": _list_of_dicts},
     "status": {"status": _dict},
+    **{op: schemas[1] for op, schemas in PEER_OPS.items()},
 }
 
-# fds attached to a successful reply: (memory fd, doorbell eventfd) or just a fresh doorbell.
-REPLY_FDS: dict[str, int] = {"alloc": 2, "reuse": 1, "attach": 2}
+# fds attached to a successful reply: (memory fd, doorbell eventfd), a fresh doorbell, or the
+# requester's end of a brokered peer channel.
+REPLY_FDS: dict[str, int] = {"alloc": 2, "reuse": 1, "attach": 2, "connect_endpoint": 1}
+# fds a request may carry (anything else with fds is refused): the socket the device reads its
+# facts from, or (ismd -> an endpoint channel) the target's end of a brokered peer channel.
+REQUEST_FDS: dict[str, int] = {"advertise": 1, "find_remote_listener": 1,
+                               "verify_remote_peer": 1, "take_peer": 1}
 
 
 @dataclass(frozen=True)
 class Request:
+    """A decoded, validated request (binary fields as bytes)."""
+
     op: str
     id: int
     fields: dict[str, Any]
@@ -191,22 +228,58 @@ def _frame(obj: dict) -> bytes:
 
 
 def encode_request(op: str, req_id: int, **fields: Any) -> bytes:
-    """Encode a request; bytes values become hex. Raises ValueError if it would be invalid."""
-    schema = REQUESTS[op]
+    """Encode a request; bytes values become hex.
+
+    Raises:
+        ValueError: unknown op, or fields that would be refused (naming the field).
+    """
+    schema = REQUESTS.get(op)
+    if schema is None:
+        raise ValueError(f"unknown op {op!r}")
     wire = {name: _wire(value) for name, value in fields.items()}
     if set(wire) != set(schema):
-        raise ValueError(f"{op} takes exactly {sorted(schema)}")
+        raise ValueError(f"{op} takes exactly {sorted(schema)}, got {sorted(wire)}")
     for name, check in schema.items():
-        check(wire[name])
+        try:
+            check(wire[name])
+        except ValueError as exc:
+            raise ValueError(f"{op}: field {name!r} {exc}") from None
     return _frame({"v": VERSION, "id": req_id, "op": op, **wire})
 
 
+def check_reply(op: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Validate result fields about to be sent as the reply to ``op`` (bytes become hex).
+
+    Returns:
+        The wire form of the fields.
+    Raises:
+        ValueError: naming the offending field (a handler bug).
+    """
+    schema = REPLIES[op]
+    wire = {name: _wire(value) for name, value in fields.items()}
+    if set(wire) != set(schema):
+        raise ValueError(f"reply to {op} must have exactly {sorted(schema)}, got {sorted(wire)}")
+    for name, check in schema.items():
+        try:
+            check(wire[name])
+        except ValueError as exc:
+            raise ValueError(f"reply to {op}: field {name!r} {exc}") from None
+    return wire
+
+
+def encode_result(op: str, req_id: int, fields: dict[str, Any]) -> bytes:
+    """Encode a successful reply to ``op`` after validating it (``check_reply``)."""
+    return _frame({"v": VERSION, "id": req_id, "ok": True, **check_reply(op, fields)})
+
+
 def encode_reply(req_id: int, **fields: Any) -> bytes:
+    """Encode a successful reply without validation (tests, fakes); prefer ``encode_result``."""
     return _frame({"v": VERSION, "id": req_id, "ok": True,
                    **{name: _wire(value) for name, value in fields.items()}})
 
 
 def encode_error(req_id: int, error: IsmError | str, message: str | None = None) -> bytes:
+    """Encode an error reply; names outside ``ERRORS`` are sent as ``IsmError``."""
     if isinstance(error, IsmError):
         name, text = type(error).__name__, str(error)
     else:

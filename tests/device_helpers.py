@@ -1,9 +1,10 @@
 """Test helpers for ism_backend: an agent process driven over stdin/stdout, and an ismd runner.
 
 ``Agent`` starts ``python tests/device_helpers.py`` as a real separate process that executes device
-operations sent as JSON lines (regions are named by small ids in the agent), so tests can put an
-owner, an attacher or an advertiser in another process, kill it with SIGKILL, run it under another
-uid or inside other namespaces.
+operations sent as JSON lines (regions, sockets and handles are named by small ids in the agent),
+so tests can put an owner, an attacher, an advertiser, a listener or a peer-op handler in another
+process, kill it with SIGKILL, run it under another uid or inside other namespaces. ``Ismd``
+runs a real daemon (optionally as another uid). Bytes cross the JSON lines as hex.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +40,15 @@ def short_tmpdir(mode: int = 0o700, prefix: str = "ism") -> str:
     path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     os.chmod(path, mode)
     return path
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail after ``timeout`` seconds (every wait is bounded)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.01)
 
 
 def fd_count(pid: int) -> int:
@@ -134,33 +145,56 @@ class Agent:
         self.close()
 
 
+# Runs ismd as another uid: imports everything as root (the interpreter lives under root's
+# home), then drops privileges.
+AS_UID = (
+    "import os, sys, locale, gettext; import ism_backend.daemon as d; uid = int(sys.argv[1]); "
+    "d.build_parser().parse_args(sys.argv[2:]); "  # loads what argparse imports lazily
+    "os.setgroups([]); os.setgid(uid); os.setuid(uid); sys.exit(d.main(sys.argv[2:]))"
+)
+
+
 class Ismd:
-    """An ismd subprocess on a socket in its own short temp dir (world-traversable)."""
+    """An ismd subprocess on a socket in its own short temp dir (world-traversable).
+
+    ``setuid``: run the daemon as that uid (needs root; the socket dir is given to that uid).
+    """
 
     def __init__(self, *args: str, socket_dir: str | None = None,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, setuid: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.dir = socket_dir or short_tmpdir(0o755, "ismd")
         self.path = os.path.join(self.dir, "ismd.sock")
         self.spec = f"unix:{self.path}"
+        if setuid is not None:
+            os.chown(self.dir, setuid, setuid)
+            argv = [sys.executable, "-c", AS_UID, str(setuid)]
+        else:
+            argv = [sys.executable, "-m", "ism_backend.daemon"]
         self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "ism_backend.daemon", "serve", "--socket",
-             self.path, *args],
-            env=child_env(), cwd=str(REPO), stderr=subprocess.PIPE, text=True)
+            [*(prefix or []), *argv, "serve", "--socket", self.path, *args],
+            env=env or child_env(), cwd=str(REPO), stderr=subprocess.PIPE, text=True)
         self.pid = self.proc.pid
         deadline = time.monotonic() + 15
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ismd exited: {self.proc.stderr.read()}")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(self.path)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-            finally:
-                probe.close()
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"ismd exited: {self.proc.stderr.read()}")
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                try:
+                    probe.connect(self.path)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+                finally:
+                    probe.close()
+        except BaseException:
+            self.stop()
+            if socket_dir is None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         # The probe connected and left at once: wait until ismd processed that disconnect, so
         # fd counts taken now are the idle baseline.
         time.sleep(0.05)
@@ -186,13 +220,16 @@ class Ismd:
 # --- the agent side ----------------------------------------------------------------------------
 
 def agent_main(argv: list[str]) -> None:
+    import dataclasses
     import mmap
+    import threading
 
     for arg in argv:
         if arg.startswith("--setuid="):
             uid = int(arg.split("=", 1)[1])
             import ism_backend.client  # noqa: F401 - import everything before dropping root
             import ism_backend.embedded  # noqa: F401
+            import ism_backend.factory  # noqa: F401
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
@@ -203,6 +240,8 @@ def agent_main(argv: list[str]) -> None:
     devices: dict[str, ism_backend.Device] = {}
     regions: dict[int, ism_backend.Region] = {}
     handles: dict[int, object] = {}
+    socks: dict[int, socket.socket] = {}
+    held: list[int] = []
     counter = [0]
 
     def new_id() -> int:
@@ -313,32 +352,139 @@ def agent_main(argv: list[str]) -> None:
         out["seals"] = memfd.get_seals(region.fd)
         return out
 
-    def op_advertise(host, port, spec=None):
+    def hexify(value):
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value).hex()
+        if isinstance(value, dict):
+            return {k: hexify(v) for k, v in value.items()}
+        return value
+
+    def unhex(fields):
+        binary = {"group_id", "hub_id", "token", "endpoint_id"}
+        return {k: bytes.fromhex(v) if k in binary else v for k, v in fields.items()}
+
+    def peer_dict(peer):
+        return {"endpoint": peer.endpoint_id.hex(), "pid": peer.pid, "uid": peer.uid,
+                "gid": peer.gid}
+
+    class Handler:
+        """A peer-op handler: records calls; ``mode`` picks its answer."""
+
+        def __init__(self, mode, dev):
+            self.mode = mode
+            self.dev = dev
+            self.calls = []
+            self.gone = []
+
+        def handle(self, peer, op, fields):
+            self.calls.append({"peer": peer_dict(peer), "op": op, "fields": hexify(fields),
+                               "thread": threading.current_thread().name})
+            if self.mode == "refuse":
+                raise ism_backend.PermissionDenied(f"agent refuses {op}")
+            if self.mode == "quota":
+                raise ism_backend.QuotaExceeded(f"agent has no room for {op}")
+            if self.mode == "crash":
+                raise RuntimeError("agent handler bug")
+            if self.mode == "invalid":
+                return {"bogus": 1}
+            if self.mode == "sleep":
+                time.sleep(30)
+            if self.mode == "attach_own" and op == "group_open":
+                region = self.dev.alloc(4096)
+                view = self.dev.attach(region.token, self.dev.endpoint_id)
+                self.dev.detach(view)
+                self.dev.free(region)
+            if op == "group_open":
+                return {"token": fields["token"], "size": fields["size"],
+                        "max_slots": fields["max_slots"]}
+            return {}
+
+        def peer_gone(self, peer):
+            self.gone.append(peer_dict(peer))
+
+    handlers: dict[str, Handler] = {}
+
+    def op_listen(host="127.0.0.1", port=0, v6only=None, reuseport=False):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if v6only is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        sock.bind((host, port))
+        sock.listen(16)
+        sid = new_id()
+        socks[sid] = sock
+        return {"id": sid, "port": sock.getsockname()[1], "inode": os.fstat(sock.fileno()).st_ino}
+
+    def op_client_socket(host, port=0):
+        """A TCP socket bound to (host, port), not connected."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind((host, port))
+        sid = new_id()
+        socks[sid] = sock
+        name = sock.getsockname()
+        return {"id": sid, "addr": name[0], "port": name[1],
+                "inode": os.fstat(sock.fileno()).st_ino}
+
+    def op_connect(id, host, port):
+        socks[id].settimeout(10)
+        socks[id].connect((host, port))
+        return list(socks[id].getsockname()[:2])
+
+    def op_accept(id):
+        socks[id].settimeout(10)
+        conn, peer = socks[id].accept()
+        sid = new_id()
+        socks[sid] = conn
+        return {"id": sid, "peer": list(peer[:2]), "inode": os.fstat(conn.fileno()).st_ino}
+
+    def op_close_socket(id):
+        socks.pop(id).close()
+
+    def op_advertise(sock, hub="11" * 16, spec=None):
         hid = new_id()
-        handles[hid] = dev(spec).advertise(host, port)
+        handles[hid] = dev(spec).advertise(socks[sock], bytes.fromhex(hub))
         return hid
 
     def op_withdraw(handle, spec=None):
         dev(spec).withdraw(handles.pop(handle))
 
-    def op_add_intent(local_port, remote_host, remote_port, spec=None):
-        hid = new_id()
-        handles[hid] = dev(spec).add_intent(local_port, remote_host, remote_port)
-        return hid
+    def op_find_listener(inode, spec=None):
+        advert = dev(spec).find_listener(inode)
+        return None if advert is None else hexify(dataclasses.asdict(advert))
 
-    def op_claim(client_port, server_host, server_port, role, spec=None):
-        handle = dev(spec).claim(client_port, server_host, server_port, role)
-        if handle is None:
-            return None
-        hid = new_id()
-        handles[hid] = handle
-        return hid
+    def op_find_remote_listener(sock, host, port, spec=None):
+        advert = dev(spec).find_remote_listener(socks[sock], host, port)
+        return None if advert is None else hexify(dataclasses.asdict(advert))
 
-    def op_release_claim(handle, spec=None):
-        dev(spec).release_claim(handles.pop(handle))
+    def op_verify_remote_peer(sock, inode, spec=None):
+        return dev(spec).verify_remote_peer(socks[sock], inode)
 
-    def op_lookup(host, port, spec=None):
-        return dev(spec).lookup(host, port)
+    def op_release_remote_claim(inode, spec=None):
+        dev(spec).release_remote_claim(inode)
+
+    def op_set_handler(mode="echo", spec=None):
+        d = dev(spec)
+        handlers[spec or "default"] = Handler(mode, d)
+        d.set_endpoint_handler(handlers[spec or "default"])
+
+    def op_handler_log(spec=None):
+        h = handlers[spec or "default"]
+        return {"calls": h.calls, "gone": h.gone}
+
+    def op_peer_request(endpoint, peer_op, fields, spec=None):
+        return hexify(dev(spec).peer_request(bytes.fromhex(endpoint), peer_op, **unhex(fields)))
+
+    def op_peer_alive(endpoint, spec=None):
+        return dev(spec).peer_alive(bytes.fromhex(endpoint))
+
+    def op_hold_fds(n):
+        """Open n more fds (pipes) and keep them: for fd-limit tests."""
+        for _ in range(n):
+            held.extend(os.pipe())
 
     def op_set_info(connections, spec=None):
         dev(spec).set_info_provider(lambda: connections)

@@ -1,8 +1,13 @@
-"""ismd with real processes: lifecycle, policy, grants, crash reclaim, containers, status CLI."""
+"""ismd with real processes: lifecycle, policy, grants, crash reclaim, containers, status CLI,
+socket-bound advertisements through SCM_RIGHTS, the daemon identity and socket directory checks,
+brokered peer channels (the shared contract is tests/test_device_contract.py)."""
 
+import gc
 import json
 import os
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -10,16 +15,37 @@ import time
 import pytest
 
 from device_helpers import (
-    REPO, Agent, AgentError, Ismd, child_env, fd_count, rss_kib, short_tmpdir,
+    REPO, Agent, AgentError, Ismd, child_env, fd_count, rss_kib, short_tmpdir, wait_for,
 )
 from ism_backend import (
-    DeviceGone, NoDevice, PermissionDenied, QuotaExceeded, UnknownToken, get_device, open_device,
+    DeviceGone, DeviceProtocolError, NoDevice, PermissionDenied, QuotaExceeded, UnknownToken,
+    get_device, open_device, proto, sockets,
 )
 from ism_backend.client import DaemonDevice
+from ism_backend.control import ControlClient
 
 SIZE = 512 + 16384
 NO_EP = bytes(16)
+HUB = bytes(range(16))
+GROUP = b"G" * 16
 ROOT = os.geteuid() == 0
+OTHER = 1234
+
+
+def listener(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(8)
+    return sock
+
+
+def raw_client(path: str, endpoint_id: bytes | None = None) -> ControlClient:
+    """A bare control connection (no DaemonDevice checks), introduced with ``endpoint_id``."""
+    conn = ControlClient(path, 2.0, "ismd")
+    if endpoint_id is not None:
+        conn.request("hello", endpoint_id=endpoint_id)
+    return conn
 
 
 @pytest.fixture
@@ -55,15 +81,8 @@ def agents(ismd):
         agent.close()
 
 
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
 def test_lifecycle_across_processes(device, agents, ismd):
-    assert device.kind == "daemon" and device.endpoint_id == NO_EP and len(device.gid) == 16
+    assert device.kind == "daemon" and len(device.endpoint_id) == 16 and len(device.gid) == 16
     owner, reader = agents(), agents()
     assert bytes.fromhex(owner.call("open")["gid"]) == device.gid
     theirs = [owner.call("alloc", size=SIZE, fill=f"region {i}".encode().hex()) for i in range(8)]
@@ -74,7 +93,8 @@ def test_lifecycle_across_processes(device, agents, ismd):
     assert bytes(views[0].mem[:7]) == b"changed"
     status = device.status()
     assert status["counts"]["regions"] == 8 and status["counts"]["attachments"] == 8
-    assert status["counts"]["clients"] == 2
+    assert status["counts"]["clients"] == 4  # a control connection + an endpoint channel each
+    assert status["counts"]["endpoint_channels"] == 2
     assert "token" not in json.dumps(status["regions"])  # tokens are capabilities: never shown
 
     mine = device.alloc(SIZE)
@@ -152,7 +172,7 @@ def test_uid_outside_the_policy_is_refused(ismd, agents):
 
 
 def test_connections_per_uid_are_capped():
-    daemon = Ismd("--max-connections", "3")
+    daemon = Ismd("--max-connections", "6")  # a device is two connections
     try:
         devs = [DaemonDevice(daemon.path) for _ in range(3)]
         with pytest.raises(QuotaExceeded, match="--max-connections"):
@@ -197,19 +217,19 @@ def test_owner_sigkill_peer_keeps_reading_then_reclaim(device, agents, ismd):
     shm_before = set(os.listdir("/dev/shm"))
     owner = agents()
     info = owner.call("alloc", size=SIZE, fill=b"last words".hex())
-    owner.call("advertise", host="0.0.0.0", port=7000)
-    owner.call("add_intent", local_port=45000, remote_host="127.0.0.1", remote_port=7000)
-    assert device.lookup("127.0.0.1", 7000) and device.has_intent(45000, "127.0.0.1", 7000)
+    sock = owner.call("listen")
+    owner.call("advertise", sock=sock["id"])
+    assert device.find_listener(sock["inode"]).pid == owner.real_pid
     view = device.attach(bytes.fromhex(info["token"]), NO_EP)
     owner.kill()
-    wait_for(lambda: device.status()["counts"]["clients"] == 1)
+    wait_for(lambda: device.status()["counts"]["clients"] == 2)
     assert bytes(view.mem[:10]) == b"last words"
     status = device.status()
     assert [r["state"] for r in status["regions"]] == ["orphaned"]
     assert status["used"] > 0
-    # listener and intent died with the connection
-    assert not device.lookup("127.0.0.1", 7000)
-    assert not device.has_intent(45000, "127.0.0.1", 7000)
+    # the advertisement died with the connection
+    assert device.find_listener(sock["inode"]) is None
+    assert status["counts"]["adverts"] == 0
     assert bytes(view.mem[:10]) == b"last words"
     device.detach(view)
     status = device.status()
@@ -253,10 +273,9 @@ def test_daemon_detach_waits_for_buffer_exports(device):
 
 
 def test_stalled_daemon_is_device_gone_within_the_timeout():
-    import socket
     import threading
 
-    from ism_backend import memfd, proto
+    from ism_backend import memfd
 
     path = os.path.join(short_tmpdir(), "stalled.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -264,12 +283,16 @@ def test_stalled_daemon_is_device_gone_within_the_timeout():
     listener.listen(8)
     conns = []
 
-    def serve():  # answers hello, then never again
-        conn, _ = listener.accept()
-        conns.append(conn)
-        request = proto.decode_request(conn.recv(proto.MAX_RECORD))
-        memfd.send_msg(conn, proto.encode_reply(request.id, kind="daemon", gid=bytes(16),
-                                                endpoint_id=bytes(16), pid=1, uid=0))
+    def serve():  # answers the set-up (hello; hello + serve_endpoint), then never again
+        for expected in (["hello"], ["hello", "serve_endpoint"]):
+            conn, _ = listener.accept()
+            conns.append(conn)
+            for op in expected:
+                request = proto.decode_request(conn.recv(proto.MAX_RECORD))
+                assert request.op == op
+                fields = ({"kind": "daemon", "gid": bytes(16), "endpoint_id": bytes(16),
+                           "pid": 1, "uid": 0} if op == "hello" else {})
+                memfd.send_msg(conn, proto.encode_reply(request.id, **fields))
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -301,7 +324,7 @@ def test_daemon_gone_then_reopened(monkeypatch):
         with pytest.raises(DeviceGone, match="fall back to TCP"):
             dev.alloc(SIZE)
         assert not dev.available
-        assert dev.lookup("127.0.0.1", 1) is False
+        assert dev.find_listener(1) is None
         dev.free(region)  # cleanup still works without the daemon
         with pytest.raises(NoDevice, match="start ismd"):
             get_device()
@@ -325,17 +348,24 @@ def test_second_daemon_on_a_live_socket_refuses(ismd):
 def test_status_cli_prints_json(device, ismd):
     region = device.alloc(SIZE)
     view = device.attach(region.token, NO_EP)
-    device.advertise("127.0.0.1", 8443)
+    lsock = listener("::1")  # Linux makes a socket bound to a specific IPv6 address v6only
+    device.advertise(lsock, HUB)
     proc = subprocess.run([sys.executable, "-m", "ism_backend.daemon", "status", "--socket",
                            ismd.path], env=child_env(), cwd=str(REPO), capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)
     assert status["counts"]["regions"] == 1 and status["counts"]["attachments"] == 1
-    assert status["listeners"] == [{"host": "127.0.0.1", "port": 8443, "pid": os.getpid()}]
+    assert status["adverts"] == [{
+        "inode": sockets.socket_inode(lsock), "addr": "::1", "port": lsock.getsockname()[1],
+        "v6only": True, "netns": sockets.netns_inode() if ROOT else None, "pid": os.getpid(),
+        "uid": os.getuid()}]
+    assert status["endpoint_channels"] == [{"endpoint_id": device.endpoint_id.hex(),
+                                            "pid": os.getpid(), "uid": os.getuid()}]
     assert {c["pid"] for c in status["clients"]} >= {os.getpid()}
     assert status["regions"][0]["state"] == "live"
     device.detach(view)
+    lsock.close()
 
 
 @pytest.mark.skipif(not ROOT, reason="unshare --net --mount needs root")
@@ -361,8 +391,12 @@ def test_socket_bind_mounted_into_a_container(device, ismd):
         mine.mem[:9] = b"from host"
         a = agent.call("attach", token=mine.token.hex(), endpoint=NO_EP.hex())
         assert agent.call("read", id=a["id"], n=9) == b"from host".hex()
-        agent.call("advertise", host="10.0.0.2", port=80)
-        assert device.lookup("10.0.0.2", 80)
+        sock = agent.call("listen", host="127.0.0.1")  # the container's own loopback
+        agent.call("advertise", sock=sock["id"], hub=HUB.hex())
+        found = device.find_listener(sock["inode"])
+        assert found is not None and found.pid == agent.real_pid and found.hub_id == HUB
+        assert device.status()["adverts"][0]["netns"] == int(
+            agent.call("netns").split("[")[1].rstrip("]"))
         device.detach(view)
     finally:
         agent.kill()
@@ -373,6 +407,7 @@ def test_socket_bind_mounted_into_a_container(device, ismd):
 def test_alloc_free_cycles_leak_no_fds(ismd):
     """10,000 fresh alloc/free cycles (pool off) plus attaches: ismd's fd count returns."""
     baseline = fd_count(ismd.pid)
+    gc.collect()  # earlier tests' garbage must not close fds during the count
     own_baseline = fd_count(os.getpid())
     rss_before = rss_kib(ismd.pid)
     dev = DaemonDevice(ismd.path, pool_per_size=0)
@@ -387,7 +422,7 @@ def test_alloc_free_cycles_leak_no_fds(ismd):
     assert dev.status()["used"] == 0
     dev.close()
     wait_for(lambda: fd_count(ismd.pid) == baseline)
-    assert fd_count(os.getpid()) == own_baseline
+    assert fd_count(os.getpid()) <= own_baseline
     growth = rss_kib(ismd.pid) - rss_before
     print(f"ismd RSS growth over 10,000 cycles: {growth} KiB")
     assert growth < 4096, f"ismd RSS grew {growth} KiB"
@@ -406,45 +441,6 @@ def test_open_device_spec_and_env(ismd, monkeypatch):
     assert not dev.available
     monkeypatch.setenv("SMCISH_DEVICE", ismd.spec)
     assert get_device().kind == "daemon"
-
-
-def test_claims_through_ismd(device, agents, monkeypatch):
-    client = agents()
-    key = dict(server_host="127.0.0.1", server_port=8000)
-    h = client.call("claim", client_port=42000, role="client", **key)
-    assert h is not None
-    assert device.claim(42000, "::ffff:127.0.0.1", 8000, "server") is None
-    assert device.has_intent(42000, "127.0.0.1", 8000)
-    client.call("release_claim", handle=h)
-    decided = device.claim(42001, "127.0.0.1", 8000, "server")
-    assert decided is not None
-    assert client.call("claim", client_port=42001, role="client", **key) is None
-    device.release_claim(decided)
-    assert client.call("claim", client_port=42001, role="client", **key) is not None
-    client.kill()  # its claims die with its connection
-    wait_for(lambda: device.status()["counts"]["clients"] == 1)
-    assert device.claim(42001, "127.0.0.1", 8000, "server") is not None
-    assert device.status()["counts"]["server_claims"] == 1
-    device.close()  # and so do the server's
-    assert device.claim(1, "127.0.0.1", 2, "client") is None  # no device: stay TCP
-    # No device: the server must not assume "plain" (a claiming client's proposal would then
-    # reach its application as data): None, wait for the client's first bytes.
-    assert device.claim(1, "127.0.0.1", 2, "server") is None
-
-
-def test_unreleased_server_claims_expire():
-    daemon = Ismd("--claim-ttl", "0.2")
-    try:
-        dev = DaemonDevice(daemon.path)
-        assert dev.claim(42000, "127.0.0.1", 8000, "server") is not None
-        assert dev.claim(42000, "127.0.0.1", 8000, "client") is None
-        time.sleep(0.3)
-        assert dev.claim(42000, "127.0.0.1", 8000, "client") is not None
-        assert dev.status()["counts"]["server_claims"] == 0
-        dev.close()
-    finally:
-        daemon.stop()
-        shutil.rmtree(daemon.dir, ignore_errors=True)
 
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="util-linux prlimit not installed")
@@ -479,3 +475,265 @@ def test_fd_exhaustion_is_refused_not_fatal():
         shutil.rmtree(daemon.dir, ignore_errors=True)
     assert "Traceback" not in err, err
     assert "pausing accepts" in err  # the EMFILE path was really taken
+
+
+# --- socket-bound advertisements through SCM_RIGHTS ----------------------------------------
+
+def test_ismd_reads_the_socket_itself_and_never_keeps_it(device, ismd):
+    lsock = listener()
+    inode = sockets.socket_inode(lsock)
+    port = lsock.getsockname()[1]
+    handle = device.advertise(lsock, HUB)
+    assert device.find_listener(inode).endpoint_id == device.endpoint_id
+    held = {os.readlink(f"/proc/{ismd.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{ismd.pid}/fd")}
+    assert f"socket:[{inode}]" not in held, "ismd kept a copy of the listener"
+    lsock.close()  # our close really closes it: the port is free again at once
+    again = socket.socket()
+    again.bind(("127.0.0.1", port))
+    again.close()
+    device.withdraw(handle)
+
+
+def test_ismd_refuses_advertising_what_is_not_a_listening_tcp_socket(ismd):
+    conn = raw_client(ismd.path, os.urandom(16))
+    unbound, udp = socket.socket(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    pipe_r, pipe_w = os.pipe()
+    try:
+        for fd in (unbound.fileno(), udp.fileno(), pipe_r):
+            with pytest.raises(PermissionDenied, match="listening TCP socket|must carry a socket"):
+                conn.request("advertise", fds=[fd], hub_id=HUB)
+        with pytest.raises(DeviceProtocolError, match="carry 1 file descriptors"):
+            conn.request("advertise", hub_id=HUB)  # no socket at all
+        conn2 = raw_client(ismd.path, os.urandom(16))
+        lsock = listener()
+        with pytest.raises(DeviceProtocolError, match="carry 0 file descriptors"):
+            conn2.request("find_listener", fds=[lsock.fileno()], inode=1)  # fds where none go
+        anonymous = raw_client(ismd.path)
+        with pytest.raises(PermissionDenied, match="hello"):
+            anonymous.request("advertise", fds=[lsock.fileno()], hub_id=HUB)
+        lsock.close()
+        for c in (conn2, anonymous):
+            c.close()
+    finally:
+        conn.close()
+        unbound.close()
+        udp.close()
+        os.close(pipe_r)
+        os.close(pipe_w)
+
+
+def test_advertisements_count_against_the_entry_limit():
+    daemon = Ismd("--max-entries", "3")
+    try:
+        dev = DaemonDevice(daemon.path)
+        socks = [listener() for _ in range(4)]
+        handles = [dev.advertise(s, HUB) for s in socks[:3]]
+        with pytest.raises(QuotaExceeded, match="--max-entries"):
+            dev.advertise(socks[3], HUB)
+        dev.withdraw(handles[0])
+        dev.advertise(socks[3], HUB)
+        dev.close()
+        for s in socks:
+            s.close()
+    finally:
+        daemon.stop()
+        shutil.rmtree(daemon.dir, ignore_errors=True)
+
+
+def test_an_endpoint_id_belongs_to_one_process(device, agents, ismd):
+    """Another process cannot introduce itself with our endpoint id, so it cannot publish
+    advertisements in our name, nor receive peer channels meant for us."""
+    impostor = Agent(env=child_env(SMCISH_DEVICE=ismd.spec))
+    try:
+        script = (f"c = __import__('ism_backend.control').control.ControlClient({ismd.path!r})\n"
+                  f"c.request('hello', endpoint_id=bytes.fromhex({device.endpoint_id.hex()!r}))\n")
+        proc = subprocess.run([sys.executable, "-c", script], env=child_env(), cwd=str(REPO),
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode != 0 and "belongs to another process" in proc.stderr
+        mine = raw_client(ismd.path, device.endpoint_id)  # the same process may reconnect
+        mine.close()
+    finally:
+        impostor.close()
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to run an agent as another uid")
+def test_another_uid_cannot_make_ismd_attribute_a_socket_it_does_not_hold(device, agents):
+    ours = listener()
+    inode = sockets.socket_inode(ours)
+    other = agents(setuid=OTHER)
+    assert other.call("uid") == OTHER
+    # Its own listener is attributed to it, by SO_PEERCRED, whatever it claims.
+    theirs = other.call("listen")
+    other.call("advertise", sock=theirs["id"], hub=HUB.hex())
+    got = device.find_listener(theirs["inode"])
+    assert (got.uid, got.pid) == (OTHER, other.real_pid)
+    # It cannot name our socket: ismd takes no inode, address or port from a client, only
+    # the socket itself, and our socket is not in its fd table.
+    with pytest.raises(AgentError):
+        other.call("advertise", sock=999)  # no such socket in the agent
+    assert device.find_listener(inode) is None
+    assert not any(a["inode"] == inode for a in device.status()["adverts"])
+    ours.close()
+
+
+# --- the daemon's identity and its socket directory ---------------------------------------
+
+@pytest.mark.skipif(not ROOT, reason="needs root to run a daemon as another uid")
+def test_clients_refuse_a_daemon_of_another_uid_unless_trusted(monkeypatch):
+    fake = Ismd(setuid=OTHER)  # "another user bound the socket path"
+    try:
+        with pytest.raises(NoDevice, match=f"SMCISH_DAEMON_UID={OTHER}"):
+            DaemonDevice(fake.path)
+        proc = subprocess.run([sys.executable, "-m", "ism_backend", "status", "--socket",
+                               fake.path], env=child_env(), cwd=str(REPO), capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode != 0 and "SMCISH_DAEMON_UID" in proc.stderr
+        monkeypatch.setenv("SMCISH_DAEMON_UID", str(OTHER))
+        trusted = DaemonDevice(fake.path)
+        trusted.free(trusted.alloc(4096))
+        trusted.close()
+        monkeypatch.setenv("SMCISH_DAEMON_UID", "nobody")
+        with pytest.raises(NoDevice, match="not a numeric uid"):
+            DaemonDevice(fake.path)
+    finally:
+        err = fake.stop()
+        shutil.rmtree(fake.dir, ignore_errors=True)
+    assert "Traceback" not in err, err
+
+
+def _serve_briefly(socket_path: str, *extra: str, uid: int | None = None,
+                   env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start ismd and expect it to refuse at once (or stop it after it started)."""
+    argv = ([sys.executable, "-c", __import__("device_helpers").AS_UID, str(uid)]
+            if uid is not None else [sys.executable, "-m", "ism_backend"])
+    proc = subprocess.Popen([*argv, "serve", *extra, *(["--socket", socket_path]
+                                                       if socket_path else [])],
+                            env=env or child_env(), cwd=str(REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:  # it is serving: stop it
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to make directories of another uid")
+def test_ismd_refuses_a_socket_directory_others_control():
+    base = short_tmpdir(0o755, "sockdir")
+    try:
+        cases = {"0777 of another uid": (0o777, OTHER), "0777 of root": (0o777, 0),
+                 "0775 of root": (0o775, 0), "0755 of another uid": (0o755, OTHER)}
+        for name, (mode, owner) in cases.items():
+            path = os.path.join(base, name.replace(" ", "-"))
+            os.mkdir(path)
+            os.chown(path, owner, owner)
+            os.chmod(path, mode)
+            proc = _serve_briefly(os.path.join(path, "ismd.sock"))
+            assert proc.returncode not in (0, None), (name, proc.stderr)
+            assert "refusing the socket directory" in proc.stderr, (name, proc.stderr)
+            assert not os.path.exists(os.path.join(path, "ismd.sock")), name
+        link = os.path.join(base, "link")
+        os.symlink("/tmp", link)
+        proc = _serve_briefly(os.path.join(link, "ismd.sock"))
+        assert proc.returncode != 0 and "not a directory" in proc.stderr
+        fine = os.path.join(base, "fine")
+        os.mkdir(fine, 0o755)
+        proc = _serve_briefly(os.path.join(fine, "ismd.sock"))
+        assert "serving" in proc.stderr and "refusing" not in proc.stderr, proc.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to run ismd as another uid")
+def test_non_root_default_socket_directory_is_private():
+    uid = 54321  # an unused uid: its default directory is ours to create and remove
+    default = f"/tmp/smcish-{uid}"
+    env = {k: v for k, v in child_env().items() if k != "XDG_RUNTIME_DIR"}
+    shutil.rmtree(default, ignore_errors=True)
+    try:
+        proc = _serve_briefly("", uid=uid, env=env)
+        assert f"serving {default}/ismd.sock" in proc.stderr, proc.stderr
+        st = os.lstat(default)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (uid, 0o700)
+        os.chmod(default, 0o755)  # someone loosened it: refused
+        proc = _serve_briefly("", uid=uid, env=env)
+        assert proc.returncode != 0 and "must be private" in proc.stderr, proc.stderr
+        os.chmod(default, 0o700)
+        os.chown(default, OTHER, OTHER)  # made by another user: refused
+        proc = _serve_briefly("", uid=uid, env=env)
+        assert proc.returncode != 0 and f"owned by uid {OTHER}" in proc.stderr, proc.stderr
+        xdg = short_tmpdir(0o700, "xdg")
+        os.chown(xdg, uid, uid)
+        proc = _serve_briefly("", uid=uid, env={**env, "XDG_RUNTIME_DIR": xdg})
+        assert f"serving {xdg}/ismd.sock" in proc.stderr, proc.stderr
+        assert "cross-namespace discovery off" in proc.stderr
+        shutil.rmtree(xdg, ignore_errors=True)
+    finally:
+        shutil.rmtree(default, ignore_errors=True)
+
+
+# --- brokered peer channels -----------------------------------------------------------------
+
+def test_connect_endpoint_to_nobody_is_device_gone(device, ismd):
+    conn = raw_client(ismd.path, os.urandom(16))
+    with pytest.raises(DeviceGone, match="no process serves endpoint"):
+        conn.request("connect_endpoint", endpoint_id=os.urandom(16))
+    with pytest.raises(PermissionDenied, match="hello"):
+        raw_client(ismd.path).request("connect_endpoint", endpoint_id=device.endpoint_id)
+    conn.close()
+
+
+def test_a_flood_of_channels_is_bounded_by_the_target(device, ismd):
+    """Each connect_endpoint hands the target an fd: beyond its per-peer bound it refuses
+    (the requester's end then reads EOF), so nobody can exhaust another process's fds."""
+    from ism_backend.client import MAX_CHANNELS_PER_PEER
+
+    device.set_endpoint_handler(type("H", (), {"handle": lambda self, p, o, f: {}})())
+    device.status()
+    gc.collect()
+    before = fd_count(os.getpid())
+    flood = raw_client(ismd.path, os.urandom(16))
+    ends = []
+    for _ in range(MAX_CHANNELS_PER_PEER + 4):
+        reply, (fd,) = flood.request("connect_endpoint", endpoint_id=device.endpoint_id)
+        assert reply == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+        ends.append(ControlClient(sock=socket.socket(fileno=fd), timeout=2.0))
+    answered = 0
+    for end in ends:
+        try:
+            end.request("group_close", group_id=GROUP, side="server")
+            answered += 1
+        except DeviceGone:
+            pass
+    assert answered == MAX_CHANNELS_PER_PEER
+    assert device.status()["client"]["served_peers"] == 1
+    for end in ends:
+        end.close()
+    flood.close()
+    wait_for(lambda: device.status()["client"]["served_peers"] == 0, what="channels closed")
+    wait_for(lambda: fd_count(os.getpid()) <= before, what="our fds back")
+
+
+def test_take_peer_is_only_accepted_from_ismd(device, ismd):
+    """A peer channel cannot pass further channels (or any fd) to the process it talks to."""
+    class Echo:
+        def handle(self, peer, op, fields):
+            return {}
+
+    device.set_endpoint_handler(Echo())
+    requester = raw_client(ismd.path, os.urandom(16))
+    _, (fd,) = requester.request("connect_endpoint", endpoint_id=device.endpoint_id)
+    channel = ControlClient(sock=socket.socket(fileno=fd), timeout=2.0)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with pytest.raises(Exception, match="not served on a peer channel"):
+        channel.request("take_peer", fds=[a.fileno()], endpoint_id=os.urandom(16), pid=1,
+                        uid=0, gid=0)
+    assert channel.request("group_close", group_id=GROUP, side="server") == ({}, [])
+    with pytest.raises(Exception, match="is a peer op"):
+        # ismd itself serves no peer op
+        requester.request("group_close", group_id=GROUP, side="server")
+    for s in (a, b):
+        s.close()
+    channel.close()
+    requester.close()

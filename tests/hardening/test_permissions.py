@@ -3,6 +3,12 @@ tokens are 128-bit random capabilities with no structure.
 
 The "other uid" is a child that imports everything as root, then drops to uid/gid 1234 (as
 tests/device_helpers.py does: the interpreter lives under root's home).
+
+Each property is checked at the device level (regions from ``alloc``/``attach`` in real
+processes: the ``*_device`` tests) and on a live smcish connection. The live-connection variants
+read smcish v1 internals (``transport._regions``, ``clc.Proposal``), which the link-group rewrite
+of smcish removes; they are skipped until that rewrite gives them v2 equivalents (a group's
+extent tokens).
 """
 
 from __future__ import annotations
@@ -32,10 +38,16 @@ ROOT_USER = os.geteuid() == 0
 OTHER = 1234
 SIZE = 512 + 16384
 
+SMCISH_V1_INTERNALS = pytest.mark.skip(
+    reason="live-connection variant reads smcish v1 internals (transport._regions, "
+           "clc.Proposal) that the link-group rewrite removes; the *_device variant covers the "
+           "device; re-enable with v2 equivalents (group extent tokens)")
+
 # Runs as root until DROP, then as uid/gid 1234; prints one JSON line of outcomes.
 OTHER_UID = r'''
 import json, os, socket, sys
-import ism_backend, ism_backend.client, ism_backend.embedded, ism_backend.memfd, ism_backend.daemon
+import ism_backend, ism_backend.client, ism_backend.control, ism_backend.embedded
+import ism_backend.memfd, ism_backend.daemon
 from ism_backend import IsmError
 args = json.loads(sys.argv[1])
 os.setgroups([])
@@ -57,7 +69,7 @@ if "runtime_dir" in args:
         return "connected"
     attempt("connect_endpoint", raw)
     def request():
-        c = ism_backend.client.ControlClient(args["endpoint_path"], 2.0, "endpoint")
+        c = ism_backend.control.ControlClient(args["endpoint_path"], 2.0, "endpoint")
         return c.request("attach", token=bytes.fromhex(args["token"]), access="r")
     attempt("attach_via_endpoint", request)
 if "ismd" in args:
@@ -90,6 +102,55 @@ async def _ism_pair(**kw):
     return server, reader, writer
 
 
+def _assert_private_device_refuses_other_uids() -> None:
+    """A private device whose dir and socket an admin made world-accessible: the endpoint
+    itself refuses other uids (SO_PEERCRED)."""
+    loose = tempfile.mkdtemp(prefix="smcish-loose-", dir="/tmp")
+    os.chmod(loose, 0o700)
+    private = EmbeddedDevice(loose)
+    try:
+        region = private.alloc(SIZE)
+        os.chmod(loose, 0o711)
+        os.chmod(private._sock_path, 0o777)
+        out = _as_other_uid({"runtime_dir": loose, "endpoint_path": private._sock_path,
+                             "token": region.token.hex()})
+        print("other uid vs loosened dir:", out)
+        assert not out["attach_via_endpoint"].startswith("ok"), out
+        assert "PermissionDenied" in out["attach_via_endpoint"] or \
+            "DeviceGone" in out["attach_via_endpoint"], out
+        assert private.status()["served_attachments"] == 0
+        private.free(region)
+    finally:
+        private.close()
+        shutil.rmtree(loose, ignore_errors=True)
+
+
+@pytest.mark.skipif(not ROOT_USER, reason="needs root to run a child as another uid")
+def test_other_uid_cannot_attach_embedded_regions_device():
+    """Our runtime dir is 0700 and ours: uid 1234 can neither list it, open the device there,
+    reach our endpoint, nor attach a live region (whose one-shot token stays unspent). And if
+    an admin loosened the dir and socket modes, the endpoint itself refuses other uids."""
+    dev = ism_backend.get_device()
+    st = os.stat(dev.dir)
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid(), oct(st.st_mode)
+    region = dev.alloc(SIZE)
+    try:
+        out = _as_other_uid({"runtime_dir": dev.dir, "endpoint_path": dev._sock_path,
+                             "token": region.token.hex()})
+        print("other uid vs 0700 runtime dir:", out)
+        assert out["uid"] == OTHER
+        for key in ("listdir", "open_device", "connect_endpoint", "attach_via_endpoint"):
+            assert not out[key].startswith("ok"), (key, out[key])
+        assert "PermissionError" in out["listdir"]
+        assert "Permission denied" in out["connect_endpoint"]
+        view = dev.attach(region.token, dev.endpoint_id)  # the one-shot is still ours to spend
+        dev.detach(view)
+    finally:
+        dev.free(region)
+    _assert_private_device_refuses_other_uids()
+
+
+@SMCISH_V1_INTERNALS
 @pytest.mark.skipif(not ROOT_USER, reason="needs root to run a child as another uid")
 def test_other_uid_cannot_attach_embedded_regions():
     """Our runtime dir is 0700 and ours: uid 1234 can neither list it, open the device there,
@@ -140,6 +201,40 @@ def test_other_uid_cannot_attach_embedded_regions():
         shutil.rmtree(loose, ignore_errors=True)
 
 
+@pytest.mark.skipif(not ROOT_USER, reason="needs root to run a child as another uid")
+def test_other_uid_cannot_attach_via_ismd_device():
+    """Through ismd: uid 1234 outside the policy is refused at connect; allowed by
+    --allow-uid it still cannot attach a region whose token a peer spent (one-shot), nor guess
+    one."""
+    from device_helpers import Ismd
+
+    for allow in ([], ["--allow-uid", str(OTHER)]):
+        daemon = Ismd(*allow)
+        owner = ism_backend.open_device(daemon.spec)
+        peer = ism_backend.open_device(daemon.spec)
+        try:
+            region = owner.alloc(SIZE)
+            view = peer.attach(region.token, owner.endpoint_id)  # the peer spends the one-shot
+            out = _as_other_uid({"ismd": daemon.path, "token": region.token.hex()})
+            print("ismd", allow or "default policy", out)
+            live, rand = out["ismd_attach_live_token"], out["ismd_attach_random_token"]
+            assert not live.startswith("ok") and not rand.startswith("ok"), out
+            if not allow:
+                assert "PermissionDenied" in live and "PermissionDenied" in rand, out
+                assert "--allow-uid 1234" in live, out
+            else:
+                assert "PermissionDenied" in live and "one-shot" in live, out
+                assert "UnknownToken" in rand, out
+            peer.detach(view)
+            owner.free(region)
+        finally:
+            peer.close()
+            owner.close()
+            daemon.stop()
+            shutil.rmtree(daemon.dir, ignore_errors=True)
+
+
+@SMCISH_V1_INTERNALS
 @pytest.mark.skipif(not ROOT_USER, reason="needs root to run a child as another uid")
 def test_other_uid_cannot_attach_via_ismd():
     """Through ismd: uid 1234 outside the policy is refused at connect; allowed by
@@ -199,6 +294,88 @@ print("WROTE", flush=True)
 '''
 
 
+def _write_attempts(peer) -> dict:
+    """Every route to write through an attached (read-only) region ``peer``; each must fail."""
+    results = {}
+    try:
+        peer.mem[0] = 1
+        results["buffer_write"] = "WROTE"
+    except TypeError as exc:
+        results["buffer_write"] = f"TypeError: {exc}"
+    page = mmap.PAGESIZE
+    addr = _libc.mmap(None, page, mmap.PROT_READ, mmap.MAP_SHARED, peer.fd, 0)
+    assert addr != MAP_FAILED
+    rc = _libc.mprotect(addr, page, mmap.PROT_READ | mmap.PROT_WRITE)
+    results["mprotect_rw"] = f"rc={rc} errno={errno.errorcode.get(ctypes.get_errno())}"
+    _libc.munmap(addr, page)
+    addr = _libc.mmap(None, page, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, peer.fd, 0)
+    results["mmap_rw_fd"] = ("MAPPED" if addr != MAP_FAILED else
+                             f"errno={errno.errorcode.get(ctypes.get_errno())}")
+    try:
+        rw = os.open(f"/proc/self/fd/{peer.fd}", os.O_RDWR)
+    except OSError as exc:
+        results["reopen_rdwr"] = f"{exc.strerror}"
+    else:
+        addr = _libc.mmap(None, page, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, rw, 0)
+        results["reopen_rdwr_mmap"] = ("MAPPED" if addr != MAP_FAILED else
+                                       f"errno={errno.errorcode.get(ctypes.get_errno())}")
+        for name, fn in (("pwrite", lambda: os.pwrite(rw, b"x", 0)),
+                         ("ftruncate", lambda: os.ftruncate(rw, 0))):
+            try:
+                fn()
+                results[name] = "WROTE"
+            except OSError as exc:
+                results[name] = errno.errorcode.get(exc.errno)
+        rc = _libc.fallocate(rw, 0x02 | 0x01, 0, page)     # PUNCH_HOLE | KEEP_SIZE
+        results["punch_hole"] = f"rc={rc} errno={errno.errorcode.get(ctypes.get_errno())}"
+        os.close(rw)
+    proc = subprocess.run([PYTHON, "-c", SEGV_CHILD, str(peer.fd), str(page)],
+                          pass_fds=(peer.fd,), capture_output=True, text=True, timeout=30)
+    results["raw_store_child"] = (proc.returncode, proc.stdout.split())
+    return results
+
+
+def _assert_all_refused(results: dict) -> None:
+    assert results["buffer_write"].startswith("TypeError")
+    assert results["mprotect_rw"].startswith("rc=-1"), results
+    assert results["mmap_rw_fd"] != "MAPPED", results
+    assert results.get("reopen_rdwr_mmap", "refused") != "MAPPED", results
+    assert results.get("pwrite") != "WROTE" and results.get("ftruncate") != "WROTE", results
+    assert results.get("punch_hole", "rc=-1").startswith("rc=-1"), results
+    assert results["raw_store_child"] == (-signal.SIGSEGV, ["mapped"]), results
+
+
+@pytest.mark.parametrize("kind", ["embedded", "ismd"])
+def test_readonly_mapping_stays_readonly_device(kind):
+    """A region owned by another process, as this process attached it: every route to write
+    fails (buffer write, mprotect, writable mmap of its fd, O_RDWR re-open + mmap, pwrite,
+    ftruncate, hole punching), a raw store kills a process (SIGSEGV), and the owner's later
+    writes still show."""
+    from device_helpers import Agent, Ismd
+
+    daemon = Ismd() if kind == "ismd" else None
+    env = child_env(SMCISH_DEVICE=daemon.spec if daemon else "embedded")
+    dev = ism_backend.open_device(daemon.spec if daemon else "embedded")
+    owner = Agent(env=env)
+    try:
+        info = owner.call("alloc", size=SIZE, fill=b"owner".hex())
+        peer = dev.attach(bytes.fromhex(info["token"]), bytes.fromhex(info["endpoint"]))
+        assert peer.access == "r"
+        results = _write_attempts(peer)
+        print(f"read-only mapping ({kind}):", results)
+        _assert_all_refused(results)
+        owner.call("write", id=info["id"], data=b"still fine".hex())
+        assert bytes(peer.mem[:10]) == b"still fine"
+        dev.detach(peer)
+    finally:
+        owner.close()
+        dev.close()
+        if daemon is not None:
+            daemon.stop()
+            shutil.rmtree(daemon.dir, ignore_errors=True)
+
+
+@SMCISH_V1_INTERNALS
 def test_readonly_mapping_stays_readonly():
     """The peer's region of a live connection, as this process holds it: every route to write
     fails (buffer write, mprotect, writable mmap of its fd, O_RDWR re-open + mmap, pwrite,
@@ -327,6 +504,62 @@ def _token_checks(tokens: list[bytes], pids: list[int]) -> dict:
             "pid_hits_2byte": pid_hits2, "pid_hits_2byte_expected": round(expect2, 1)}
 
 
+def _device_tokens() -> tuple[list[bytes], dict, list[bytes], int]:
+    """10,000 tokens from this process's embedded device (fresh and pool-reused regions), 2,000
+    from a child process, 1,000 from ismd."""
+    from device_helpers import Ismd
+
+    dev = ism_backend.get_device()
+    tokens = []
+    held = []
+    for i in range(10_000):
+        region = dev.alloc(SIZE)
+        tokens.append(region.token)
+        if i % 3:                      # a mix of pool reuse and fresh memfds
+            dev.free(region)
+        else:
+            held.append(region)
+        if len(held) > 8:
+            for region in held:
+                dev.free(region)
+            held = []
+    for region in held:
+        dev.free(region)
+    proc = subprocess.run([PYTHON, "-c", TOKEN_CHILD, "2000"], capture_output=True, text=True,
+                          env=child_env(), cwd=ROOT, timeout=120)
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    daemon = Ismd()
+    try:
+        ddev = ism_backend.open_device(daemon.spec)
+        daemon_tokens = []
+        for _ in range(1000):
+            region = ddev.alloc(SIZE)
+            daemon_tokens.append(region.token)
+            ddev.free(region)
+        ddev.close()
+    finally:
+        daemon.stop()
+        shutil.rmtree(daemon.dir, ignore_errors=True)
+    return tokens, child, daemon_tokens, daemon.pid
+
+
+def test_tokens_are_128_bit_random_without_structure_device():
+    """Distinct, unbiased bits and bytes, no shared prefixes, unrelated successors, no pid
+    inside; endpoint ids and gids are random 16-byte values too (embedded and ismd)."""
+    tokens, child, daemon_tokens, daemon_pid = _device_tokens()
+    child_tokens = [bytes.fromhex(t) for t in child["tokens"]]
+    local = _token_checks(tokens, [os.getpid()])
+    crossed = _token_checks(tokens[:2000] + child_tokens, [os.getpid(), child["pid"]])
+    via_ismd = _token_checks(daemon_tokens, [os.getpid(), daemon_pid])
+    all_tokens = set(tokens) | set(child_tokens) | set(daemon_tokens)
+    assert len(all_tokens) == len(tokens) + len(child_tokens) + len(daemon_tokens)
+    dev = ism_backend.get_device()
+    ids = [dev.endpoint_id, dev.gid]
+    assert all(len(x) == 16 and x != bytes(16) for x in ids)
+    print("tokens:", {"embedded": local, "two_processes": crossed, "ismd": via_ismd})
+
+
+@SMCISH_V1_INTERNALS
 def test_tokens_are_128_bit_random_without_structure():
     """10,000 tokens from this process's embedded device (fresh and pool-reused regions), 2,000
     from a child process and 1,000 from ismd, plus the tokens seen on the wire in real
