@@ -35,10 +35,14 @@ class Config:
     Attributes:
         device: device spec, ``"embedded"`` | ``"unix:/path/ismd.sock"`` | ``"none"``
             (env ``SMCISH_DEVICE``; ``None`` means the environment or ``embedded``).
-        negotiate: ``"auto"`` proposes only to listeners advertised on our device,
-            ``"always"`` proposes regardless, ``"never"`` stays TCP (env ``SMCISH_NEGOTIATE``).
-        ring_size: capacity in bytes of the ring this side sends through (power of two,
-            4 KiB..1 GiB; env ``SMCISH_RING_SIZE``).
+        negotiate: ``"auto"`` claims shared memory when the listener that will accept the
+            connection is an smcish one on our device; ``"never"`` stays TCP (env
+            ``SMCISH_NEGOTIATE``). ``"always"`` is accepted for compatibility and means ``"auto"``:
+            since v2 a client never speaks to a listener that is not proven to be smcish.
+        ring_size: capacity in bytes a connection's send ring starts with, and shrinks back to
+            when idle (power of two, 4 KiB..1 GiB; env ``SMCISH_RING_SIZE``).
+        max_ring_size: the largest a bulk flow's send ring grows to (power of two; env
+            ``SMCISH_MAX_RING_SIZE``; a ``ring_size`` above it wins).
         poll_us: busy-poll budget in microseconds a sender spends waiting for a reply before
             it sleeps; 0 disables polling (env ``SMCISH_POLL_US``).
         handshake_timeout: seconds a handshake step may take (env ``SMCISH_HANDSHAKE_TIMEOUT``).
@@ -46,16 +50,18 @@ class Config:
 
     device: str | None = None
     negotiate: str = "auto"
-    ring_size: int = 1 << 20
+    ring_size: int = 64 << 10
+    max_ring_size: int = 4 << 20
     poll_us: float = 50.0
     handshake_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         if self.negotiate not in _NEGOTIATE_MODES:
             raise ValueError(f"negotiate must be one of {_NEGOTIATE_MODES}, not {self.negotiate!r}")
-        size = self.ring_size
-        if size < 4096 or size > (1 << 30) or size & (size - 1):
-            raise ValueError(f"ring_size must be a power of two between 4096 and 1 GiB, not {size}")
+        for name in ("ring_size", "max_ring_size"):
+            size = getattr(self, name)
+            if size < 4096 or size > (1 << 30) or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two between 4096 and 1 GiB, not {size}")
         if self.poll_us < 0:
             raise ValueError("poll_us must be >= 0")
         if self.handshake_timeout <= 0:
@@ -68,6 +74,7 @@ class Config:
             device=os.environ.get("SMCISH_DEVICE") or None,
             negotiate=os.environ.get("SMCISH_NEGOTIATE") or "auto",
             ring_size=_env_int("SMCISH_RING_SIZE", cls.ring_size),
+            max_ring_size=_env_int("SMCISH_MAX_RING_SIZE", cls.max_ring_size),
             poll_us=_env_float("SMCISH_POLL_US", cls.poll_us),
             handshake_timeout=_env_float("SMCISH_HANDSHAKE_TIMEOUT", cls.handshake_timeout),
         )
@@ -77,8 +84,13 @@ class Config:
     @classmethod
     def current(cls) -> "Config":
         """``from_env()``, cached on the values of the ``SMCISH_*`` variables (read per connection)."""
-        env = os.environ
-        key = tuple(map(env.get, _ENV_NAMES))
+        # os.environ keeps its values in a dict of encoded keys: reading that directly costs a
+        # fraction of Mapping.get's path (this runs on every connection).
+        data = getattr(os.environ, "_data", None)
+        if data is not None:
+            key = tuple(map(data.get, _ENV_KEYS))
+        else:  # pragma: no cover - another os.environ implementation
+            key = tuple(map(os.environ.get, _ENV_NAMES))
         cached = _env_cache.get(key)
         if cached is None:
             cached = cls.from_env()
@@ -91,6 +103,7 @@ class Config:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_ENV_NAMES = ("SMCISH_DEVICE", "SMCISH_NEGOTIATE", "SMCISH_RING_SIZE", "SMCISH_POLL_US",
-              "SMCISH_HANDSHAKE_TIMEOUT")
+_ENV_NAMES = ("SMCISH_DEVICE", "SMCISH_NEGOTIATE", "SMCISH_RING_SIZE", "SMCISH_MAX_RING_SIZE",
+              "SMCISH_POLL_US", "SMCISH_HANDSHAKE_TIMEOUT")
+_ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV_NAMES)
 _env_cache: dict = {}

@@ -1,8 +1,8 @@
 """Drop-in entry points on a loop: create_connection / create_server, install(), loop_factory().
 
-A client proposes only to a listener advertised on its device (or with ``negotiate="always"``): it
-binds its socket, claims the connection on the device, then connects, so an smcish server can tell at
-once, even for server-speaks-first protocols, that this client will propose (docs/design.md §3).
+A client claims a slot in a link group only when the kernel names, for its exact 4-tuple, a
+listener socket that an smcish hub advertises (docs/design.md section 3); the claim and the
+server's decision travel through the group's shared memory, never on the TCP connection.
 """
 
 from __future__ import annotations
@@ -12,29 +12,30 @@ import functools
 import ipaddress
 import logging
 import socket
-import weakref
+from typing import Any
 
 import ism_backend
 
 from . import clc
+from . import discovery
 from . import stats as _stats
 from .config import Config
-from .protocol import HandshakeProtocol
+from .linkgroup import GroupUnavailable, Hub, device_pool, error_reason, sweep_hubs
+from .protocol import ClientSetup, HandshakeProtocol
 
 log = logging.getLogger("smcish")
 R = clc.DeclineReason
 
 _PATCHED = "_smcish_originals"
-# Claims made by a patched loop.sock_connect() before connecting a caller's socket (aiohttp's
+# Set-ups claimed by a patched loop.sock_connect() before connecting a caller's socket (aiohttp's
 # connector connects its own sockets), waiting for create_connection(sock=...) to pick them up.
-_preclaims: dict = {}
-_described: "weakref.WeakSet" = weakref.WeakSet()     # devices that know our info provider
+# Keyed by id(socket object): the entry holds the socket, so the id cannot be reused meanwhile.
+_preclaims: dict[int, tuple[Any, ClientSetup]] = {}
+_described: set[int] = set()          # ids of devices that know our info provider
 # Connection-establishment arguments we handle ourselves on the accelerated client path.
 _CONNECT_ONLY = ("family", "proto", "flags", "local_addr", "happy_eyeballs_delay", "interleave",
                  "all_errors")
-
-
-_CONFIG_KEYS = ("device", "negotiate", "ring_size", "poll_us", "handshake_timeout")
+_CONFIG_KEYS = ("device", "negotiate", "ring_size", "max_ring_size", "poll_us", "handshake_timeout")
 
 
 def _config(config: Config | None, kwargs: dict) -> Config:
@@ -44,7 +45,7 @@ def _config(config: Config | None, kwargs: dict) -> Config:
     return base.replace(**overrides) if overrides else base
 
 
-def _device_for(config: Config):
+def _device_for(config: Config) -> tuple[Any, R | None]:
     """Return (device, reason) where device is None when this connection must stay TCP."""
     if config.negotiate == "never":
         return None, R.DISABLED_BY_POLICY
@@ -52,27 +53,28 @@ def _device_for(config: Config):
         return None, R.NO_DEVICE
     try:
         device = ism_backend.get_device(config.device)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - no device: TCP, with the reason visible
         log.debug("smcish: no device: %r", exc)
-        return None, R.NO_DEVICE
+        return None, error_reason(exc, R.NO_DEVICE)
     if not device.available:
         return None, R.NO_DEVICE
-    if device not in _described:
+    if id(device) not in _described:
         # `python -m smcish stat` asks each process's device endpoint for its connections.
         device.set_info_provider(_stats.connections)
-        _described.add(device)
+        _described.add(id(device))
     return device, None
 
 
-def _originals(loop):
-    """The loop's own create_connection/create_server (before install() patched them)."""
+def _originals(loop: Any) -> tuple[Any, Any, Any]:
+    """The loop's own create_connection/create_server/sock_connect (before install())."""
     saved = getattr(loop, _PATCHED, None)
     if saved is not None:
         return saved
-    return loop.create_connection, loop.create_server
+    return loop.create_connection, loop.create_server, loop.sock_connect
 
 
-def _is_ip(host) -> bool:
+@functools.lru_cache(maxsize=1024)
+def _is_ip(host: Any) -> bool:
     try:
         ipaddress.ip_address(host)
         return True
@@ -80,7 +82,7 @@ def _is_ip(host) -> bool:
         return False
 
 
-async def _resolve(loop, host, port, family, flags):
+async def _resolve(loop: Any, host: Any, port: Any, family: int, flags: int) -> list[tuple[int, tuple]]:
     if isinstance(host, str) and _is_ip(host.split("%", 1)[0]):
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         if family and family != fam:
@@ -94,214 +96,232 @@ async def _resolve(loop, host, port, family, flags):
     return [(info[0], info[4]) for info in infos]
 
 
-async def create_connection(protocol_factory, host=None, port=None, *, config: Config | None = None,
-                            loop=None, **kwargs):
+async def create_connection(protocol_factory: Any, host: Any = None, port: Any = None, *,
+                            config: Config | None = None, loop: Any = None, **kwargs: Any) -> Any:
     """Open a connection like ``loop.create_connection``, over shared memory when possible.
 
     Args:
         protocol_factory: any asyncio ``Protocol`` or ``BufferedProtocol`` factory.
         host, port: where to connect (or pass ``sock=`` a connected socket).
-        config: a ``Config``; smcish keywords in kwargs (device, negotiate, ring_size, poll_us,
-            handshake_timeout) override it.
+        config: a ``Config``; smcish keywords in kwargs (device, negotiate, ring_size,
+            max_ring_size, poll_us, handshake_timeout) override it.
         **kwargs: everything ``loop.create_connection`` accepts (``ssl=`` passes through untouched).
 
     Returns:
         ``(transport, protocol)``; ``transport.get_extra_info("smcish")`` says which path it took.
 
     Raises:
-        OSError: as ``loop.create_connection`` would; ``HandshakeError`` if a handshake with an
-            smcish peer broke in a way that could not fall back.
+        OSError: as ``loop.create_connection`` would.
     """
     loop = loop or asyncio.get_running_loop()
-    orig_connect, _ = _originals(loop)
+    orig_connect, _, _ = _originals(loop)
     cfg = _config(config, kwargs)
-    preclaim = _take_preclaim(kwargs.get("sock"))
-    if kwargs.get("ssl"):
-        if preclaim is not None:
-            preclaim[1].release_claim(preclaim[0])
-        return await orig_connect(protocol_factory, host, port, **kwargs)
-    dev, skip = _device_for(cfg)
     sock = kwargs.pop("sock", None)
-    claim = None
-    if dev is not None and sock is None:
-        infos = None
-        if cfg.negotiate != "always":
-            infos = await _resolve(loop, host, port, kwargs.get("family", 0), kwargs.get("flags", 0))
-            if not any(dev.lookup(addr[0], addr[1]) for _, addr in infos):
-                skip = R.PEER_NOT_ADVERTISED
-        if skip is None:
-            if infos is None:
-                infos = await _resolve(loop, host, port, kwargs.get("family", 0), kwargs.get("flags", 0))
-            sock, claim = await _connect_claimed(loop, dev, infos, kwargs.get("local_addr"))
-            if claim is None:
-                # The server side already took this connection as plain TCP (a plain client used
-                # our port moments ago) or the device failed: proposing would put handshake bytes
-                # into the server application's stream.
-                skip = R.PEER_NOT_SMCISH
-    elif dev is not None and preclaim is not None and preclaim[1] is dev:
-        claim = preclaim[0]         # our sock_connect() claimed it before connecting
-    elif dev is not None:
-        # A socket connected by the caller: claim now; if the server already decided, stay TCP.
-        try:
-            peer = sock.getpeername()
-            local = sock.getsockname()
-            if cfg.negotiate != "always" and not dev.lookup(peer[0], peer[1]):
-                skip = R.PEER_NOT_ADVERTISED
-            else:
-                claim = dev.claim(local[1], peer[0], peer[1], "client")
-                if claim is None:
-                    skip = R.PEER_NOT_SMCISH
-        except OSError as exc:
-            log.debug("smcish: cannot negotiate on the given socket: %r", exc)
-            skip = R.INTERNAL
-    waiter = loop.create_future()
-    factory = functools.partial(HandshakeProtocol, loop, "client", protocol_factory, cfg,
-                                dev, skip_reason=skip, waiter=waiter, claim=claim)
+    pre = _preclaims.pop(id(sock), None) if sock is not None else None
+    if kwargs.get("ssl"):
+        if pre is not None:
+            pre[1].abandon(R.DISABLED_BY_POLICY)
+        if sock is not None:
+            kwargs["sock"] = sock
+        return await orig_connect(protocol_factory, host, port, **kwargs)
+    device, skip = _device_for(cfg)
     if sock is not None:
         for key in _CONNECT_ONLY:
             kwargs.pop(key, None)
-        try:
-            await orig_connect(factory, sock=sock, **kwargs)
-        except BaseException:
-            if claim is not None:
-                dev.release_claim(claim)
-            sock.close()
-            raise
-    else:
-        await orig_connect(factory, host, port, **kwargs)
-    return await waiter
-
-
-async def _connect_claimed(loop, dev, infos, local_addr):
-    """Bind, claim (client_port, server) on the device, then connect; try each address in turn."""
-    errors = []
+        setup = None
+        if pre is not None:
+            setup = pre[1]
+            setup.release_hold()
+            await setup.wait()
+        elif skip is None:
+            # Connected before smcish saw it: the server decided at accept, without a claim.
+            skip = R.PEER_NOT_ADVERTISED
+        return await _hand_over(loop, orig_connect, protocol_factory, cfg, sock, setup, skip, kwargs)
+    if skip is not None:
+        return await _plain(loop, orig_connect, protocol_factory, cfg, host, port, skip, kwargs)
+    sweep_hubs()
+    hub = Hub.get(loop, device)
+    infos = await _resolve(loop, host, port, kwargs.get("family", 0), kwargs.get("flags", 0))
+    local_addr = kwargs.get("local_addr")
+    for key in _CONNECT_ONLY:
+        kwargs.pop(key, None)
+    errors: list[OSError] = []
     for family, addr in infos:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        claim = None
         try:
-            sock.setblocking(False)
-            sock.bind(local_addr or (("::", 0, 0, 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)))
-            claim = dev.claim(sock.getsockname()[1], addr[0], addr[1], "client")
-            await loop.sock_connect(sock, addr)
-            return sock, claim           # None: the server already decided plain TCP for us
+            return await _connect_one(loop, hub, orig_connect, protocol_factory, cfg, family, addr,
+                                      local_addr, kwargs)
         except OSError as exc:
             errors.append(exc)
-        except BaseException:
-            if claim is not None:
-                dev.release_claim(claim)
-            sock.close()
-            raise
-        if claim is not None:
-            dev.release_claim(claim)
-        sock.close()
     if len(errors) == 1:
         raise errors[0]
     raise OSError(f"Multiple exceptions: {', '.join(str(e) for e in errors)}")
 
 
-async def create_server(protocol_factory, host=None, port=None, *, config: Config | None = None,
-                        loop=None, **kwargs):
+async def _plain(loop: Any, orig_connect: Any, protocol_factory: Any, cfg: Config, host: Any,
+                 port: Any, reason: R, kwargs: dict) -> Any:
+    waiter = loop.create_future()
+    factory = functools.partial(HandshakeProtocol, loop, "client", protocol_factory, cfg,
+                                skip_reason=reason, waiter=waiter)
+    await orig_connect(factory, host, port, **kwargs)
+    return await waiter
+
+
+async def _claim(loop: Any, hub: Hub, cfg: Config, acceptor: discovery.Acceptor,
+                 family: int, addr: tuple, hold: bool = False) -> tuple[ClientSetup | None, R | None]:
+    """Claim a slot for the acceptor's socket, opening the link group if needed."""
+    if acceptor.reason is not None:
+        return None, acceptor.reason
+    group = acceptor.group
+    if group is None:
+        try:
+            group = await hub.group_for(acceptor.advert)
+        except GroupUnavailable as exc:
+            return None, exc.reason
+    setup = ClientSetup(loop, hub, group, cfg, remote=acceptor.remote, hold=hold)
+    try:
+        reason = await setup.start(acceptor.sock, family, addr)
+    except OSError as exc:
+        return None, error_reason(exc, R.INTERNAL)
+    return (None, reason) if reason is not None else (setup, None)
+
+
+async def _connect_one(loop: Any, hub: Hub, orig_connect: Any, protocol_factory: Any, cfg: Config,
+                       family: int, addr: tuple, local_addr: Any, kwargs: dict) -> Any:
+    _, _, orig_sock_connect = _originals(loop)
+    acceptor = await discovery.find_acceptor(loop, hub, family, addr[0], addr[1], local_addr)
+    sock = acceptor.sock
+    setup: ClientSetup | None = None
+    try:
+        setup, reason = await _claim(loop, hub, cfg, acceptor, family, addr)
+        try:
+            await orig_sock_connect(sock, addr)
+        except BaseException:
+            if setup is not None:
+                setup.abandon(R.INTERNAL)
+            raise
+        if setup is not None:
+            setup.connected()
+            await setup.wait()
+    except BaseException:
+        sock.close()
+        raise
+    return await _hand_over(loop, orig_connect, protocol_factory, cfg, sock, setup, reason, kwargs)
+
+
+async def _hand_over(loop: Any, orig_connect: Any, protocol_factory: Any, cfg: Config, sock: Any,
+                     setup: ClientSetup | None, skip: R | None, kwargs: dict) -> Any:
+    """Wrap the connected socket in the loop's transport with our protocol on top."""
+    waiter = loop.create_future()
+    factory = functools.partial(HandshakeProtocol, loop, "client", protocol_factory, cfg,
+                                setup=setup, skip_reason=skip, waiter=waiter)
+    try:
+        await orig_connect(factory, sock=sock, **kwargs)
+    except BaseException:
+        if setup is not None:
+            setup.discard()
+        sock.close()
+        raise
+    return await waiter
+
+
+async def create_server(protocol_factory: Any, host: Any = None, port: Any = None, *,
+                        config: Config | None = None, loop: Any = None, **kwargs: Any) -> Any:
     """Listen like ``loop.create_server``; accepted connections use shared memory when the client can.
 
-    The listener is advertised on the device for as long as it is open. Plain TCP clients are
+    The listening sockets are advertised on the device until ``close()``. Plain TCP clients are
     served unaltered, without added delay.
 
     Returns:
-        the loop's own ``Server`` object.
+        the loop's own ``Server`` (uvloop's wrapped in ``discovery.ServerProxy``, whose ``close``
+        withdraws the advertisement before closing).
     """
     loop = loop or asyncio.get_running_loop()
-    _, orig_serve = _originals(loop)
+    _, orig_serve, _ = _originals(loop)
     cfg = _config(config, kwargs)
     if kwargs.get("ssl"):
         return await orig_serve(protocol_factory, host, port, **kwargs)
-    dev, skip = _device_for(cfg)
-    # A server reads a handshake only from clients that claimed the connection on its device:
-    # without a device every connection is plain TCP from its first byte (a plain client's data
-    # may begin with anything, our magic included).
-    factory = functools.partial(HandshakeProtocol, loop, "server", protocol_factory, cfg, dev,
+    device, skip = _device_for(cfg)
+    hub = None
+    if device is not None:
+        sweep_hubs()
+        hub = Hub.get(loop, device)
+    # Without a hub every connection is plain TCP from its first byte: a server parses nothing.
+    factory = functools.partial(HandshakeProtocol, loop, "server", protocol_factory, cfg, hub=hub,
                                 skip_reason=skip)
     server = await orig_serve(factory, host, port, **kwargs)
-    if dev is not None:
-        _advertise(loop, server, dev)
+    if hub is not None:
+        return discovery.advertise(server, hub)
     return server
 
 
-def _advertise(loop, server, dev) -> None:
-    handles = []
-    for sock in server.sockets:
-        addr = sock.getsockname()
-        handles.append(dev.advertise(addr[0], addr[1]))
+# --------------------------------------------------------------------------- transparent mode
 
-    def withdraw(handles=handles) -> None:
-        while handles:
-            try:
-                dev.withdraw(handles.pop())
-            except Exception as exc:
-                log.debug("smcish: withdraw failed: %r", exc)
+async def _claim_before_connect(loop: Any, sock: Any, address: Any, config: Config | None) -> None:
+    """Patched sock_connect's half: claim a slot if the socket goes to an smcish listener.
 
-    orig_close = server.close
-    try:
-        def close():
-            withdraw()
-            orig_close()
-        server.close = close
-        return
-    except (AttributeError, TypeError):
-        pass
-    # A Server we cannot patch (C class): watch it, withdraw within a second of its closing.
-    ref = weakref.ref(server)
-
-    def watch() -> None:
-        srv = ref()
-        if srv is None or not srv.is_serving():
-            withdraw()
-        elif not loop.is_closed():
-            loop.call_later(1.0, watch)
-
-    loop.call_later(1.0, watch)
-    weakref.finalize(server, withdraw)
-
-
-def _take_preclaim(sock):
-    if sock is None or not _preclaims:
-        return None
-    try:
-        key = (sock.getsockname()[1],) + tuple(sock.getpeername()[:2])
-    except (OSError, IndexError, TypeError):
-        return None
-    return _preclaims.pop(key, None)
-
-
-def _release_preclaim(key) -> None:
-    entry = _preclaims.pop(key, None)
-    if entry is not None:
-        try:
-            entry[1].release_claim(entry[0])
-        except Exception as exc:
-            log.debug("smcish: releasing claim failed: %r", exc)
-
-
-def _claim_before_connect(sock, address, config) -> None:
-    """Patched sock_connect's half: bind and claim the connection if it goes to an smcish listener."""
-    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    The socket must be a fresh TCP socket; it is bound here (to the source the kernel would use)
+    if the caller did not bind it. Any trouble: no claim (the connection stays plain TCP).
+    """
+    if (sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6)
+            or not isinstance(address, tuple)):
         return
     cfg = _config(config, {})
-    dev, _ = _device_for(cfg)
-    if dev is None:
+    device, skip = _device_for(cfg)
+    if device is None:
         return
+    from ism_backend import sockets
+
     host, port = address[0], address[1]
-    if cfg.negotiate != "always" and not dev.lookup(host, port):
-        return
+    if not discovery.is_local(host):
+        return                      # (the cross-namespace path needs create_connection itself)
     if sock.getsockname()[1] == 0:
-        sock.bind(("::", 0, 0, 0) if sock.family == socket.AF_INET6 else ("0.0.0.0", 0))
-    key = (sock.getsockname()[1], host, port)
-    claim = dev.claim(key[0], host, port, "client")
-    if claim is not None:
-        _preclaims[key] = (claim, dev)
-        weakref.finalize(sock, _release_preclaim, key)   # never handed to create_connection
+        src = discovery.source_address(sock.family, host)
+        if src is None:
+            return
+        sock.bind((src, 0))
+    bound = sock.getsockname()
+    hit = sockets.diag().lookup(sock.family, (host, port), (bound[0], bound[1]))
+    if hit is None or hit.state != sockets.TCP_LISTEN:
+        return
+    hub = Hub.get(loop, device)
+    group = hub.group_serving(hit.inode)
+    advert = None
+    if group is None:
+        if device.kind == "daemon":
+            advert = await loop.run_in_executor(device_pool(), device.find_listener, hit.inode)
+        else:
+            advert = device.find_listener(hit.inode)
+        if advert is None:
+            return
+    acceptor = discovery.Acceptor(sock, group, advert, False, None)
+    setup, reason = await _claim(loop, hub, cfg, acceptor, sock.family, (host, port), hold=True)
+    if setup is not None:
+        _preclaims[id(sock)] = (sock, setup)
+        # Never handed to create_connection(sock=) within the set-up timeout: the client's timer
+        # finalises TCP by itself; this drops our reference afterwards (no finaliser involved).
+        loop.call_later(cfg.handshake_timeout * 2 + 1.0, _drop_preclaim, id(sock), setup)
 
 
-def install(loop=None, config: Config | None = None):
+def _drop_preclaim(key: int, setup: ClientSetup) -> None:
+    entry = _preclaims.get(key)
+    if entry is not None and entry[1] is setup:
+        del _preclaims[key]
+        if not setup.machine.done:
+            setup.abandon(R.TIMEOUT)
+        setup.discard()
+
+
+def _finalise_preclaim(sock: Any) -> None:
+    """The caller uses its socket directly (sock_sendall, ...): the connection is plain TCP."""
+    entry = _preclaims.pop(id(sock), None)
+    if entry is not None:
+        setup = entry[1]
+        if not setup.machine.done:
+            setup.abandon(R.DISABLED_BY_POLICY)
+        setup.discard()
+
+
+def install(loop: Any = None, config: Config | None = None) -> Any:
     """Patch one loop so its create_connection/create_server go through smcish.
 
     Calls with ``ssl=`` or to unix sockets pass through untouched. Returns the loop.
@@ -309,32 +329,55 @@ def install(loop=None, config: Config | None = None):
     loop = loop or asyncio.get_event_loop()
     if getattr(loop, _PATCHED, None) is not None:
         return loop
-    originals = (loop.create_connection, loop.create_server)
+    originals = (loop.create_connection, loop.create_server, loop.sock_connect)
 
-    async def patched_connection(protocol_factory, host=None, port=None, **kwargs):
+    async def patched_connection(protocol_factory: Any, host: Any = None, port: Any = None, **kwargs: Any) -> Any:
         return await create_connection(protocol_factory, host, port, config=config, loop=loop, **kwargs)
 
-    async def patched_server(protocol_factory, host=None, port=None, **kwargs):
+    async def patched_server(protocol_factory: Any, host: Any = None, port: Any = None, **kwargs: Any) -> Any:
         return await create_server(protocol_factory, host, port, config=config, loop=loop, **kwargs)
 
     orig_sock_connect = loop.sock_connect
 
-    async def patched_sock_connect(sock, address):
+    async def patched_sock_connect(sock: Any, address: Any) -> Any:
         # Callers that connect their own socket (aiohttp) then pass it as sock=: claim first.
         try:
-            _claim_before_connect(sock, address, config)
-        except Exception as exc:
+            await _claim_before_connect(loop, sock, address, config)
+        except Exception as exc:  # noqa: BLE001 - no claim: plain TCP
             log.debug("smcish: no claim before sock_connect: %r", exc)
-        return await orig_sock_connect(sock, address)
+        try:
+            result = await orig_sock_connect(sock, address)
+        except BaseException:
+            entry = _preclaims.pop(id(sock), None)
+            if entry is not None:
+                entry[1].abandon(R.INTERNAL)
+            raise
+        entry = _preclaims.get(id(sock))
+        if entry is not None:
+            entry[1].connected()
+        return result
+
+    def patch_sock_io(name: str) -> None:
+        orig = getattr(loop, name)
+
+        def patched(sock: Any, *args: Any, **kwargs: Any) -> Any:
+            if _preclaims:
+                _finalise_preclaim(sock)
+            return orig(sock, *args, **kwargs)
+
+        setattr(loop, name, patched)
 
     setattr(loop, _PATCHED, originals)
     loop.create_connection = patched_connection
     loop.create_server = patched_server
     loop.sock_connect = patched_sock_connect
+    for name in ("sock_sendall", "sock_recv", "sock_recv_into", "sock_sendfile"):
+        if hasattr(loop, name):
+            patch_sock_io(name)
     return loop
 
 
-def loop_factory(base=None, config: Config | None = None):
+def loop_factory(base: Any = None, config: Config | None = None) -> Any:
     """Return a factory for ``asyncio.run(main, loop_factory=...)`` / ``asyncio.Runner``.
 
     Args:
@@ -343,7 +386,7 @@ def loop_factory(base=None, config: Config | None = None):
     """
     base = base or asyncio.new_event_loop
 
-    def factory():
+    def factory() -> Any:
         return install(base(), config)
 
     return factory

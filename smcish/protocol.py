@@ -1,30 +1,34 @@
-"""The handshake protocol: runs the CLC exchange on the loop's TCP transport, then hands over.
+"""Connection set-up through a link group, and the protocol that sits on the loop's TCP transport.
 
-Modelled on asyncio's sslproto: this protocol sits on the TCP transport; the application gets an
-SmcTransport. After CONFIRM it stays on the TCP transport as the control/liveness channel; after a
-fallback the application protocol is attached to the TCP transport directly.
+Modelled on asyncio's sslproto: ``HandshakeProtocol`` sits on the TCP transport and hands the
+application an ``SmcTransport`` once the set-up decided; after that it stays on the TCP transport
+as the liveness channel (ISM) or gets out of the way (TCP fallback: the application protocol is
+attached to the TCP transport directly). ``ClientSetup`` is the client's half before the TCP
+transport exists: it claims a slot before ``connect()`` and waits for the server's decision.
+The rules and the state machine are in ``clc.py``; no byte of the set-up ever goes on TCP.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-
-import ism_backend
+import os
+from typing import Any
 
 from . import clc
 from . import ring as _ring
 from . import stats as _stats
 from .errors import HandshakeError
-from .transport import SmcInfo, SmcTransport, device_pool, release_regions
+from .linkgroup import Hub, LinkGroup, addr_bytes, device_pool, in_pool
+from .transport import SmcInfo, SmcTransport
 
 log = logging.getLogger("smcish")
 R = clc.DeclineReason
+_MAX_HELD = 256 * 1024          # TCP bytes a server holds while it waits for the client's final word
 
 
-def deliver(protocol, data: bytes) -> None:
-    """Hand bytes to any Protocol or BufferedProtocol (used to replay handshake-time bytes)."""
+def deliver(protocol: Any, data: bytes) -> None:
+    """Hand bytes to any Protocol or BufferedProtocol (used to replay bytes held during set-up)."""
     if not data:
         return
     if isinstance(protocol, asyncio.BufferedProtocol):
@@ -41,105 +45,307 @@ def deliver(protocol, data: bytes) -> None:
         protocol.data_received(data)
 
 
-def _error_reason(exc: Exception, default):
-    if isinstance(exc, ism_backend.QuotaExceeded):
-        return R.QUOTA
-    if isinstance(exc, ism_backend.NoDevice):
-        return R.NO_DEVICE
-    return default
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
 
+
+# --------------------------------------------------------------------------- client side
+
+class ClientSetup:
+    """The client's claim in a slot of ``group``, from before ``connect()`` to its final word.
+
+    Use: ``reason = await setup.start(sock, server_addr)`` (None: claimed), connect the socket,
+    then ``await setup.wait()``; ``setup.abandon(reason)`` if the connect fails. Afterwards
+    ``setup.mode`` is ``"ism"`` (``ring``, ``block`` are handed to the transport) or ``"tcp"``
+    (``reason``, ``by_peer``).
+    """
+
+    def __init__(self, loop: Any, hub: Hub, group: LinkGroup, config: Any, remote: bool = False,
+                 hold: bool = False) -> None:
+        self.loop = loop
+        # hold: a claim made by a patched sock_connect; the final word waits until the socket is
+        # handed to create_connection(sock=) (release_hold), or the timer makes it TCP.
+        self.hold = hold
+        self.hub = hub
+        self.group = group
+        self.config = config
+        self.remote = remote             # ismd cross-namespace claim (released at ismd afterwards)
+        self.machine = clc.SetupMachine("client", loop.time(), config.handshake_timeout)
+        self.slot = -1
+        self._smc_gen = 0
+        self.block: Any = None
+        self.extent: Any = None
+        self.ring: Any = None
+        self.mode: str | None = None
+        self.reason: R | None = None
+        self.by_peer = False
+        self._port = 0
+        self._ino = 0
+        self._claimed = False
+        self._connected = False
+        self._timer: Any = None
+        self._future = loop.create_future()
+        self._poll_us = config.poll_us
+
+    async def start(self, sock: Any, family: int, server: tuple) -> R | None:
+        """Publish the claim for ``sock`` (bound, not connected). Returns a reason if impossible."""
+        group = self.group
+        got = group.take_slot()
+        if got is None:
+            return R.NO_MEMORY
+        self.slot, self._smc_gen = got
+        block = group.alloc_block(self.config.ring_size)
+        if block is None and await group.grow(self.config.ring_size):
+            block = group.alloc_block(self.config.ring_size)
+        if block is None or group.dying:
+            if block is not None:
+                group.free_block(block[0])
+            group.slot_done(self.slot, self._smc_gen)
+            return R.NO_MEMORY
+        self.block, self.extent = block
+        local = sock.getsockname()
+        self._port = local[1]
+        self._ino = os.fstat(sock.fileno()).st_ino
+        gen = self._smc_gen
+        group.gens[self.slot] = gen
+        group.group.reset_slot(self.slot)
+        group.group.publish_setup(self.slot, _ring.Setup(
+            gen=gen, phase=clc.PHASE_CLAIMED, reason=0, family=family,
+            ring0_off=self.block.off, ring0_ext=self.block.ext, ring0_log2=_log2(self.block.size),
+            sock_ino=self._ino, cport=local[1], sport=server[1], caddr=addr_bytes(local[0]),
+            saddr=addr_bytes(server[0])))
+        if not group.group.post_claim(self._port, self.slot):
+            group.free_block(self.block)
+            self.block = None
+            group.slot_done(self.slot, gen)
+            return R.NO_MEMORY
+        self._claimed = True
+        group.bind(self.slot, self, self._poll_us)
+        self.machine.claim(gen, self.loop.time())
+        self._arm()
+        group.schedule_poll(wake=True)            # the decision follows the connect closely
+        return None
+
+    def connected(self) -> None:
+        self._connected = True
+        self._smc_notify()              # the server may have decided while we connected
+
+    def release_hold(self) -> None:
+        """The socket was handed to create_connection(sock=): give the final word now."""
+        self.hold = False
+        if self.machine.state is clc.SetupState.ACCEPTED_SEEN and self.ring is not None:
+            self.machine.confirm(self.loop.time())
+        self._process()
+
+    async def wait(self) -> None:
+        await self._future
+
+    def abandon(self, reason: R) -> None:
+        """The TCP connection failed or was cancelled before a decision."""
+        self.machine.abandon(reason, self.loop.time())
+        self._process()
+
+    def discard(self) -> None:
+        """After an ISM decision, the connection could not be handed to the application after
+        all (the loop refused the socket): abort our side, so the server's side fails too."""
+        if self.mode != "ism" or self.ring is None:
+            return
+        ring, self.ring = self.ring, None
+        try:
+            ring.set_abort()
+        except (_ring.RingCorrupted, ValueError):
+            pass
+        ring.close()
+        if self.block is not None:
+            self.group.free_block(self.block)
+            self.block = None
+        self.group.slot_done(self.slot, self._smc_gen, quarantine=True)
+
+    # ------------------------------------------------------------------ group callbacks
+    def _smc_notify(self) -> None:
+        if self.machine.done:
+            return
+        snap = self.group.group.read_peer_setup(self.slot)
+        self.machine.observe(snap.gen, snap.phase, snap.reason, self.loop.time())
+        self._process(snap)
+
+    def _smc_group_failed(self, exc: BaseException) -> None:
+        if not self.machine.done:
+            self.abandon(R.ATTACH_FAILED)
+        elif self.mode == "ism" and self.ring is not None and not self._future.done():
+            self._future.set_exception(exc)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self.machine.done:
+            self.machine.handle_timer(self.loop.time())
+            self._process()
+
+    # ------------------------------------------------------------------ internals
+    def _process(self, snap: Any = None) -> None:
+        machine = self.machine
+        group = self.group
+        if machine.state is clc.SetupState.ACCEPTED_SEEN and self.ring is None:
+            self._build_ring(snap or group.group.read_peer_setup(self.slot))
+        write = machine.take_write()
+        if write is not None and not group.destroyed:
+            group.group.set_phase(self.slot, self._smc_gen, write[0], write[1])
+            group.group.notify(self.slot)
+        while True:
+            event = machine.next_event()
+            if event is None:
+                break
+            if isinstance(event, clc.Established):
+                self.mode = "ism"
+                self._finish()
+            elif isinstance(event, clc.FellBack):
+                self.mode = "tcp"
+                self.reason = event.reason
+                self.by_peer = event.by_peer
+                self._finish()
+        if not machine.done:
+            self._arm()
+
+    def _build_ring(self, snap: Any) -> None:
+        try:
+            self.ring = _ring.Ring.in_slot(self.group.group, self.slot, self.extent, self.block.off,
+                                           self.block.size, snap.ring0_ext, snap.ring0_off,
+                                           snap.ring0_log2)
+        except (_ring.RingCorrupted, ValueError) as exc:
+            log.debug("smcish: the server's ring block is unusable: %r", exc)
+            self.machine.decline(R.PROTOCOL_ERROR, self.loop.time())
+            return
+        if not self.hold:
+            self.machine.confirm(self.loop.time())
+
+    def _arm(self) -> None:
+        deadline = self.machine.deadline
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        group = self.group
+        if self._claimed:
+            self._claimed = False
+            if not group.destroyed:
+                group.group.clear_claim(self._port, self.slot)
+        if self.remote:
+            in_pool(self.hub.device.release_remote_claim, self._ino)
+        if self.mode != "ism":
+            if self.ring is not None:
+                self.ring.close()
+                self.ring = None
+            if self.block is not None:
+                group.free_block(self.block)
+                self.block = None
+            # The server may still look at this slot if it never answered: quarantine it.
+            group.slot_done(self.slot, self._smc_gen,
+                            quarantine=self._connected and not self.by_peer)
+        if not self._future.done():
+            self._future.set_result(None)
+
+
+# --------------------------------------------------------------------------- the protocol
 
 class HandshakeProtocol(asyncio.Protocol):
-    """One side of the handshake on one TCP connection.
+    """One side of one connection on the loop's TCP transport.
 
     Args:
         loop: the running loop.
         role: ``"client"`` or ``"server"``.
         app_factory: the application's protocol factory.
         config: a ``Config``.
-        device: the ISM device, or None when this connection must stay TCP.
-        skip_reason: if set, do not negotiate; fall back at once with this reason.
-        waiter: client side: a future resolved with ``(transport, protocol)``.
-        claim: client side: the device claim registered for this connection (released here).
+        hub: the server's hub (None: the connection stays TCP).
+        setup: client: the finished ``ClientSetup`` (None: TCP with ``skip_reason``).
+        skip_reason: go TCP at once with this reason.
+        waiter: client: a future resolved with ``(transport, protocol)``.
     """
 
-    def __init__(self, loop, role, app_factory, config, device, *, skip_reason=None,
-                 waiter=None, claim=None):
+    def __init__(self, loop: Any, role: str, app_factory: Any, config: Any, *, hub: Hub | None = None,
+                 setup: ClientSetup | None = None, skip_reason: R | None = None,
+                 waiter: Any = None) -> None:
         self._loop = loop
         self._role = role
         self._app_factory = app_factory
         self._config = config
-        self._device = device
+        self._hub = hub
+        self._setup = setup
         self._skip_reason = skip_reason
         self._waiter = waiter
-        self._claim = claim
-        self._tcp = None
-        self._smc = None
-        self._app = None
-        self._clc = None
-        self._timer = None
-        # A server waiting for a client's first bytes has no deadline (a plain client may take its
-        # time, as with TCP), unless the device says this client claimed the connection.
-        self._client_claimed = False
-        self._my_region = None
-        self._peer_region = None
-        self._ring = None
-        self._done = False             # decided: ism, tcp or aborted
+        self._tcp: Any = None
+        self._smc: Any = None
+        self._app: Any = None
         self._established = False
+        self._done = False
+        # server set-up state
+        self._machine: clc.SetupMachine | None = None
+        self._group: LinkGroup | None = None
+        self._slot = -1
+        self._smc_gen = 0
+        self._claim: Any = None
+        self._block: Any = None
+        self._extent: Any = None
+        self._ring: Any = None
+        self._held = bytearray()
+        self._eof = False
+        self._timer: Any = None
+        self._poll_us = config.poll_us
 
     # ------------------------------------------------------------ TCP events
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: Any) -> None:
         self._tcp = transport
         self._smc = SmcTransport(self._loop, transport, SmcInfo(self._role))
-        if self._skip_reason is not None:        # no negotiation: straight to plain TCP
+        if self._role == "client":
+            setup = self._setup
+            if setup is None:
+                self._fall_back(self._skip_reason or R.INTERNAL, b"")
+            elif setup.mode == "ism":
+                self._establish(setup.ring, setup.group, setup.slot, setup._smc_gen, setup.block)
+            else:
+                self._fall_back(setup.reason or R.INTERNAL, b"", setup.by_peer)
+            return
+        if self._skip_reason is not None:
             self._fall_back(self._skip_reason, b"")
             return
-        now = self._loop.time()
-        self._clc = clc.ClcConnection(self._role, now, timeout=self._config.handshake_timeout)
-        if self._role == "server":
-            self._clc.wait_proposal(now)
-            # Did this client claim the connection on our device (so it will propose)? If not, it
-            # is a plain client: the application gets the TCP connection at once, no delay.
-            if self._client_will_propose():
-                self._client_claimed = True
-                self._arm_timer()          # the application's connection_made waits for the outcome
-            else:
-                self._clc.fallback_now(R.PEER_NOT_SMCISH)
-                self._process()
-            return
-        device = self._device
-        try:
-            self._my_region = device.alloc(_ring.region_size(self._config.ring_size))
-        except Exception as exc:
-            self._fall_back(_error_reason(exc, R.NO_MEMORY), b"")
-            return
-        proposal = clc.Proposal(
-            min_version=clc.PROTOCOL_VERSION, max_version=clc.PROTOCOL_VERSION, flags=0,
-            gid=device.gid, endpoint_id=device.endpoint_id, token=self._my_region.token,
-            capacity_log2=self._config.ring_size.bit_length() - 1)
-        transport.write(self._clc.propose(proposal, now))
-        self._process()
+        self._server_start()
 
     def data_received(self, data: bytes) -> None:
-        if self._clc is None:
+        if self._established:
+            self._smc._tcp_bytes()
             return
-        self._clc.receive_data(data, self._loop.time())
-        self._process()
+        if self._done:
+            return
+        self._held += data
+        self._smc_notify()                # a client that went TCP wrote FINAL_TCP first
+        if not self._done and len(self._held) > _MAX_HELD:
+            self._abort(R.PROTOCOL_ERROR, "the client sent data before its final word")
 
-    def eof_received(self):
+    def eof_received(self) -> Any:
         if self._established:
             self._smc._tcp_eof()
             return True
-        if self._done or self._clc is None:
+        if self._done:
             return True
-        self._clc.receive_eof(self._loop.time())
-        self._process()
+        self._eof = True
+        self._smc_notify()
+        if not self._done and self._machine is not None:
+            self._machine.peer_gone(self._loop.time())
+            self._process()
+        if not self._done:                 # still verifying (remote): decided when that ends
+            return True
         if self._smc._info.mode == "tcp" and self._app is not None:
-            # The application protocol is now the TCP transport's: it decides half-close.
-            return self._app.eof_received()
+            return True                    # _fall_back delivered EOF to the application
         return True
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timer()
         if self._established:
             self._smc._tcp_lost(exc)
@@ -147,195 +353,244 @@ class HandshakeProtocol(asyncio.Protocol):
         if self._done:
             return
         self._done = True
-        self._release()
-        error = exc or ConnectionResetError("connection lost during the smcish handshake")
+        self._release_setup()
+        error = exc or ConnectionResetError("connection lost during the smcish set-up")
         self._fail(error)
 
-    # ------------------------------------------------------------ server decision
-    def _client_will_propose(self) -> bool:
-        """Atomically: did the client claim this connection, or do we claim it as plain TCP?"""
-        sock = self._tcp.get_extra_info("sockname")
-        peer = self._tcp.get_extra_info("peername")
+    # ------------------------------------------------------------ server set-up
+    def _server_start(self) -> None:
+        hub = self._hub
+        tcp = self._tcp
+        peer = tcp.get_extra_info("peername")
+        local = tcp.get_extra_info("sockname")
+        found = None
+        if hub is not None and peer and local:
+            try:
+                found = hub.find_claim(peer, local)
+            except Exception as exc:  # noqa: BLE001 - no claim visible: a plain client
+                log.debug("smcish: claim lookup failed: %r", exc)
+        if found is None:
+            self._fall_back(R.PEER_NOT_SMCISH, b"")
+            return
+        group, slot, setup = found
+        if slot in group.conns:
+            # Our side of that slot is still in use: an honest client never claims it (it waits
+            # for our release), so this claim is not for us to answer. Stay TCP without a word.
+            self._fall_back(R.PROTOCOL_ERROR, b"")
+            return
+        self._group, self._slot, self._claim, self._smc_gen = group, slot, setup, setup.gen
+        self._machine = clc.SetupMachine("server", self._loop.time(), self._config.handshake_timeout)
+        group.bind(slot, self, self._poll_us)        # hold the slot while we decide
+        verdict = self._verify_local(peer, local, setup, group)
+        if verdict is True:
+            self._accept()
+        elif verdict is False:
+            self._decline(R.PROTOCOL_ERROR)
+        else:
+            sock = tcp.get_extra_info("socket")
+            fut = self._loop.run_in_executor(device_pool(), hub.device.verify_remote_peer, sock,
+                                             setup.sock_ino)
+            fut.add_done_callback(self._remote_verified)
+
+    def _verify_local(self, peer: tuple, local: tuple, setup: Any, group: LinkGroup) -> bool | None:
+        """Is the socket at the other end of this connection the one the claim names?
+
+        True/False from the kernel (same network namespace); None when the kernel cannot see it
+        here and the device can check across namespaces (ismd).
+        """
+        from ism_backend import sockets
+
+        family = self._tcp.get_extra_info("socket").family
         try:
-            return self._device.claim(peer[1], sock[0], sock[1], "server") is None
-        except Exception as exc:
-            log.debug("smcish: claim failed, staying TCP: %r", exc)
+            hit = sockets.diag().lookup(family, (peer[0], peer[1]), (local[0], local[1]))
+        except OSError as exc:
+            log.debug("smcish: sock_diag lookup failed: %r", exc)
             return False
+        if hit is None:
+            return None if self._hub.device.kind == "daemon" else False
+        return hit.inode == setup.sock_ino and hit.uid == group.peer_uid and hit.inode != 0
 
-    # ------------------------------------------------------------ codec events
-    def _process(self) -> None:
-        clc_conn = self._clc
-        while True:
-            event = clc_conn.next_event()
-            if event is None:
-                break
-            handler = self._handlers.get(type(event))
-            handler(self, event)
-        out = clc_conn.data_to_send()
-        if out and not self._tcp.is_closing():
-            self._tcp.write(out)
-        if not self._done:
-            self._arm_timer()
+    def _remote_verified(self, fut: Any) -> None:
+        if self._done:
+            return
+        ok = not fut.cancelled() and fut.exception() is None and fut.result()
+        if ok:
+            self._accept()
         else:
-            self._cancel_timer()
+            self._decline(R.PROTOCOL_ERROR)
 
-    def _on_proposal(self, event) -> None:
-        proposal = event.proposal
-        device = self._device
-        if proposal.gid != device.gid:
-            self._tcp.write(self._clc.decline(R.GID_MISMATCH, self._loop.time()))
+    def _accept(self) -> None:
+        group = self._group
+        got = group.alloc_block(self._config.ring_size)
+        if got is None:
+            task = self._loop.create_task(group.grow(self._config.ring_size))
+            task.add_done_callback(self._grown)
             return
-        if not proposal.min_version <= clc.PROTOCOL_VERSION <= proposal.max_version:
-            self._tcp.write(self._clc.decline(R.VERSION_MISMATCH, self._loop.time()))
-            return
-        self._attach(proposal.token, proposal.endpoint_id, 1 << proposal.capacity_log2,
-                     functools.partial(self._accept_proposal, event.version))
+        self._accept_with(got)
 
-    def _accept_proposal(self, version: int, peer_capacity: int) -> None:
-        device = self._device
-        now = self._loop.time()
-        try:
-            self._my_region = device.alloc(_ring.region_size(self._config.ring_size))
-        except Exception as exc:
-            self._release()
-            self._tcp.write(self._clc.decline(_error_reason(exc, R.NO_MEMORY), now))
+    def _grown(self, task: Any) -> None:
+        if self._done:
             return
-        try:
-            self._ring = _ring.Ring(self._my_region.mem, self._peer_region.mem,
-                                    self._config.ring_size, peer_capacity,
-                                    self._peer_region.doorbell_fd)
-        except Exception as exc:
-            log.debug("smcish: ring set-up failed: %r", exc)
-            self._release()
-            self._tcp.write(self._clc.decline(R.ATTACH_FAILED, now))
-            return
-        accept = clc.Accept(version=version, flags=0, gid=device.gid,
-                            endpoint_id=device.endpoint_id, token=self._my_region.token,
-                            capacity_log2=self._config.ring_size.bit_length() - 1)
-        out = self._clc.accept(accept, now)
-        if out:
-            self._tcp.write(out)
-
-    def _on_accept(self, event) -> None:
-        accept = event.accept
-        if accept.gid != self._device.gid:
-            self._tcp.write(self._clc.decline(R.GID_MISMATCH, self._loop.time()))
-            return
-        self._attach(accept.token, accept.endpoint_id, 1 << accept.capacity_log2,
-                     self._confirm_accept)
-
-    def _confirm_accept(self, peer_capacity: int) -> None:
-        try:
-            self._ring = _ring.Ring(self._my_region.mem, self._peer_region.mem,
-                                    self._config.ring_size, peer_capacity,
-                                    self._peer_region.doorbell_fd)
-        except Exception as exc:
-            log.debug("smcish: ring set-up failed: %r", exc)
-            self._release()
-            self._tcp.write(self._clc.decline(R.ATTACH_FAILED, self._loop.time()))
-            return
-        self._tcp.write(self._clc.confirm(self._loop.time()))
-
-    def _attach(self, token: bytes, endpoint_id: bytes, peer_capacity: int, then) -> None:
-        """Attach the peer's region in a device thread: attaching waits on the peer's device
-        endpoint, and a peer that stalls there must not freeze this loop. ``then(peer_capacity)``
-        continues the handshake on the loop (the codec's decision timer still runs meanwhile)."""
-        future = self._loop.run_in_executor(device_pool(), self._device.attach, token, endpoint_id)
-        future.add_done_callback(functools.partial(self._attached, peer_capacity, then))
-
-    def _attached(self, peer_capacity: int, then, future) -> None:
-        region = error = None
-        if future.cancelled():
-            error = ConnectionError("attach cancelled")
-        elif future.exception() is not None:
-            error = future.exception()
+        got = None
+        if not task.cancelled() and task.exception() is None and task.result():
+            got = self._group.alloc_block(self._config.ring_size)
+        if got is None:
+            self._decline(R.NO_MEMORY)
         else:
-            region = future.result()
-            if region.size < _ring.region_size(peer_capacity):
-                error = ValueError("peer region smaller than the ring it announced")
-        waiting = clc.State.PROPOSAL_RECEIVED if self._role == "server" else clc.State.ACCEPT_RECEIVED
-        if self._done or self._clc.state is not waiting:
-            # The connection ended, or the decision timer fired, while we attached.
-            if region is not None:
-                release_regions(self._device, None, region)
+            self._accept_with(got)
+
+    def _accept_with(self, got: tuple) -> None:
+        group = self._group
+        slot, claim = self._slot, self._claim
+        block, extent = got
+        if group.dying:
+            group.free_block(block)
+            self._decline(R.ATTACH_FAILED)
             return
-        if error is not None:
-            log.debug("smcish: attach failed: %r", error)
-            if region is not None:
-                release_regions(self._device, None, region)
-            self._release()
-            self._tcp.write(self._clc.decline(_error_reason(error, R.ATTACH_FAILED),
-                                              self._loop.time()))
-        else:
-            self._peer_region = region
-            then(peer_capacity)
+        snap = group.group.read_peer_setup(slot)
+        if snap.gen != claim.gen or snap.phase != clc.PHASE_CLAIMED:
+            group.free_block(block)                 # the client gave up meanwhile
+            self._machine.accept(claim.gen, self._loop.time())
+            self._smc_notify()
+            return
+        group.group.reset_slot(slot)
+        try:
+            ring = _ring.Ring.in_slot(group.group, slot, extent, block.off, block.size,
+                                      claim.ring0_ext, claim.ring0_off, claim.ring0_log2)
+        except (_ring.RingCorrupted, ValueError) as exc:
+            log.debug("smcish: the client's ring block is unusable: %r", exc)
+            group.free_block(block)
+            self._decline(R.PROTOCOL_ERROR)
+            return
+        self._block, self._extent, self._ring = block, extent, ring
+        group.gens[slot] = claim.gen
+        group.group.publish_setup(slot, _ring.Setup(
+            gen=claim.gen, phase=clc.PHASE_ACCEPTED, reason=0, family=claim.family,
+            ring0_off=block.off, ring0_ext=block.ext, ring0_log2=_log2(block.size), sock_ino=0,
+            cport=claim.cport, sport=claim.sport, caddr=claim.caddr, saddr=claim.saddr))
+        group.group.notify(slot)
+        self._machine.accept(claim.gen, self._loop.time())
+        self._arm_timer()
+        group.schedule_poll(wake=True)            # the client's final word follows at once
+        self._smc_notify()                # the client may already have answered
+
+    def _decline(self, reason: R) -> None:
+        machine = self._machine
+        machine.decline(reason, self._loop.time(), gen=self._smc_gen)
         self._process()
 
-    def _on_established(self, event) -> None:
-        self._done = True
-        self._established = True
-        self._release_claim()
-        smc = self._smc
-        info = smc._info
-        info.device = self._device.gid.hex()
-        info.ring_size = self._ring.tx_capacity
-        info.peer_ring_size = self._ring.rx_capacity
-        if self._app is None:
-            self._app = self._app_factory()
-            smc.set_protocol(self._app)
-            smc._become_ism(self._ring, self._device, self._my_region, self._peer_region,
-                            self._config.poll_us)
-            self._app.connection_made(smc)
-        else:
-            smc._become_ism(self._ring, self._device, self._my_region, self._peer_region,
-                            self._config.poll_us)
-        self._ring = self._my_region = self._peer_region = None
-        self._resolve()
+    # ------------------------------------------------------------ group callbacks (server)
+    def _smc_notify(self) -> None:
+        machine = self._machine
+        if self._done or machine is None or machine.state is not clc.SetupState.WAIT_FINAL:
+            return
+        snap = self._group.group.read_peer_setup(self._slot)
+        machine.observe(snap.gen, snap.phase, snap.reason, self._loop.time())
+        self._process()
 
-    def _on_fell_back(self, event) -> None:
-        self._release()
-        self._fall_back(event.reason, event.data, by_peer=event.by_peer)
+    def _smc_group_failed(self, exc: BaseException) -> None:
+        if not self._done:
+            self._abort(R.ATTACH_FAILED, f"link group failed: {exc}")
 
-    def _on_aborted(self, event) -> None:
-        self._done = True
-        self._release()
-        _stats.count("handshake_aborts")
-        exc = HandshakeError(event.reason, f"smcish handshake aborted: {event.message}")
-        self._fail(exc)
-        self._tcp.abort()
+    def _process(self) -> None:
+        machine = self._machine
+        group = self._group
+        write = machine.take_write()
+        if write is not None and not group.destroyed:
+            group.group.set_phase(self._slot, self._smc_gen, write[0], write[1])
+            group.group.notify(self._slot)
+        while True:
+            event = machine.next_event()
+            if event is None:
+                break
+            if isinstance(event, clc.Established):
+                self._cancel_timer()
+                self._establish(self._ring, group, self._slot, self._smc_gen, self._block)
+                self._ring = self._block = None
+            elif isinstance(event, clc.FellBack):
+                self._cancel_timer()
+                self._release_setup()
+                self._fall_back(event.reason, bytes(self._held), event.by_peer)
+            elif isinstance(event, clc.Aborted):
+                self._abort(event.reason, event.message)
+        if not self._done:
+            self._arm_timer()
 
-    _handlers = {
-        clc.ProposalReceived: _on_proposal,
-        clc.AcceptReceived: _on_accept,
-        clc.Established: _on_established,
-        clc.FellBack: _on_fell_back,
-        clc.Aborted: _on_aborted,
-    }
+    def _release_setup(self) -> None:
+        """Server: give back what the set-up took (ring, block, our side of the slot)."""
+        group = self._group
+        if group is None or self._machine is None:
+            return
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self._block is not None:
+            group.free_block(self._block)
+            self._block = None
+        if group.conns.get(self._slot) is self:
+            group.slot_done(self._slot, self._smc_gen)
+        self._group = None
 
     # ------------------------------------------------------------ outcomes
-    def _fall_back(self, reason, data: bytes, by_peer: bool = False) -> None:
+    def _establish(self, ring: Any, group: LinkGroup, slot: int, gen: int, block: Any) -> None:
         self._done = True
-        self._release_claim()
+        self._established = True
+        smc = self._smc
+        info = smc._info
+        info.device = group.hub.device.gid.hex()
+        info.ring_size = ring.tx_capacity
+        info.peer_ring_size = ring.rx_capacity
+        self._app = self._app_factory()
+        smc.set_protocol(self._app)
+        smc._become_ism(ring, group, slot, gen, block, self._config)
+        self._app.connection_made(smc)
+        if self._held:
+            self._held.clear()
+            smc._tcp_bytes()
+        elif self._eof:
+            smc._tcp_eof()
+        self._resolve()
+
+    def _fall_back(self, reason: R, data: bytes, by_peer: bool = False) -> None:
+        self._done = True
         _stats.count_fallback(reason)
         smc = self._smc
-        if self._app is None:
-            self._app = self._app_factory()
-            smc.set_protocol(self._app)
-            smc._become_tcp(reason, by_peer)
-            self._app.connection_made(smc)
-        else:
-            smc._become_tcp(reason, by_peer)
+        self._app = self._app_factory()
+        smc.set_protocol(self._app)
+        smc._become_tcp(reason, by_peer)
+        self._app.connection_made(smc)
+        self._held = bytearray()
         if data:
             deliver(self._app, data)
+        if self._eof:
+            try:
+                keep_open = self._app.eof_received()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._loop.call_exception_handler({
+                    "message": "Fatal error: protocol.eof_received() call failed.",
+                    "exception": exc, "transport": smc, "protocol": self._app})
+                self._tcp.abort()
+            else:
+                if not keep_open:
+                    self._tcp.close()
         self._resolve()
+
+    def _abort(self, reason: R, message: str) -> None:
+        self._done = True
+        self._cancel_timer()
+        self._release_setup()
+        _stats.count("handshake_aborts")
+        self._fail(HandshakeError(reason, f"smcish set-up aborted: {message}"))
+        self._tcp.abort()
 
     def _resolve(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result((self._smc, self._app))
 
-    def _fail(self, exc) -> None:
-        self._release_claim()
+    def _fail(self, exc: BaseException) -> None:
         waiter = self._waiter
         if waiter is not None:
             if not waiter.done():
@@ -343,37 +598,16 @@ class HandshakeProtocol(asyncio.Protocol):
         elif self._app is not None and self._smc is not None:
             self._smc._force_close(exc)
 
-    def _release(self) -> None:
-        ring, self._ring = self._ring, None
-        if ring is not None:
-            ring.close()
-        mine, peer = self._my_region, self._peer_region
-        self._my_region = self._peer_region = None
-        if self._device is not None and (mine is not None or peer is not None):
-            release_regions(self._device, mine, peer)
-
-    def _release_claim(self) -> None:
-        claim, self._claim = self._claim, None
-        if claim is not None:
-            try:
-                self._device.release_claim(claim)
-            except Exception as exc:
-                log.debug("smcish: releasing claim failed: %r", exc)
-
-    # ------------------------------------------------------------ timer
+    # ------------------------------------------------------------ timer (server)
     def _arm_timer(self) -> None:
-        if (self._role == "server" and not self._client_claimed
-                and self._clc.state is clc.State.WAIT_PROPOSAL):
-            return
-        deadline = self._clc.get_timer()
-        if deadline is None:
-            self._cancel_timer()
-            return
+        deadline = self._machine.deadline if self._machine is not None else None
         if self._timer is not None:
-            if self._timer.when() == deadline:
+            if deadline is not None and self._timer.when() == deadline:
                 return
             self._timer.cancel()
-        self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer = None
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -384,7 +618,5 @@ class HandshakeProtocol(asyncio.Protocol):
         self._timer = None
         if self._done:
             return
-        out = self._clc.handle_timer(self._loop.time())
-        if out and not self._tcp.is_closing():
-            self._tcp.write(out)
+        self._machine.handle_timer(self._loop.time())
         self._process()

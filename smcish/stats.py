@@ -29,19 +29,36 @@ def stats() -> dict:
 
     Returns:
         dict with ``connections_ism``, ``connections_tcp``, ``fallbacks`` (reason -> count),
-        ``bytes_sent``, ``bytes_received``, ``doorbells``, ``poll_hits``, ``poll_misses``,
-        ``handshake_aborts`` and ``live`` (number of open ISM connections).
+        ``bytes_sent``, ``bytes_received``, ``notifications`` (slot notifications queued),
+        ``doorbells`` (eventfd writes to wake a peer's link group), ``poll_hits``,
+        ``poll_misses`` (link group busy-polls), ``handshake_aborts``, ``link_groups``, ``slots``
+        (connections holding a slot) and ``live`` (number of open ISM connections).
     """
+    from . import linkgroup
+
     totals = collections.Counter(_counters)
     live = _snapshot_live()
     for transport in live:
         for key, value in transport._counters().items():
             totals[key] += value
+    groups = slots = 0
+    for hub in linkgroup.live_hubs():
+        try:
+            hub_stats = hub.stats()
+        except Exception:          # a hub closing under our feet (stat from another thread)
+            continue
+        groups += hub_stats["link_groups"]
+        slots += hub_stats["slots"]
+        totals["doorbells"] += hub_stats["doorbells"]
+        totals["poll_hits"] += hub_stats["group_polls_hit"]
+        totals["poll_misses"] += hub_stats["group_polls_missed"]
     out = {key: totals.get(key, 0) for key in (
-        "connections_ism", "connections_tcp", "bytes_sent", "bytes_received",
+        "connections_ism", "connections_tcp", "bytes_sent", "bytes_received", "notifications",
         "doorbells", "poll_hits", "poll_misses", "handshake_aborts")}
     out["fallbacks"] = dict(_fallbacks)
     out["live"] = len(live)
+    out["link_groups"] = groups
+    out["slots"] = slots
     return out
 
 

@@ -1,9 +1,10 @@
-"""SmcTransport: the asyncio.Transport an application sees, over a ring pair or the TCP connection.
+"""SmcTransport: the asyncio.Transport an application sees, over a slot's ring pair or the TCP connection.
 
-The application receives it only once the handshake decided (like SSL's handshake before
+The application receives it only once the set-up decided (like SSL's handshake before
 connection_made), in one of two modes:
-- ism: bytes move through the shared-memory rings; the TCP connection underneath stays open as the
-  control and liveness channel (the handshake protocol keeps forwarding its events here);
+- ism: bytes move through the slot's rings in the link group; the TCP connection underneath stays
+  open, silent, as the liveness channel (the handshake protocol keeps forwarding its events here);
+  the group's notification dispatch calls ``_smc_notify`` when the peer published something for us;
 - tcp (fallback): every method is re-bound, per instance, to the loop's own TCP transport, so a
   fallen-back connection pays no Python call of ours per write, and the application protocol is
   attached to the TCP transport directly (no call of ours per read).
@@ -14,13 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import logging
-import os
-import threading
 import warnings
-
 from asyncio import constants as _aconst
+from typing import Any
 
 from . import ring as _ring
 from . import stats as _stats
@@ -30,12 +28,8 @@ log = logging.getLogger("smcish")
 
 _MAX_READ = 256 * 1024          # largest chunk handed to data_received at once
 _READS_PER_CALLBACK = 16        # deliveries before yielding to the loop (fairness)
-_MAX_BACKOFF = 10               # a missed poll skips up to 2**10 - 1 later chances
-
-# Receive polls queued in this process. Spinning pays only when nothing else waits to run: with
-# several busy connections, one's spin would delay the others' work (the loop is single-threaded),
-# so a poll spins only while it is the only one queued.
-_queued_polls = 0
+_MAX_BACKOFF = 10               # a missed tx poll skips up to 2**10 - 1 later chances
+_GROW_FACTOR = 4
 _ST_DONE = _ring.ST_EOF | _ring.ST_CLOSED | _ring.ST_ABORT
 
 # Methods re-bound to the TCP transport when a connection falls back.
@@ -53,20 +47,24 @@ class SmcInfo:
         mode: ``"ism"`` (shared memory) or ``"tcp"`` (plain TCP).
         reason: a ``DeclineReason`` saying why the connection is TCP, or None.
         device: the ISM device gid (hex) the connection shares memory through, or None.
-        ring_size / peer_ring_size: ring capacities in bytes (ISM only).
+        ring_size / peer_ring_size: ring capacities in bytes when the connection was set up (ISM).
         role: ``"client"`` or ``"server"``.
+        peer_declined: True when the peer's word made it TCP.
+        slot: the connection's slot in its link group (ISM), else None.
     """
 
-    __slots__ = ("mode", "reason", "device", "ring_size", "peer_ring_size", "role", "peer_declined")
+    __slots__ = ("mode", "reason", "device", "ring_size", "peer_ring_size", "role", "peer_declined",
+                 "slot")
 
     def __init__(self, role: str, mode: str = "tcp") -> None:
         self.role = role
         self.mode = mode
-        self.reason = None
-        self.device = None
-        self.ring_size = None
-        self.peer_ring_size = None
+        self.reason: Any = None
+        self.device: str | None = None
+        self.ring_size: int | None = None
+        self.peer_ring_size: int | None = None
         self.peer_declined = False
+        self.slot: int | None = None
 
     def __repr__(self) -> str:
         reason = getattr(self.reason, "name", self.reason)
@@ -83,23 +81,32 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     _sendfile_compatible = _aconst._SendfileMode.FALLBACK
     _start_tls_compatible = False
 
-    def __init__(self, loop, tcp_transport, info: SmcInfo) -> None:
+    def __init__(self, loop: Any, tcp_transport: Any, info: SmcInfo) -> None:
         # Only what both modes need: a fallen-back connection should cost next to nothing.
         super().__init__(None, loop)
         self._tcp = tcp_transport
         self._info = info
-        self._protocol = None
+        self._protocol: Any = None
         self._buffered = False
-        self._feed = None
-        self._ring = None
+        self._feed: Any = None
+        self._ring: Any = None
         self._closing = False
         self._conn_lost = 0
 
     def _init_ism(self, poll_us: float) -> None:
         """The state of the shared-memory data path."""
-        self._regions = None            # (device, my_region, peer_region) while in ism mode
-        self._doorbell_fd = -1
-        self._pending = collections.deque()
+        self._group: Any = None
+        self._slot = -1
+        self._smc_gen = 0
+        self._block: Any = None          # our current tx ring block
+        self._old_block: Any = None      # the block before a ring switch, until the peer passed it
+        self._ring_size = 0              # the size rings start at (and shrink back to)
+        self._max_ring = 0
+        self._full_count = 0             # times the writer found the ring full since the last switch
+        self._growing = False
+        self._tick_tx = -1               # tx bytes at the last maintenance tick (shrink when idle)
+        self._released = False
+        self._pending: collections.deque = collections.deque()
         self._pending_size = 0
         self._high_water = 64 * 1024
         self._low_water = 16 * 1024
@@ -111,26 +118,22 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._peer_gone = False          # TCP control connection lost without a clean close
         self._read_scheduled = False
         self._poll_us = float(poll_us)
-        self._poll_scheduled = False
-        # Adaptive polling, per direction: after a miss, skip 2**level - 1 chances (level grows
-        # with each miss, resets on a hit), so a peer that never answers costs almost nothing.
-        self._rx_level = self._rx_skip = 0
         self._tx_level = self._tx_skip = 0
 
     # ----------------------------------------------------------------- set-up
-    def set_protocol(self, protocol) -> None:
+    def set_protocol(self, protocol: Any) -> None:
         self._protocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
         self._feed = getattr(protocol, "_smc_feed", None)      # streams: ring -> reader, one copy
 
-    def get_protocol(self):
+    def get_protocol(self) -> Any:
         return self._protocol
 
     def __repr__(self) -> str:
         state = "closed" if self._conn_lost else ("closing" if self._closing else "open")
         return f"<SmcTransport {self._info.mode} {state}>"
 
-    def _become_tcp(self, reason, peer_declined: bool = False) -> None:
+    def _become_tcp(self, reason: Any, peer_declined: bool = False) -> None:
         """Fallback: re-bind every method to the TCP transport (no per-call cost of ours)."""
         self._info.mode = "tcp"
         self._info.reason = reason
@@ -141,22 +144,27 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if self._protocol is not None:
             tcp.set_protocol(self._protocol)
 
-    def _become_ism(self, ring, device, my_region, peer_region, poll_us: float) -> None:
-        """Switch to the shared-memory data path (after CONFIRM)."""
-        self._init_ism(poll_us)
+    def _become_ism(self, ring: Any, group: Any, slot: int, gen: int, block: Any, config: Any) -> None:
+        """Switch to the shared-memory data path (the set-up established)."""
+        self._init_ism(config.poll_us)
         self._info.mode = "ism"
+        self._info.slot = slot
         self._addrs = (_fmt_addr(self._tcp.get_extra_info("sockname")),
                        _fmt_addr(self._tcp.get_extra_info("peername")))
         self._ring = ring
-        self._regions = (device, my_region, peer_region)
-        self._doorbell_fd = my_region.doorbell_fd
-        self._loop.add_reader(self._doorbell_fd, self._on_doorbell)
+        self._group = group
+        self._slot = slot
+        self._smc_gen = gen
+        self._block = block
+        self._ring_size = config.ring_size
+        self._max_ring = max(config.max_ring_size, config.ring_size)
+        group.bind(slot, self, self._poll_us)
         _stats.count("connections_ism")
         _stats.track(self)
         self._schedule_read()
 
     # ----------------------------------------------------------------- info
-    def get_extra_info(self, name, default=None):
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "smcish":
             return self._info
         if name == "sslcontext":
@@ -165,20 +173,67 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
 
     def _counters(self) -> dict:
         ring = self._ring
-        if ring is None:
+        if ring is None or ring.closed:
             return {}
         return {"bytes_sent": ring.tx_bytes, "bytes_received": ring.rx_bytes,
-                "doorbells": ring.doorbells, "poll_hits": ring.spin_hits,
-                "poll_misses": ring.spin_misses}
+                "notifications": ring.doorbells}
 
     def _describe(self) -> dict:
         """One row of `python -m smcish stat` (called from the device's endpoint thread)."""
+        ring = self._ring
         out = {"mode": self._info.mode, "role": self._info.role,
                "peer": self._addrs[1], "local": self._addrs[0],
-               "reason": getattr(self._info.reason, "name", None),
-               "ring_size": self._info.ring_size, "pending": self._pending_size}
+               "reason": getattr(self._info.reason, "name", None), "slot": self._slot,
+               "ring_size": ring.tx_capacity if ring is not None and not ring.closed else None,
+               "pending": self._pending_size}
         out.update(self._counters())
         return out
+
+    # ----------------------------------------------------------------- notifications
+    def _smc_notify(self) -> None:
+        """The peer queued our slot: data, space, a state change (or we linger after close)."""
+        ring = self._ring
+        if ring is None:
+            return
+        if self._conn_lost:
+            self._try_release()
+            return
+        if self._old_block is not None:
+            self._free_old_block()
+        if self._pending_size:
+            self._flush()
+        if not self._read_scheduled:
+            self._read_ready()
+
+    def _smc_group_failed(self, exc: BaseException) -> None:
+        """The link group died under us (corrupted, or torn down): fail now and let go."""
+        if not self._conn_lost:
+            self._fatal_error(exc, "smcish: link group failed")
+        self._try_release()
+
+    def _smc_tick(self, now: float) -> None:
+        """Maintenance (1 s): release a lingering slot, shrink an idle grown ring."""
+        ring = self._ring
+        if ring is None:
+            self._group.tickers.discard(self)
+            return
+        if self._conn_lost:
+            self._try_release()
+            return
+        if self._old_block is not None:
+            self._free_old_block()
+        tx = ring.tx_bytes
+        if (ring.tx_capacity > self._ring_size and tx == self._tick_tx and not self._pending_size
+                and self._old_block is None):
+            try:
+                if ring.tx_space() == ring.tx_capacity:
+                    self._switch(self._ring_size)
+            except _ring.RingCorrupted as exc:
+                self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+                return
+        self._tick_tx = tx
+        if ring.tx_capacity <= self._ring_size and self._old_block is None:
+            self._group.tickers.discard(self)
 
     # ----------------------------------------------------------------- reading
     def is_reading(self) -> bool:
@@ -198,16 +253,6 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if not self._read_scheduled:
             self._read_scheduled = True
             self._loop.call_soon(self._read_ready)
-
-    def _on_doorbell(self) -> None:
-        _ring.drain_doorbell(self._doorbell_fd)
-        ring = self._ring
-        if ring is None:
-            return
-        ring.clear_wants()
-        if self._pending_size:
-            self._flush()
-        self._read_ready()
 
     def _read_ready(self) -> None:
         self._read_scheduled = False
@@ -241,10 +286,16 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             if self._peer_gone:
                 self._fatal_error(PeerReset("smcish peer vanished (TCP connection lost without close)"))
                 return
-            if self._poll_us:
-                self._schedule_poll()           # poll (then sleep) after the app's callbacks
-            elif ring.prepare_sleep_rx():
-                self._schedule_read()
+            # Drained: arm the slot (the peer queues a notification on its next write), then let
+            # the group poll cover it after the application's callbacks of this iteration.
+            status = ring.prepare_sleep_rx()
+            if status:
+                if status & _ST_DONE and not status & _ring.ST_DATA:
+                    self._on_peer_state(status)
+                else:
+                    self._schedule_read()
+            elif self._poll_us:
+                self._group.schedule_poll(wake=True)
         except (SystemExit, KeyboardInterrupt):
             raise
         except _ring.RingCorrupted as exc:
@@ -270,46 +321,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         elif status & _ring.ST_CLOSED and not status & _ring.ST_EOF:
             self._fatal_error(PeerReset("smcish peer closed without EOF"))
 
-    def _poll(self) -> None:
-        """The receive side is idle: busy-poll briefly for more data, then sleep on the doorbell.
-
-        Scheduled with call_soon after a write (a reply is likely) and when a read drained the
-        ring, so it runs after the application's callbacks of this loop iteration: polling never
-        delays the application's answer, and a quick peer never pays the sleep/wake-up cost.
-        """
-        global _queued_polls
-        _queued_polls -= 1
-        self._poll_scheduled = False
-        ring = self._ring
-        if (ring is None or self._conn_lost or self._closing or self._reading_paused
-                or self._read_scheduled):
-            return
-        try:
-            if not self._pending_size and not _queued_polls:   # clear_wants() drops want_space too
-                if self._rx_skip:
-                    self._rx_skip -= 1
-                else:
-                    ring.clear_wants()
-                    if ring.spin(self._poll_us):     # returns at once if something is there
-                        self._rx_level = 0
-                        self._read_ready()
-                        return
-                    self._rx_level = min(self._rx_level + 1, _MAX_BACKOFF)
-                    self._rx_skip = (1 << self._rx_level) - 1
-            if ring.prepare_sleep_rx():
-                self._schedule_read()
-        except _ring.RingCorrupted as exc:
-            self._fatal_error(exc, "smcish: peer corrupted the shared ring")
-
-    def _schedule_poll(self) -> None:
-        global _queued_polls
-        if not self._poll_scheduled:
-            self._poll_scheduled = True
-            _queued_polls += 1
-            self._loop.call_soon(self._poll)
-
     # ----------------------------------------------------------------- writing
-    def write(self, data) -> None:
+    def write(self, data: Any) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
         if self._eof_requested:
@@ -329,8 +342,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 self._fatal_error(exc, "smcish: peer corrupted the shared ring")
                 return
             if n == len(data):
-                if self._poll_us and not self._poll_scheduled:
-                    self._schedule_poll()
+                if self._poll_us:
+                    self._group.schedule_poll(wake=True)      # a reply is likely
                 return
             data = data[n:]
         self._pending.append(bytes(data))
@@ -339,14 +352,20 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             self._wait_space()
         self._maybe_pause_protocol()
 
-    def writelines(self, list_of_data) -> None:
+    def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
             self.write(data)
 
     def _wait_space(self) -> None:
-        """Our ring is full: poll briefly for the consumer to make room, else sleep for space."""
+        """Our ring is full: grow it if the flow is bulk, poll briefly for room, else sleep."""
         ring = self._ring
         try:
+            self._full_count += 1
+            if (ring.tx_capacity < self._max_ring and not self._growing and self._old_block is None
+                    and (self._full_count >= 2 or self._pending_size > ring.tx_capacity // 2)):
+                if self._switch(min(self._max_ring, ring.tx_capacity * _GROW_FACTOR)):
+                    self._loop.call_soon(self._flush)
+                    return
             if self._poll_us:
                 if self._tx_skip:
                     self._tx_skip -= 1
@@ -363,6 +382,42 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 self._fatal_error(PeerReset("smcish peer closed; it will not read what we write"))
         except _ring.RingCorrupted as exc:
             self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+
+    def _switch(self, capacity: int) -> bool:
+        """Move our tx ring to a new block of ``capacity`` (grow or shrink). True if switched."""
+        if self._growing or self._old_block is not None or self._group.dying:
+            return False
+        got = self._group.alloc_block(capacity)
+        if got is None:
+            if capacity > self._ring.tx_capacity:
+                self._growing = True
+                task = self._loop.create_task(self._group.grow(capacity))
+                task.add_done_callback(self._grown)
+            return False
+        block, extent = got
+        if not self._ring.switch_tx(extent, block.off, block.size, block.ext):
+            self._group.free_block(block)
+            return False
+        self._old_block, self._block = self._block, block
+        self._full_count = 0
+        self._group.tickers.add(self)
+        return True
+
+    def _grown(self, task: Any) -> None:
+        self._growing = False
+        if not task.cancelled() and task.exception() is None and task.result():
+            if self._pending_size and not self._conn_lost:
+                self._full_count = 2
+                self._loop.call_soon(self._flush)
+
+    def _free_old_block(self) -> None:
+        try:
+            if self._ring.switch_pending():
+                return
+        except _ring.RingCorrupted:
+            return
+        block, self._old_block = self._old_block, None
+        self._group.free_block(block)
 
     def _flush(self) -> None:
         ring = self._ring
@@ -431,10 +486,10 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     def get_write_buffer_size(self) -> int:
         return self._pending_size
 
-    def get_write_buffer_limits(self):
+    def get_write_buffer_limits(self) -> tuple[int, int]:
         return (self._low_water, self._high_water)
 
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         if high is None:
             high = 64 * 1024 if low is None else 4 * low
         if low is None:
@@ -490,7 +545,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     def abort(self) -> None:
         self._force_close(None)
 
-    def _fatal_error(self, exc, message="Fatal error on smcish transport") -> None:
+    def _fatal_error(self, exc: BaseException, message: str = "Fatal error on smcish transport") -> None:
         if isinstance(exc, OSError):
             if self._loop.get_debug():
                 log.debug("%r: %s", self, message, exc_info=True)
@@ -499,7 +554,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 "message": message, "exception": exc, "transport": self, "protocol": self._protocol})
         self._force_close(exc)
 
-    def _force_close(self, exc) -> None:
+    def _force_close(self, exc: BaseException | None) -> None:
         if self._conn_lost:
             return
         self._closing = True
@@ -508,49 +563,71 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if self._ring is not None:
             try:
                 self._ring.set_abort()
-            except _ring.RingCorrupted:
+            except (_ring.RingCorrupted, ValueError):
                 pass
         self._conn_lost += 1
         self._tcp.abort()
         self._loop.call_soon(self._call_connection_lost, exc)
 
-    def _call_connection_lost(self, exc) -> None:
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
         try:
             if self._protocol is not None:
                 self._protocol.connection_lost(exc)
         finally:
-            self._release()
+            self._stats_final()
+            self._try_release()
 
-    def _release(self) -> None:
-        """Give the regions back to the device; the peer keeps its own mapping of ours."""
-        regions, self._regions = self._regions, None
-        if self._doorbell_fd >= 0:
-            self._loop.remove_reader(self._doorbell_fd)
-            self._doorbell_fd = -1
-        ring, self._ring = self._ring, None
-        written = None
-        if ring is not None:
-            # Cursors start at 0 in a fresh or re-zeroed region: we wrote the header and the
-            # first min(bytes sent, capacity) bytes of the ring. The pool zeroes only those.
-            written = _ring.HEADER_SIZE + min(ring.tx_bytes, ring.tx_capacity)
-            for key, value in {"bytes_sent": ring.tx_bytes, "bytes_received": ring.rx_bytes,
-                               "doorbells": ring.doorbells, "poll_hits": ring.spin_hits,
-                               "poll_misses": ring.spin_misses}.items():
+    def _stats_final(self) -> None:
+        ring = self._ring
+        if ring is not None and not ring.closed and not self._released:
+            for key, value in self._counters().items():
                 _stats.count(key, value)
-            ring.close()
-        if regions is not None:
-            device, mine, peer = regions
-            release_regions(device, mine, peer, written)
+
+    def _peer_done(self) -> bool:
+        """The peer will never read our ring again (so its block and our slot can be reused)."""
+        group = self._group
+        if group.dying or self._peer_gone:
+            return True
+        try:
+            return bool(self._ring.status() & (_ring.ST_CLOSED | _ring.ST_ABORT))
+        except (_ring.RingCorrupted, ValueError):
+            return True
+
+    def _try_release(self) -> None:
+        """After connection_lost: give the slot back once the peer is done with it."""
+        ring = self._ring
+        if ring is None or self._released or not self._conn_lost:
+            return
+        if not self._peer_done():
+            self._group.tickers.add(self)         # linger: retried on notifications and ticks
+            return
+        self._released = True
+        self._ring = None
+        ring.close()
+        group = self._group
+        group.tickers.discard(self)
+        for block in (self._block, self._old_block):
+            if block is not None:
+                group.free_block(block)
+        self._block = self._old_block = None
+        group.slot_done(self._slot, self._smc_gen)
 
     # Events forwarded by the handshake protocol, which stays on the TCP transport.
     def _tcp_eof(self) -> None:
         self._tcp_gone()
 
-    def _tcp_lost(self, exc) -> None:
+    def _tcp_lost(self, exc: BaseException | None) -> None:
         self._tcp_gone()
 
+    def _tcp_bytes(self) -> None:
+        """A byte arrived on the TCP connection of an ISM connection: the peer broke the protocol."""
+        self._fatal_error(ConnectionResetError(
+            "smcish: the peer wrote on the TCP connection of a shared-memory connection"))
+
     def _tcp_gone(self) -> None:
-        if self._conn_lost or self._ring is None:
+        if self._ring is None or self._conn_lost:
+            # After our own close or abort the TCP events say nothing about whether the peer
+            # still reads our ring: only its CLOSED/ABORT flag or the group's death do.
             return
         try:
             status = self._ring.status()
@@ -571,7 +648,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         else:
             self._schedule_read()
 
-    def __del__(self, _warn=warnings.warn) -> None:
+    def __del__(self, _warn: Any = warnings.warn) -> None:
         if not self._conn_lost and self._info.mode == "ism":
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             try:
@@ -580,55 +657,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 pass
 
 
-_pool = None
-_pool_lock = threading.Lock()
-
-
-def device_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads for device calls that wait on a peer (attach, detach): never on the event loop,
-    where a peer whose device endpoint stalls would freeze every connection of the process."""
-    global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                _pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=8, thread_name_prefix="smcish-device")
-    return _pool
-
-
-def _forget_pool_after_fork() -> None:
-    global _pool, _pool_lock
-    _pool = None
-    _pool_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-
-def release_regions(device, mine, peer, written: int | None = None) -> None:
-    """Detach the peer's region and free ours, off the event loop (see device_pool)."""
-    try:
-        device_pool().submit(_release_now, device, mine, peer, written)
-    except RuntimeError:            # interpreter shutting down: do it here
-        _release_now(device, mine, peer, written)
-
-
-def _release_now(device, mine, peer, written: int | None = None) -> None:
-    """Detach the peer's region and free ours (``written``: the pool's zeroing hint), ignoring a
-    device that already went away."""
-    try:
-        if peer is not None:
-            device.detach(peer)
-    except Exception as exc:  # the device may be gone; memory goes with the process
-        log.debug("smcish: detaching the peer's region failed: %r", exc)
-    try:
-        if mine is not None:
-            device.free(mine, written)
-    except Exception as exc:
-        log.debug("smcish: freeing our region failed: %r", exc)
-
-
-def _fmt_addr(addr) -> str | None:
+def _fmt_addr(addr: Any) -> str | None:
     if not addr:
         return None
     if isinstance(addr, tuple):

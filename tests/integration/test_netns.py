@@ -114,8 +114,8 @@ def test_echo_across_network_namespaces_through_ismd(netns, ismd):
                 "--connections", "1"], env=env, prefix=_in(netns["server_ns"])) as server:
         port = server.read_json()["port"]
         # The listener is advertised on ismd under the server's veth address.
-        listeners = _ismd_status(ismd)["listeners"]
-        assert any(l["host"] == server_ip and l["port"] == port for l in listeners), listeners
+        adverts = _ismd_status(ismd)["adverts"]
+        assert any(a["addr"] == server_ip and a["port"] == port for a in adverts), adverts
         # Only the veth link joins the namespaces: the client's own namespace has no such address.
         result = run_json([PYTHON, example("echo_client.py"), "--host", server_ip, "--port", str(port),
                            "--count", "200", "--size", "5000"], env=env, prefix=_in(netns["client_ns"]))

@@ -1,0 +1,244 @@
+"""Discovery that cannot misdirect: which listener socket will accept this very connection, and is it ours?
+
+Client side (docs/design.md 3.1): bind the socket to the source address the kernel would pick and
+an ephemeral port, then ask the kernel (``NETLINK_SOCK_DIAG``) which socket would receive a segment
+from that exact 4-tuple: the listener it names is the one that will accept the connection, with
+every rule the kernel applies (v6only, specific-over-wildcard, SO_REUSEPORT). Only if that very
+socket is advertised by an smcish hub do we claim. Server side: advertise the listening sockets by
+inode, and withdraw them in ``Server.close()`` before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any, NamedTuple
+
+from ism_backend import sockets
+
+from . import clc
+from .linkgroup import Hub, LinkGroup, device_pool
+
+log = logging.getLogger("smcish")
+R = clc.DeclineReason
+
+_REBINDS = 3                     # fresh ports tried when a port collides with a TIME_WAIT entry
+_SOURCES: dict[tuple[int, str], str | None] = {}
+_SOURCES_MAX = 1024
+_LOCAL: dict[str, tuple[float, bool]] = {}
+_LOCAL_TTL = 1.0                 # seconds an "is this address ours?" answer is reused
+
+
+def is_local(host: str) -> bool:
+    """Is ``host`` an address of this network namespace (cached briefly)?
+
+    The kernel's listener lookup matches a wildcard listener whatever the destination, but a
+    segment to an address that is not local never reaches it: only local destinations can be
+    judged by the oracle. A stale answer costs at most one connection the set-up timeout.
+    """
+    now = time.monotonic()
+    cached = _LOCAL.get(host)
+    if cached is not None and now < cached[0]:
+        return cached[1]
+    try:
+        local = sockets.diag().is_local(host)
+    except (OSError, ValueError) as exc:
+        log.debug("smcish: cannot tell whether %s is local: %r", host, exc)
+        local = False
+    if len(_LOCAL) >= _SOURCES_MAX:
+        _LOCAL.clear()
+    _LOCAL[host] = (now + _LOCAL_TTL, local)
+    return local
+
+
+def source_address(family: int, host: str) -> str | None:
+    """The local address the kernel uses toward ``host`` (cached; routes rarely change)."""
+    key = (family, host)
+    try:
+        return _SOURCES[key]
+    except KeyError:
+        pass
+    src = sockets.route_source(family, host)
+    if len(_SOURCES) >= _SOURCES_MAX:
+        _SOURCES.clear()
+    _SOURCES[key] = src
+    return src
+
+
+class Acceptor(NamedTuple):
+    """What the client learnt about the socket that will accept its connection."""
+
+    sock: socket.socket          # bound (and not connected) client socket to use
+    group: LinkGroup | None      # the link group toward the smcish hub serving that listener
+    advert: Any                  # that hub's advertisement (when no group exists yet)
+    remote: bool                 # found through ismd across network namespaces
+    reason: R | None             # why there is no smcish acceptor (the connection stays TCP)
+
+
+def bound_socket(family: int, host: str, port: int, local_addr: Any,
+                 remote_ok: bool = False) -> tuple[socket.socket, Any]:
+    """A non-blocking socket bound for ``host:port`` and the kernel's answer for its 4-tuple.
+
+    Args:
+        remote_ok: bind it even when ``host`` is not an address of this namespace (ismd can
+            look across namespaces for a bound socket).
+    Returns:
+        ``(sock, hit)``: hit is the LISTEN socket that will accept a connection from ``sock``, or
+        None (the destination is not local, nothing listens, the port collides with a TIME_WAIT
+        entry three times, or the source cannot be known).
+    Raises:
+        OSError: the socket cannot be created or bound (as a plain connect would).
+    """
+    local = is_local(host)
+    src = local_addr[0] if local_addr else source_address(family, host)
+    sock = None
+    for _ in range(_REBINDS):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if local_addr:
+                sock.bind(local_addr)
+            elif src is not None and (local or remote_ok):
+                sock.bind((src, 0))
+            else:
+                return sock, None
+            bound = sock.getsockname()
+        except OSError:
+            sock.close()
+            raise
+        if not local:
+            return sock, None
+        try:
+            hit = sockets.diag().lookup(family, (host, port), (bound[0], bound[1]))
+        except OSError as exc:           # no sock_diag here (seccomp, EMFILE...): stay TCP
+            log.debug("smcish: sock_diag unavailable: %r", exc)
+            return sock, None
+        if hit is None or hit.state == sockets.TCP_LISTEN:
+            return sock, hit
+        if local_addr:
+            return sock, None
+        sock.close()                       # a recycled port: try another one
+    return socket.socket(family, socket.SOCK_STREAM), None
+
+
+async def find_acceptor(loop: Any, hub: Hub, family: int, host: str, port: int,
+                        local_addr: Any) -> Acceptor:
+    """Bind a client socket and find out whether an smcish hub will accept its connection."""
+    device = hub.device
+    sock, hit = bound_socket(family, host, port, local_addr, remote_ok=device.kind == "daemon")
+    sock.setblocking(False)
+    try:
+        if hit is not None:
+            group = hub.group_serving(hit.inode)
+            if group is not None:
+                return Acceptor(sock, group, None, False, None)
+            if device.kind == "daemon":
+                advert = await loop.run_in_executor(device_pool(), device.find_listener, hit.inode)
+            else:
+                advert = device.find_listener(hit.inode)
+            if advert is None:
+                return Acceptor(sock, None, None, False, R.PEER_NOT_ADVERTISED)
+            return Acceptor(sock, None, advert, False, None)
+        if device.kind == "daemon" and sock.getsockname()[1]:
+            advert = await loop.run_in_executor(device_pool(), device.find_remote_listener, sock,
+                                                host, port)
+            if advert is not None:
+                return Acceptor(sock, None, advert, True, None)
+        return Acceptor(sock, None, None, False, R.PEER_NOT_ADVERTISED)
+    except BaseException:
+        sock.close()
+        raise
+
+
+# --------------------------------------------------------------------------- server side
+
+def advertise(server: Any, hub: Hub) -> Any:
+    """Advertise ``server``'s listening sockets on the hub's device until ``server.close()``.
+
+    Returns the server itself (asyncio's Server, whose ``close`` is patched on the instance) or,
+    for a server class that cannot be patched (uvloop's), a ``ServerProxy`` around it.
+    """
+    device = hub.device
+    entries = []
+    for sock in server.sockets:
+        try:
+            handle = device.advertise(sock, hub.id)
+        except Exception as exc:  # noqa: BLE001 - no advertisement: clients just stay TCP
+            log.debug("smcish: advertising %r failed: %r", sock, exc)
+            continue
+        inode = sockets.socket_inode(sock)
+        hub.add_listener(inode)
+        entries.append((handle, inode))
+
+    def withdraw() -> None:
+        while entries:
+            handle, inode = entries.pop()
+            hub.remove_listener(inode)
+            try:
+                device.withdraw(handle)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("smcish: withdraw failed: %r", exc)
+
+    orig_close = server.close
+
+    def close() -> None:
+        withdraw()
+        orig_close()
+
+    try:
+        server.close = close
+        return server
+    except (AttributeError, TypeError):
+        return ServerProxy(server, withdraw)
+
+
+class ServerProxy(asyncio.AbstractServer):
+    """A server whose class cannot be patched (uvloop's), with ``close()`` withdrawing first.
+
+    Every attribute and method not defined here is the wrapped server's.
+    """
+
+    def __init__(self, server: Any, withdraw: Any) -> None:
+        self._server = server
+        self._withdraw = withdraw
+
+    def close(self) -> None:
+        self._withdraw()
+        self._server.close()
+
+    def get_loop(self) -> Any:
+        return self._server.get_loop()
+
+    def is_serving(self) -> bool:
+        return self._server.is_serving()
+
+    async def start_serving(self) -> None:
+        await self._server.start_serving()
+
+    async def serve_forever(self) -> None:
+        try:
+            await self._server.serve_forever()
+        finally:
+            self._withdraw()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+    @property
+    def sockets(self) -> Any:
+        return self._server.sockets
+
+    async def __aenter__(self) -> "ServerProxy":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+    def __repr__(self) -> str:
+        return f"<smcish ServerProxy {self._server!r}>"
