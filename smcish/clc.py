@@ -7,12 +7,19 @@ socket, a loop or a clock: the shell (smcish/protocol.py, smcish/linkgroup.py) p
 feeds snapshots of the peer's record in with ``observe()``, passes ``now`` in, arms a timer at
 ``deadline`` and reacts to ``next_event()``.
 
-The protocol (docs/design.md section 3.3): the client claims a slot (CLAIMED, its ring block and the
-4-tuple of its socket) before it connects; the server, at accept, verifies the claim against the
-kernel's view of the accepted socket and answers ACCEPTED (with its ring block) or DECLINED; the
-client's final word (FINAL_ISM or FINAL_TCP) decides, and the server follows it. No byte of the
-set-up is ever written to the TCP connection. The client's timer bounds its wait; the server's
-timer (twice as long) bounds its wait for the final word.
+The protocol (docs/design.md section 3.3): the client claims a slot (its ring block and the 4-tuple
+of its socket) before it connects; the server, at accept, verifies the claim against the kernel's
+view of the accepted socket and answers ACCEPTED (with its ring block) or DECLINED. No byte of the
+set-up is ever written to the TCP connection, and the client's word decides:
+- an OPTIMISTIC claim (the default) means "ISM unless I withdraw": the client hands the
+  connection to its application at once and writes into its ring; a server that publishes
+  ACCEPTED and then (after a fence) still reads OPTIMISTIC is established at once; a client that
+  gives up (timer, or TCP bytes from a server that is not ours) publishes WITHDRAWING, and after
+  a fence reads the server's record: ACCEPTED means the server got there first (ISM after all,
+  FINAL_ISM), anything else FINAL_TCP (the client resends what it wrote over TCP);
+- a CLAIMED claim (sockets the caller connects itself) waits for the decision and then gives a
+  FINAL_ISM or FINAL_TCP word that the server waits for.
+The client's timer bounds its wait; the server's (twice as long) bounds its wait for a final word.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from typing import Literal, Union
 __all__ = [
     "DeclineReason", "Role", "SetupState", "SetupMachine", "SetupStateError", "Established",
     "FellBack", "Aborted", "Event", "PHASE_NONE", "PHASE_CLAIMED", "PHASE_FINAL_ISM",
-    "PHASE_FINAL_TCP", "PHASE_ACCEPTED", "PHASE_DECLINED", "TERMINAL_STATES",
+    "PHASE_FINAL_TCP", "PHASE_OPTIMISTIC", "PHASE_WITHDRAWING", "PHASE_ACCEPTED", "PHASE_DECLINED",
+    "TERMINAL_STATES",
 ]
 
 # Set-up phases as stored in a slot header (mirror smcish/_cffi/ring.h SMC_PHASE_*; a test checks).
@@ -32,6 +40,8 @@ PHASE_NONE = 0
 PHASE_CLAIMED = 1          # client
 PHASE_FINAL_ISM = 2        # client
 PHASE_FINAL_TCP = 3        # client
+PHASE_OPTIMISTIC = 4       # client
+PHASE_WITHDRAWING = 5      # client
 PHASE_ACCEPTED = 1         # server
 PHASE_DECLINED = 2         # server
 
@@ -96,6 +106,8 @@ class SetupState(enum.Enum):
 
     IDLE = "idle"
     CLAIMED = "claimed"                   # client: record published, waiting for the decision
+    OPTIMISTIC = "optimistic"             # client: record published, already sending: ISM unless withdrawn
+    WITHDRAWING = "withdrawing"           # client: WITHDRAWING published, the server's record decides
     ACCEPTED_SEEN = "accepted-seen"       # client: the shell builds the ring, then confirm() / decline()
     WAIT_FINAL = "wait-final"             # server: ACCEPTED published, waiting for the client's final word
     ESTABLISHED = "established"
@@ -109,6 +121,9 @@ TERMINAL_STATES = frozenset({S.ESTABLISHED, S.FELL_BACK, S.ABORTED})
 
 class _Input(enum.Enum):
     CLAIM = "claim()"
+    CLAIM_OPTIMISTIC = "claim(optimistic=True)"
+    WITHDRAW = "withdraw()"
+    PEER_SILENT = "no answer from the server after our withdrawal"
     ACCEPT = "accept()"
     DECLINE = "decline()"
     CONFIRM = "confirm()"
@@ -122,7 +137,8 @@ class _Input(enum.Enum):
 
 
 I = _Input
-_LOCAL = frozenset({I.CLAIM, I.ACCEPT, I.DECLINE, I.CONFIRM, I.ABANDON})
+_LOCAL = frozenset({I.CLAIM, I.CLAIM_OPTIMISTIC, I.WITHDRAW, I.ACCEPT, I.DECLINE, I.CONFIRM,
+                    I.ABANDON})
 
 # The whitelist: (role, state, input) -> next state. Anything absent is refused (local calls raise
 # SetupStateError; observations that classify to an absent input are ignored, see observe()).
@@ -136,6 +152,15 @@ _TRANSITIONS: dict[tuple[Role, SetupState, _Input], SetupState] = {
     (CLIENT, S.ACCEPTED_SEEN, I.DECLINE): S.FELL_BACK,
     (CLIENT, S.ACCEPTED_SEEN, I.TIMER): S.FELL_BACK,
     (CLIENT, S.ACCEPTED_SEEN, I.ABANDON): S.FELL_BACK,
+    (CLIENT, S.IDLE, I.CLAIM_OPTIMISTIC): S.OPTIMISTIC,
+    (CLIENT, S.OPTIMISTIC, I.PEER_ACCEPTED): S.ACCEPTED_SEEN,      # the server is established
+    (CLIENT, S.OPTIMISTIC, I.PEER_DECLINED): S.FELL_BACK,           # resend over TCP
+    (CLIENT, S.OPTIMISTIC, I.TIMER): S.WITHDRAWING,
+    (CLIENT, S.OPTIMISTIC, I.WITHDRAW): S.WITHDRAWING,
+    (CLIENT, S.OPTIMISTIC, I.ABANDON): S.FELL_BACK,                 # the connect failed
+    (CLIENT, S.WITHDRAWING, I.PEER_ACCEPTED): S.ACCEPTED_SEEN,      # the server got there first
+    (CLIENT, S.WITHDRAWING, I.PEER_DECLINED): S.FELL_BACK,
+    (CLIENT, S.WITHDRAWING, I.PEER_SILENT): S.FELL_BACK,
     (SERVER, S.IDLE, I.ACCEPT): S.WAIT_FINAL,
     (SERVER, S.IDLE, I.DECLINE): S.FELL_BACK,
     (SERVER, S.WAIT_FINAL, I.PEER_FINAL_ISM): S.ESTABLISHED,
@@ -147,6 +172,8 @@ _TRANSITIONS: dict[tuple[Role, SetupState, _Input], SetupState] = {
 # What a transition publishes into our own record (phase), besides the shell's full publishes
 # (the client's CLAIMED and the server's ACCEPTED carry ring blocks: the shell writes those).
 _WRITES: dict[tuple[Role, _Input], int] = {
+    (CLIENT, I.WITHDRAW): PHASE_WITHDRAWING,
+    (CLIENT, I.PEER_SILENT): PHASE_FINAL_TCP,
     (CLIENT, I.PEER_DECLINED): PHASE_FINAL_TCP,
     (CLIENT, I.TIMER): PHASE_FINAL_TCP,
     (CLIENT, I.ABANDON): PHASE_FINAL_TCP,
@@ -159,8 +186,13 @@ _WRITES: dict[tuple[Role, _Input], int] = {
 # waits longer than any honest client can, then gives up on the connection.
 _DEADLINES: dict[tuple[Role, SetupState], float] = {
     (CLIENT, S.CLAIMED): 1.0,
+    (CLIENT, S.OPTIMISTIC): 1.0,
     (SERVER, S.WAIT_FINAL): 2.0,
 }
+
+
+_SERVER_FINALS = {PHASE_FINAL_ISM: I.PEER_FINAL_ISM, PHASE_OPTIMISTIC: I.PEER_FINAL_ISM,
+                  PHASE_FINAL_TCP: I.PEER_FINAL_TCP}
 
 
 class SetupStateError(RuntimeError):
@@ -212,14 +244,39 @@ class SetupMachine:
         self.gen = 0
         self.deadline: float | None = None
         self.reason: DeclineReason | None = None
+        self.optimistic = False
+        self._withdraw_reason = DeclineReason.TIMEOUT
         self._write: tuple[int, int] | None = None
         self._events: list[Event] = []
 
     # ------------------------------------------------------------------ local calls
-    def claim(self, gen: int, now: float) -> None:
-        """Client: our CLAIMED record for ``gen`` is published (by the shell)."""
+    def claim(self, gen: int, now: float, optimistic: bool = False) -> None:
+        """Client: our CLAIMED (or OPTIMISTIC) record for ``gen`` is published (by the shell)."""
         self.gen = gen
-        self._step(I.CLAIM, now)
+        self.optimistic = optimistic
+        self._step(I.CLAIM_OPTIMISTIC if optimistic else I.CLAIM, now)
+
+    def withdraw(self, reason: DeclineReason, now: float) -> None:
+        """Client, optimistic: give up (TCP bytes or EOF from a server that is not ours).
+
+        Publish ``take_write()`` (WITHDRAWING), then read the server's record and pass it to
+        ``settle()``: the server may have accepted first.
+        """
+        if self.state is not S.OPTIMISTIC:
+            return
+        self._withdraw_reason = DeclineReason(reason)
+        self._step(I.WITHDRAW, now, reason)
+
+    def settle(self, gen: int, phase: int, reason: int, now: float) -> None:
+        """Client, WITHDRAWING: the server's record read after our WITHDRAWING was published."""
+        if self.state is not S.WITHDRAWING:
+            return
+        inp = self._classify(gen, phase) or I.PEER_SILENT
+        self._step(inp, now, self._withdraw_reason if inp is I.PEER_SILENT else reason)
+        if inp is I.PEER_DECLINED:
+            self._fall_back(DeclineReason.from_code(reason), by_peer=True)
+        elif inp is I.PEER_SILENT:
+            self._fall_back(self._withdraw_reason, by_peer=False)
 
     def accept(self, gen: int, now: float) -> None:
         """Server: our ACCEPTED record for the client's ``gen`` is published (by the shell)."""
@@ -228,7 +285,7 @@ class SetupMachine:
 
     def confirm(self, now: float) -> None:
         """Client, after ACCEPTED and a ring built from the server's block: FINAL_ISM."""
-        if self._late(now):
+        if not self.optimistic and self._late(now):
             return
         self._step(I.CONFIRM, now)
         self._events.append(Established())
@@ -260,7 +317,7 @@ class SetupMachine:
         inp = self._classify(gen, phase)
         if inp is None or (self.role, self.state, inp) not in _TRANSITIONS:
             return
-        if self.role == CLIENT and inp is I.PEER_ACCEPTED and self._late(now):
+        if self.role == CLIENT and inp is I.PEER_ACCEPTED and not self.optimistic and self._late(now):
             return
         self._step(inp, now, reason)
         if inp is I.PEER_DECLINED:
@@ -283,6 +340,9 @@ class SetupMachine:
         if self.deadline is None or now < self.deadline:
             return
         before = self.state
+        if before is S.OPTIMISTIC:
+            self.withdraw(DeclineReason.TIMEOUT, now)    # then the shell settles it
+            return
         self._step(I.TIMER, now, DeclineReason.TIMEOUT)
         if self.state is S.FELL_BACK:
             self._fall_back(DeclineReason.TIMEOUT, by_peer=False)
@@ -311,7 +371,9 @@ class SetupMachine:
             return {PHASE_ACCEPTED: I.PEER_ACCEPTED, PHASE_DECLINED: I.PEER_DECLINED}.get(phase)
         if gen != self.gen:
             return I.PEER_GONE
-        return {PHASE_FINAL_ISM: I.PEER_FINAL_ISM, PHASE_FINAL_TCP: I.PEER_FINAL_TCP}.get(phase)
+        # OPTIMISTIC read after our ACCEPTED (and a fence) is final: a withdrawal the client
+        # publishes later will see our ACCEPTED and turn back to ISM (docs/design.md 3.3).
+        return _SERVER_FINALS.get(phase)
 
     def _late(self, now: float) -> bool:
         """A client decision at or after its deadline loses to the timer (a guarantee to the
@@ -330,7 +392,9 @@ class SetupMachine:
         factor = _DEADLINES.get((self.role, nxt))
         if factor is not None:
             self.deadline = now + factor * self.timeout
-        elif nxt is not S.ACCEPTED_SEEN:        # ACCEPTED_SEEN keeps the claim's deadline
+        elif nxt is not S.ACCEPTED_SEEN or self.optimistic:
+            # a classic ACCEPTED_SEEN keeps the claim's deadline; an optimistic client whose
+            # server accepted is established already, whatever the time
             self.deadline = None
         phase = _WRITES.get((self.role, inp))
         if phase is not None:

@@ -11,7 +11,9 @@ inode, and withdraw them in ``Server.close()`` before it returns.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import random
 import socket
 import time
 from typing import Any, NamedTuple
@@ -77,6 +79,44 @@ class Acceptor(NamedTuple):
     reason: R | None             # why there is no smcish acceptor (the connection stays TCP)
 
 
+def _port_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            lo, hi = (int(x) for x in fh.read().split())
+        if 1024 <= lo < hi <= 65535:
+            return lo, hi
+    except (OSError, ValueError):
+        pass
+    return 32768, 60999
+
+
+_PORTS = _port_range()
+_RANDOM_PORT_TRIES = 8
+
+
+def _bind_ephemeral(sock: socket.socket, src: str) -> bool:
+    """Bind ``sock`` to ``src`` and a free ephemeral port; False if none could be had.
+
+    bind(port 0) searches the whole range for a port without any bound socket, which takes
+    milliseconds on a host with tens of thousands of connections; a random port is one hash
+    lookup, and a collision (EADDRINUSE, or a recycled 4-tuple caught by the caller) is rare.
+    """
+    lo, hi = _PORTS
+    for _ in range(_RANDOM_PORT_TRIES):
+        try:
+            sock.bind((src, random.randint(lo, hi)))
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                break
+    try:
+        sock.bind((src, 0))
+        return True
+    except OSError as exc:
+        log.debug("smcish: cannot bind a client port: %r", exc)
+        return False
+
+
 def bound_socket(family: int, host: str, port: int, local_addr: Any,
                  remote_ok: bool = False) -> tuple[socket.socket, Any]:
     """A non-blocking socket bound for ``host:port`` and the kernel's answer for its 4-tuple.
@@ -101,7 +141,13 @@ def bound_socket(family: int, host: str, port: int, local_addr: Any,
             if local_addr:
                 sock.bind(local_addr)
             elif src is not None and (local or remote_ok):
-                sock.bind((src, 0))
+                # bind(0) allocates ports exclusively, unlike connect(): without SO_REUSEADDR the
+                # TIME_WAIT remnants of our earlier connections would exhaust the port range long
+                # before plain TCP's connect() would (a recycled 4-tuple is caught below).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if not _bind_ephemeral(sock, src):   # no port to claim with: a plain connect may work
+                    sock.close()
+                    return socket.socket(family, socket.SOCK_STREAM), None
             else:
                 return sock, None
             bound = sock.getsockname()

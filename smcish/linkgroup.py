@@ -241,7 +241,6 @@ class Hub:
         self._opening: dict[tuple[bytes, bytes], Any] = {}
         self._open_failed: dict[tuple[bytes, bytes], tuple[float, R]] = {}
         self._timer: Any = None
-        self.queued_polls = 0
         with _reg_lock:
             _hubs[self.id] = self
         if device not in _handled_devices:
@@ -434,7 +433,7 @@ class Hub:
                 continue
             for slot in group.group.find_claims(port):
                 setup = group.group.read_peer_setup(slot)
-                if (setup.phase == clc.PHASE_CLAIMED and setup.cport == port
+                if (setup.phase in (clc.PHASE_CLAIMED, clc.PHASE_OPTIMISTIC) and setup.cport == port
                         and setup.sport == local_addr[1]
                         and _addr_bytes(peer_addr[0]) == setup.caddr
                         and _addr_bytes(local_addr[0]) == setup.saddr):
@@ -561,12 +560,14 @@ class LinkGroup:
         self._free_slots: list[int] = []
         self._next_unused = 0
         self._awaiting: dict[int, tuple[int, float]] = {}     # slot -> (gen, reusable-after)
+        self._block_quarantine: collections.deque = collections.deque()  # (free-after, block)
         self._idle_since = time.monotonic()
         # dispatch
         self._doorbell_fd = my_ext0.doorbell_fd
         self._poll_scheduled = False
         self._rx_level = self._rx_skip = 0
         self._skipped_at = 0.0                  # loop time we slept after skipping a poll (backoff)
+        self._asleep = False                    # we published want_wake and no poll runs
         self.poll_us = 0.0                      # the largest poll budget of its connections
         self.tickers: set[Any] = set()          # connections that want the 1 s maintenance tick
         self.loop.add_reader(self._doorbell_fd, self._on_doorbell)
@@ -577,6 +578,8 @@ class LinkGroup:
         # then ring the doorbell). A new group starts asleep.
         if self.group.prepare_sleep():
             self.schedule_poll()
+        else:
+            self._asleep = True
 
     def __repr__(self) -> str:
         state = "dying" if self.dying else "live"
@@ -599,6 +602,14 @@ class LinkGroup:
         self.alloc.free(block)
         if block.ext and not self.alloc.used(block.ext):
             self._empty_since[block.ext] = time.monotonic()
+
+    def free_block_later(self, block: Block) -> None:
+        """Free ``block`` after the quarantine (the peer may be about to read it once)."""
+        self._block_quarantine.append((time.monotonic() + QUARANTINE_S, block))
+
+    def _free_quarantined(self, now: float) -> None:
+        while self._block_quarantine and self._block_quarantine[0][0] <= now:
+            self.free_block(self._block_quarantine.popleft()[1])
 
     async def grow(self, size: int) -> bool:
         """Add an extent big enough for a ``size`` block (device round trips in the pool).
@@ -628,6 +639,7 @@ class LinkGroup:
                 return False
             self.my_exts[index] = (region, _ring.Extent(region.mem, writable=True))
             self.alloc.add_extent(index, 0, region.size)
+            self._empty_since[index] = time.monotonic()     # until its first block
             self._next_extent_size = min(_EXTENT_MAX, region.size * 2)
         return True
 
@@ -762,29 +774,32 @@ class LinkGroup:
             # caught it. Trust polling again, or a ping-pong stays stuck on doorbells.
             self._rx_level = self._rx_skip = 0
         self._skipped_at = 0.0
+        self._asleep = False
         self.group.clear_wake()
         self._dispatch()
         self.schedule_poll()
 
-    def _dispatch(self) -> bool:
-        """Take the peer's notifications and run the named connections' handlers."""
-        try:
-            slots, overflow = self.group.take(_TAKE_MAX)
-        except _ring.GroupCorrupted as exc:
-            self.fail(exc, abort=True)
-            return False
+    def _dispatch(self, taken: tuple[list[int], bool] | None = None) -> None:
+        """Run the handlers of the connections the peer notified (take them if not given)."""
+        if taken is None:
+            try:
+                taken = self.group.take(_TAKE_MAX)
+            except _ring.GroupCorrupted as exc:
+                self.fail(exc, abort=True)
+                return
+        slots, overflow = taken
+        conns = self.conns
         if overflow:
-            targets = list(self.conns.values())
-        else:
-            conns = self.conns
-            targets = [conns[s] for s in slots if s in conns]
-        for conn in targets:
+            slots = list(conns)
+        for slot in slots:
+            conn = conns.get(slot)
+            if conn is None:
+                continue                       # a stale notification (connection gone)
             try:
                 conn._smc_notify()
             except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the group
                 self.loop.call_exception_handler({
                     "message": "smcish: notification handler failed", "exception": exc})
-        return bool(slots) or overflow
 
     def schedule_poll(self, wake: bool = False) -> None:
         """Queue one group poll (after the application's callbacks of this loop iteration).
@@ -793,42 +808,46 @@ class LinkGroup:
         the poll ends by announcing sleep again, so "awake" never outlasts a scheduled poll.
         """
         if not self._poll_scheduled and not self.destroyed:
-            if wake:
+            if wake and self._asleep:
+                self._asleep = False
                 self.group.clear_wake()
             self._poll_scheduled = True
-            self.hub.queued_polls += 1
             _queued[0] += 1
             self.loop.call_soon(self._poll)
 
     def _poll(self) -> None:
         """Busy-poll the peer's queue briefly (only if no other poll is queued), then sleep."""
         self._poll_scheduled = False
-        self.hub.queued_polls -= 1
         _queued[0] -= 1
-        if self.destroyed or self.group.closed:
+        if self.destroyed:
             return
         try:
-            if self.group.pending():
-                self._dispatch()
-                self.schedule_poll()
-                return
+            group = self.group
             poll_us = self.poll_us
             self._skipped_at = 0.0
-            if poll_us and not _queued[0]:
-                if self._rx_skip:
-                    self._rx_skip -= 1
-                    self._skipped_at = self.loop.time()
-                elif self.group.spin(poll_us):
+            if not poll_us or _queued[0]:
+                budget = 0.0                       # one look (spin(0) checks once)
+            elif self._rx_skip:
+                self._rx_skip -= 1
+                self._skipped_at = self.loop.time()
+                budget = 0.0
+            else:
+                budget = poll_us
+            taken = group.poll(budget)
+            if taken is not None:
+                if budget:
                     self._rx_level = 0
-                    self._dispatch()
-                    self.schedule_poll()
-                    return
-                else:
-                    self._rx_level = min(self._rx_level + 1, _MAX_BACKOFF)
-                    self._rx_skip = (1 << self._rx_level) - 1
-            if self.group.prepare_sleep():
+                self._dispatch(taken)
+                self.schedule_poll()
+                return
+            if budget:
+                self._rx_level = min(self._rx_level + 1, _MAX_BACKOFF)
+                self._rx_skip = (1 << self._rx_level) - 1
+            if group.prepare_sleep():
                 self._dispatch()
                 self.schedule_poll()
+            else:
+                self._asleep = True
         except _ring.GroupCorrupted as exc:
             self.fail(exc, abort=True)
 
@@ -848,6 +867,8 @@ class LinkGroup:
             return
         if self._awaiting:
             self._reap_awaiting(now)
+        if self._block_quarantine:
+            self._free_quarantined(now)
         self._detach_removed_extents()
         self._return_idle_extents(now)
         if (self.role == "client" and not self.conns and not self.dying

@@ -8,6 +8,7 @@ server's decision travel through the group's shared memory, never on the TCP con
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import logging
@@ -35,6 +36,7 @@ _described: set[int] = set()          # ids of devices that know our info provid
 # Connection-establishment arguments we handle ourselves on the accelerated client path.
 _CONNECT_ONLY = ("family", "proto", "flags", "local_addr", "happy_eyeballs_delay", "interleave",
                  "all_errors")
+_CONNECT_TRIES = 3            # fresh client ports tried when the kernel refuses a recycled 4-tuple
 _CONFIG_KEYS = ("device", "negotiate", "ring_size", "max_ring_size", "poll_us", "handshake_timeout")
 
 
@@ -188,24 +190,35 @@ async def _claim(loop: Any, hub: Hub, cfg: Config, acceptor: discovery.Acceptor,
 async def _connect_one(loop: Any, hub: Hub, orig_connect: Any, protocol_factory: Any, cfg: Config,
                        family: int, addr: tuple, local_addr: Any, kwargs: dict) -> Any:
     _, _, orig_sock_connect = _originals(loop)
-    acceptor = await discovery.find_acceptor(loop, hub, family, addr[0], addr[1], local_addr)
-    sock = acceptor.sock
-    setup: ClientSetup | None = None
-    try:
-        setup, reason = await _claim(loop, hub, cfg, acceptor, family, addr)
+    for attempt in range(_CONNECT_TRIES):
+        acceptor = await discovery.find_acceptor(loop, hub, family, addr[0], addr[1], local_addr)
+        sock = acceptor.sock
+        setup: ClientSetup | None = None
         try:
-            await orig_sock_connect(sock, addr)
-        except BaseException:
+            setup, reason = await _claim(loop, hub, cfg, acceptor, family, addr)
+            try:
+                await orig_sock_connect(sock, addr)
+            except OSError as exc:
+                if setup is not None:
+                    setup.abandon(R.INTERNAL)
+                # EADDRNOTAVAIL: the port we bound still carries this 4-tuple (our own TIME_WAIT,
+                # which the oracle cannot see from here): a fresh port, or plain connect() last.
+                if exc.errno == errno.EADDRNOTAVAIL and not local_addr and attempt + 1 < _CONNECT_TRIES:
+                    sock.close()
+                    continue
+                raise
+            except BaseException:
+                if setup is not None:
+                    setup.abandon(R.INTERNAL)
+                raise
             if setup is not None:
-                setup.abandon(R.INTERNAL)
+                setup.connected()
+                await setup.wait()
+        except BaseException:
+            sock.close()
             raise
-        if setup is not None:
-            setup.connected()
-            await setup.wait()
-    except BaseException:
-        sock.close()
-        raise
-    return await _hand_over(loop, orig_connect, protocol_factory, cfg, sock, setup, reason, kwargs)
+        return await _hand_over(loop, orig_connect, protocol_factory, cfg, sock, setup, reason, kwargs)
+    raise AssertionError("unreachable")
 
 
 async def _hand_over(loop: Any, orig_connect: Any, protocol_factory: Any, cfg: Config, sock: Any,
@@ -278,7 +291,9 @@ async def _claim_before_connect(loop: Any, sock: Any, address: Any, config: Conf
         src = discovery.source_address(sock.family, host)
         if src is None:
             return
-        sock.bind((src, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # see discovery.bound_socket
+        if not discovery._bind_ephemeral(sock, src):
+            return
     bound = sock.getsockname()
     hit = sockets.diag().lookup(sock.family, (host, port), (bound[0], bound[1]))
     if hit is None or hit.state != sockets.TCP_LISTEN:

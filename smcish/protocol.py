@@ -25,6 +25,7 @@ from .transport import SmcInfo, SmcTransport
 log = logging.getLogger("smcish")
 R = clc.DeclineReason
 _MAX_HELD = 256 * 1024          # TCP bytes a server holds while it waits for the client's final word
+_CLAIM_PHASES = (clc.PHASE_CLAIMED, clc.PHASE_OPTIMISTIC)
 
 
 def deliver(protocol: Any, data: bytes) -> None:
@@ -54,18 +55,26 @@ def _log2(n: int) -> int:
 class ClientSetup:
     """The client's claim in a slot of ``group``, from before ``connect()`` to its final word.
 
-    Use: ``reason = await setup.start(sock, server_addr)`` (None: claimed), connect the socket,
-    then ``await setup.wait()``; ``setup.abandon(reason)`` if the connect fails. Afterwards
-    ``setup.mode`` is ``"ism"`` (``ring``, ``block`` are handed to the transport) or ``"tcp"``
+    Use: ``reason = await setup.start(sock, family, server_addr)`` (None: claimed), connect the
+    socket, ``setup.connected()``, then ``await setup.wait()``; ``setup.abandon(reason)`` if the
+    connect fails. Afterwards ``setup.mode`` is ``"ism"`` (``ring``, ``block`` are handed to the
+    transport; ``pending`` while an optimistic claim is not answered yet) or ``"tcp"``
     (``reason``, ``by_peer``).
+
+    An optimistic claim (the default) is handed over at once: the transport sends through a
+    send-only ring, and this object, kept as ``transport._setup``, attaches the server's ring
+    when ACCEPTED comes or makes the transport resend everything over TCP if the server declines
+    or never answers (docs/design.md 3.3).
     """
 
     def __init__(self, loop: Any, hub: Hub, group: LinkGroup, config: Any, remote: bool = False,
                  hold: bool = False) -> None:
         self.loop = loop
         # hold: a claim made by a patched sock_connect; the final word waits until the socket is
-        # handed to create_connection(sock=) (release_hold), or the timer makes it TCP.
+        # handed to create_connection(sock=) (release_hold), or the timer makes it TCP. Such a
+        # claim is never optimistic: the caller may use its socket directly.
         self.hold = hold
+        self.optimistic = not hold
         self.hub = hub
         self.group = group
         self.config = config
@@ -77,12 +86,15 @@ class ClientSetup:
         self.extent: Any = None
         self.ring: Any = None
         self.mode: str | None = None
+        self.pending = False             # handed over optimistic, not answered yet
         self.reason: R | None = None
         self.by_peer = False
+        self.transport: Any = None       # the SmcTransport holding us while pending
         self._port = 0
         self._ino = 0
         self._claimed = False
         self._connected = False
+        self._withdrew = False           # we published WITHDRAWING: the server may wait for us
         self._timer: Any = None
         self._future = loop.create_future()
         self._poll_us = config.poll_us
@@ -109,26 +121,38 @@ class ClientSetup:
         gen = self._smc_gen
         group.gens[self.slot] = gen
         group.group.reset_slot(self.slot)
+        if self.optimistic:
+            # Send-only until the server answers: nothing of the server's slot is read before.
+            self.ring = _ring.Ring.in_slot(group.group, self.slot, self.extent, self.block.off,
+                                           self.block.size, 0, 0, 0)
         group.group.publish_setup(self.slot, _ring.Setup(
-            gen=gen, phase=clc.PHASE_CLAIMED, reason=0, family=family,
-            ring0_off=self.block.off, ring0_ext=self.block.ext, ring0_log2=_log2(self.block.size),
-            sock_ino=self._ino, cport=local[1], sport=server[1], caddr=addr_bytes(local[0]),
-            saddr=addr_bytes(server[0])))
+            gen=gen, phase=clc.PHASE_OPTIMISTIC if self.optimistic else clc.PHASE_CLAIMED,
+            reason=0, family=family, ring0_off=self.block.off, ring0_ext=self.block.ext,
+            ring0_log2=_log2(self.block.size), sock_ino=self._ino, cport=local[1],
+            sport=server[1], caddr=addr_bytes(local[0]), saddr=addr_bytes(server[0])))
         if not group.group.post_claim(self._port, self.slot):
+            if self.ring is not None:
+                self.ring.close()
+                self.ring = None
             group.free_block(self.block)
             self.block = None
             group.slot_done(self.slot, gen)
             return R.NO_MEMORY
         self._claimed = True
         group.bind(self.slot, self, self._poll_us)
-        self.machine.claim(gen, self.loop.time())
+        self.machine.claim(gen, self.loop.time(), optimistic=self.optimistic)
         self._arm()
-        group.schedule_poll(wake=True)            # the decision follows the connect closely
         return None
 
     def connected(self) -> None:
+        """The TCP connection is up. An optimistic claim is handed over now."""
         self._connected = True
         self._smc_notify()              # the server may have decided while we connected
+        if self.optimistic and self.mode is None:
+            self.mode = "ism"
+            self.pending = True
+            if not self._future.done():
+                self._future.set_result(None)
 
     def release_hold(self) -> None:
         """The socket was handed to create_connection(sock=): give the final word now."""
@@ -143,6 +167,14 @@ class ClientSetup:
     def abandon(self, reason: R) -> None:
         """The TCP connection failed or was cancelled before a decision."""
         self.machine.abandon(reason, self.loop.time())
+        self._process()
+
+    def withdraw(self, reason: R) -> None:
+        """Optimistic and pending: the server is not answering as ours (TCP bytes or EOF from it,
+        or time): withdraw; the server's record, read after a fence, settles ISM or TCP."""
+        if self.machine.state is clc.SetupState.OPTIMISTIC:
+            self._withdrew = True
+        self.machine.withdraw(reason, self.loop.time())
         self._process()
 
     def discard(self) -> None:
@@ -163,21 +195,24 @@ class ClientSetup:
 
     # ------------------------------------------------------------------ group callbacks
     def _smc_notify(self) -> None:
-        if self.machine.done:
+        machine = self.machine
+        if machine.done or machine.state is clc.SetupState.ACCEPTED_SEEN:
             return
         snap = self.group.group.read_peer_setup(self.slot)
-        self.machine.observe(snap.gen, snap.phase, snap.reason, self.loop.time())
+        machine.observe(snap.gen, snap.phase, snap.reason, self.loop.time())
         self._process(snap)
 
     def _smc_group_failed(self, exc: BaseException) -> None:
-        if not self.machine.done:
+        if self.transport is not None:
+            self.transport._smc_group_failed(exc)
+        elif not self.machine.done:
             self.abandon(R.ATTACH_FAILED)
-        elif self.mode == "ism" and self.ring is not None and not self._future.done():
-            self._future.set_exception(exc)
 
     def _on_timer(self) -> None:
         self._timer = None
         if not self.machine.done:
+            if self.machine.state is clc.SetupState.OPTIMISTIC:
+                self._withdrew = True
             self.machine.handle_timer(self.loop.time())
             self._process()
 
@@ -185,12 +220,28 @@ class ClientSetup:
     def _process(self, snap: Any = None) -> None:
         machine = self.machine
         group = self.group
-        if machine.state is clc.SetupState.ACCEPTED_SEEN and self.ring is None:
-            self._build_ring(snap or group.group.read_peer_setup(self.slot))
-        write = machine.take_write()
-        if write is not None and not group.destroyed:
-            group.group.set_phase(self.slot, self._smc_gen, write[0], write[1])
-            group.group.notify(self.slot)
+        S = clc.SetupState
+        while True:
+            write = machine.take_write()
+            if write is not None and not group.destroyed:
+                # (the C side fences after the store: our next read of the server's record is
+                # ordered after it, which the withdrawal below relies on)
+                group.group.set_phase(self.slot, self._smc_gen, write[0], write[1])
+                if not (self.optimistic and write[0] == clc.PHASE_FINAL_ISM
+                        and machine.state is S.ESTABLISHED and not self._withdrew):
+                    # A server that accepted an optimistic claim is established already: the
+                    # FINAL_ISM is bookkeeping, not worth waking it for. Everything else is
+                    # an answer it may be waiting for.
+                    group.group.notify(self.slot)
+            if machine.state is S.WITHDRAWING:
+                snap = group.group.read_peer_setup(self.slot)
+                machine.settle(snap.gen, snap.phase, snap.reason, self.loop.time())
+                continue
+            if machine.state is S.ACCEPTED_SEEN and (self.ring is None or not self.ring.rx_attached):
+                if not self._attach(snap or group.group.read_peer_setup(self.slot)):
+                    return
+                continue
+            break
         while True:
             event = machine.next_event()
             if event is None:
@@ -206,17 +257,30 @@ class ClientSetup:
         if not machine.done:
             self._arm()
 
-    def _build_ring(self, snap: Any) -> None:
+    def _attach(self, snap: Any) -> bool:
+        """ACCEPTED: build (classic) or complete (optimistic) our ring with the server's block."""
         try:
-            self.ring = _ring.Ring.in_slot(self.group.group, self.slot, self.extent, self.block.off,
-                                           self.block.size, snap.ring0_ext, snap.ring0_off,
-                                           snap.ring0_log2)
+            if self.ring is None:
+                self.ring = _ring.Ring.in_slot(self.group.group, self.slot, self.extent,
+                                               self.block.off, self.block.size, snap.ring0_ext,
+                                               snap.ring0_off, snap.ring0_log2)
+            else:
+                self.ring.attach_rx(snap.ring0_ext, snap.ring0_off, snap.ring0_log2)
         except (_ring.RingCorrupted, ValueError) as exc:
             log.debug("smcish: the server's ring block is unusable: %r", exc)
+            if self.optimistic:
+                # The server is established and may have read what we sent: no way back to TCP.
+                self.mode = "failed"
+                self._finish()
+                if self.transport is not None:
+                    self.transport._fatal_error(ConnectionResetError(
+                        f"smcish: the server announced an unusable ring block: {exc}"))
+                return False
             self.machine.decline(R.PROTOCOL_ERROR, self.loop.time())
-            return
+            return True
         if not self.hold:
             self.machine.confirm(self.loop.time())
+        return True
 
     def _arm(self) -> None:
         deadline = self.machine.deadline
@@ -239,18 +303,43 @@ class ClientSetup:
                 group.group.clear_claim(self._port, self.slot)
         if self.remote:
             in_pool(self.hub.device.release_remote_claim, self._ino)
-        if self.mode != "ism":
+        self.pending = False
+        transport = self.transport
+        self.transport = None
+        if self.mode == "ism":
+            if transport is not None:
+                transport._setup_established()
+        elif self.mode == "tcp":
+            sent = b""
             if self.ring is not None:
+                if transport is not None:
+                    # Everything we published is still in our ring (the server never consumed:
+                    # it did not accept): the transport resends it over TCP.
+                    sent = self._published()
                 self.ring.close()
                 self.ring = None
+            # The server may still look at this slot and our block if it never answered (it
+            # may be accepting right now, only to find our withdrawal): quarantine both.
+            quarantine = self._connected and not self.by_peer
             if self.block is not None:
-                group.free_block(self.block)
+                if quarantine:
+                    group.free_block_later(self.block)
+                else:
+                    group.free_block(self.block)
                 self.block = None
-            # The server may still look at this slot if it never answered: quarantine it.
-            group.slot_done(self.slot, self._smc_gen,
-                            quarantine=self._connected and not self.by_peer)
+            group.slot_done(self.slot, self._smc_gen, quarantine=quarantine)
+            if transport is not None:
+                transport._migrate(self.reason, self.by_peer, sent)
         if not self._future.done():
             self._future.set_result(None)
+
+    def _published(self) -> bytes:
+        """The bytes our send-only ring holds (positions 0..prod of its only block)."""
+        n = self.ring.tx_bytes
+        if not n:
+            return b""
+        mem = self.group.my_exts[self.block.ext][0].mem
+        return bytes(mem[self.block.off:self.block.off + n])
 
 
 # --------------------------------------------------------------------------- the protocol
@@ -308,7 +397,8 @@ class HandshakeProtocol(asyncio.Protocol):
             if setup is None:
                 self._fall_back(self._skip_reason or R.INTERNAL, b"")
             elif setup.mode == "ism":
-                self._establish(setup.ring, setup.group, setup.slot, setup._smc_gen, setup.block)
+                self._establish(setup.ring, setup.group, setup.slot, setup._smc_gen, setup.block,
+                                setup if setup.pending else None)
             else:
                 self._fall_back(setup.reason or R.INTERNAL, b"", setup.by_peer)
             return
@@ -319,7 +409,17 @@ class HandshakeProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._established:
-            self._smc._tcp_bytes()
+            setup = self._smc._setup
+            if setup is None:
+                self._smc._tcp_bytes()
+                return
+            # Optimistic and not answered: TCP bytes from the server mean it is not ours (or it
+            # declined and its application speaks first). Hold them and withdraw.
+            self._held += data
+            setup.withdraw(R.PEER_NOT_SMCISH)
+            if self._smc._setup is None and self._smc._info.mode == "ism" and self._held:
+                self._held.clear()
+                self._smc._tcp_bytes()         # it accepted after all: it must not write on TCP
             return
         if self._done:
             return
@@ -330,6 +430,13 @@ class HandshakeProtocol(asyncio.Protocol):
 
     def eof_received(self) -> Any:
         if self._established:
+            setup = self._smc._setup
+            if setup is not None:              # optimistic, not answered: see data_received
+                self._eof = True
+                setup.withdraw(R.PEER_NOT_SMCISH)
+                if self._smc._setup is None and self._smc._info.mode == "ism":
+                    self._smc._tcp_eof()
+                return True
             self._smc._tcp_eof()
             return True
         if self._done:
@@ -415,18 +522,18 @@ class HandshakeProtocol(asyncio.Protocol):
             return
         ok = not fut.cancelled() and fut.exception() is None and fut.result()
         if ok:
-            self._accept()
+            self._accept(waited=True)
         else:
             self._decline(R.PROTOCOL_ERROR)
 
-    def _accept(self) -> None:
+    def _accept(self, waited: bool = False) -> None:
         group = self._group
         got = group.alloc_block(self._config.ring_size)
         if got is None:
             task = self._loop.create_task(group.grow(self._config.ring_size))
             task.add_done_callback(self._grown)
             return
-        self._accept_with(got)
+        self._accept_with(got, waited)
 
     def _grown(self, task: Any) -> None:
         if self._done:
@@ -437,9 +544,9 @@ class HandshakeProtocol(asyncio.Protocol):
         if got is None:
             self._decline(R.NO_MEMORY)
         else:
-            self._accept_with(got)
+            self._accept_with(got, True)
 
-    def _accept_with(self, got: tuple) -> None:
+    def _accept_with(self, got: tuple, waited: bool = False) -> None:
         group = self._group
         slot, claim = self._slot, self._claim
         block, extent = got
@@ -447,8 +554,10 @@ class HandshakeProtocol(asyncio.Protocol):
             group.free_block(block)
             self._decline(R.ATTACH_FAILED)
             return
-        snap = group.group.read_peer_setup(slot)
-        if snap.gen != claim.gen or snap.phase != clc.PHASE_CLAIMED:
+        # After an await (extent growth, a remote verification) the client may have given up
+        # meanwhile: look again (without one, the claim we found is current).
+        snap = group.group.read_peer_setup(slot) if waited else claim
+        if snap.gen != claim.gen or snap.phase not in _CLAIM_PHASES:
             group.free_block(block)                 # the client gave up meanwhile
             self._machine.accept(claim.gen, self._loop.time())
             self._smc_notify()
@@ -532,17 +641,18 @@ class HandshakeProtocol(asyncio.Protocol):
         self._group = None
 
     # ------------------------------------------------------------ outcomes
-    def _establish(self, ring: Any, group: LinkGroup, slot: int, gen: int, block: Any) -> None:
+    def _establish(self, ring: Any, group: LinkGroup, slot: int, gen: int, block: Any,
+                   pending: Any = None) -> None:
         self._done = True
         self._established = True
         smc = self._smc
         info = smc._info
         info.device = group.hub.device.gid.hex()
         info.ring_size = ring.tx_capacity
-        info.peer_ring_size = ring.rx_capacity
+        info.peer_ring_size = ring.rx_capacity if pending is None else None
         self._app = self._app_factory()
         smc.set_protocol(self._app)
-        smc._become_ism(ring, group, slot, gen, block, self._config)
+        smc._become_ism(ring, group, slot, gen, block, self._config, pending, self)
         self._app.connection_made(smc)
         if self._held:
             self._held.clear()
@@ -550,6 +660,26 @@ class HandshakeProtocol(asyncio.Protocol):
         elif self._eof:
             smc._tcp_eof()
         self._resolve()
+
+    def _migrated(self) -> None:
+        """The optimistic transport went TCP: hand the application what TCP brought meanwhile."""
+        app = self._app
+        data, self._held = bytes(self._held), bytearray()
+        if data:
+            deliver(app, data)
+        if self._eof:
+            try:
+                keep_open = app.eof_received()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._loop.call_exception_handler({
+                    "message": "Fatal error: protocol.eof_received() call failed.",
+                    "exception": exc, "transport": self._smc, "protocol": app})
+                self._tcp.abort()
+            else:
+                if not keep_open:
+                    self._tcp.close()
 
     def _fall_back(self, reason: R, data: bytes, by_peer: bool = False) -> None:
         self._done = True

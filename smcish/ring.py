@@ -73,6 +73,8 @@ PHASE_NONE: int = _lib.SMC_PHASE_NONE
 PHASE_CLAIMED: int = _lib.SMC_PHASE_CLAIMED
 PHASE_FINAL_ISM: int = _lib.SMC_PHASE_FINAL_ISM
 PHASE_FINAL_TCP: int = _lib.SMC_PHASE_FINAL_TCP
+PHASE_OPTIMISTIC: int = _lib.SMC_PHASE_OPTIMISTIC
+PHASE_WITHDRAWING: int = _lib.SMC_PHASE_WITHDRAWING
 PHASE_ACCEPTED: int = _lib.SMC_PHASE_ACCEPTED
 PHASE_DECLINED: int = _lib.SMC_PHASE_DECLINED
 
@@ -159,6 +161,7 @@ _rx_prepare_sleep = _lib.smc_rx_prepare_sleep
 _tx_prepare_sleep = _lib.smc_tx_prepare_sleep
 _clear_wants = _lib.smc_clear_wants
 _set_state = _lib.smc_set_state
+_set_state_quiet = _lib.smc_set_state_quiet
 _rx_spin = _lib.smc_rx_spin
 _tx_spin = _lib.smc_tx_spin
 _doorbell = _lib.smc_doorbell
@@ -532,6 +535,28 @@ class Group:
             self._raise(n)
         return [], flags[0] != 0
 
+    def poll(self, budget_us: float) -> tuple[list[int], bool] | None:
+        """``spin(budget_us)`` then ``take()`` in one call (the hub's per-message path).
+
+        Returns:
+            None when nothing came within the budget (0: look once), else ``take()``'s result.
+        Raises:
+            GroupCorrupted: as spin() and take().
+        """
+        g = self._g
+        rc = _group_spin(g, int(budget_us * 1000.0))
+        if rc <= 0:
+            if rc < 0:
+                self._raise(rc)
+            return None
+        buf, flags = self._take_buf, self._flags
+        n = _group_take(g, buf, 4096, flags)
+        if n > 0:
+            return _unpack(buf, n), flags[0] != 0
+        if n < 0:
+            self._raise(n)
+        return [], flags[0] != 0
+
     def pending(self) -> bool:
         """Is there anything to take (new entries or a new overflow)?"""
         rc = _group_pending(self._g)
@@ -793,6 +818,8 @@ class Ring:
                 a multiple of the capacity, a power of two in [MIN_CAPACITY, MAX_CAPACITY]).
             rx_ext, rx_off, rx_log2: the peer's ring block as it announced it (extent index,
                 offset, capacity log2); validated against the group's peer extents.
+                rx_log2 == 0: not known yet: a send-only ring (nothing to read, the peer's
+                header not looked at) until attach_rx() (the optimistic client).
         Raises:
             RingCorrupted: the peer's block is invalid (bad log2, extent not attached,
                 misaligned, out of bounds).
@@ -976,8 +1003,8 @@ class Ring:
         """Clear both of our want flags (after waking up)."""
         _clear_wants(self._r)
 
-    def _set_state(self, bits):
-        rc = _set_state(self._r, bits)
+    def _set_state(self, bits, quiet=False):
+        rc = (_set_state_quiet if quiet else _set_state)(self._r, bits)
         if rc < 0:
             self._raise(rc)
 
@@ -985,13 +1012,20 @@ class Ring:
         """Publish EOF at the current prod (write_eof). Later writes raise ValueError."""
         self._set_state(STATE_EOF)
 
-    def set_closed(self) -> None:
-        """Publish EOF (if not yet) and CLOSED together: we will neither write nor read again."""
-        self._set_state(STATE_EOF | STATE_CLOSED)
+    def set_closed(self, quiet: bool = False) -> None:
+        """Publish EOF (if not yet) and CLOSED together: we will neither write nor read again.
 
-    def set_abort(self) -> None:
-        """Publish ABORT. Works even after RingCorrupted, so the peer learns about it."""
-        self._set_state(STATE_ABORT)
+        ``quiet``: do not notify the peer (the caller closes the TCP connection next, whose FIN
+        wakes it anyway).
+        """
+        self._set_state(STATE_EOF | STATE_CLOSED, quiet)
+
+    def set_abort(self, quiet: bool = False) -> None:
+        """Publish ABORT. Works even after RingCorrupted, so the peer learns about it.
+
+        ``quiet``: as set_closed (the caller resets the TCP connection next).
+        """
+        self._set_state(STATE_ABORT, quiet)
 
     def spin(self, budget_us: float) -> int:
         """Busy-poll (without the GIL) for up to `budget_us` microseconds.
@@ -1082,11 +1116,30 @@ class Ring:
         """Capacity of the peer's current ring block (as far as we have read)."""
         return self._r.rx_cap
 
+    def attach_rx(self, rx_ext: int, rx_off: int, rx_log2: int) -> None:
+        """Give a send-only slot ring (``in_slot(..., rx_log2=0)``) the peer's ring block.
+
+        Raises:
+            RingCorrupted: the block is invalid (as in_slot). ValueError: not a send-only ring.
+        """
+        if not (0 <= rx_ext < _U32 and 0 <= rx_off < _U64 and 0 < rx_log2 < _U32):
+            raise RingCorrupted(_block_message(rx_ext, rx_off, rx_log2, 0))
+        rc = _lib.smc_ring_attach_rx(self._r, rx_ext, rx_off, rx_log2)
+        if rc < 0:
+            if rc == EINVAL:
+                raise ValueError("attach_rx() needs a send-only slot ring, once")
+            self._raise(rc)
+
+    @property
+    def rx_attached(self) -> bool:
+        """False for a send-only slot ring (no peer block yet)."""
+        return bool(_lib.smc_ring_rx_attached(self._r))
+
     @property
     def rx_extents(self) -> tuple[int, ...]:
         """Peer extents this ring may still read: the current block's, and a pending switch's."""
         r = self._r
-        if self._group is None or r.my_hdr == _NULL:
+        if self._group is None or r.my_hdr == _NULL or not _lib.smc_ring_rx_attached(r):
             return ()
         if r.rx_sw_pending and r.rx_sw_ext != r.rx_ext:
             return (r.rx_ext, r.rx_sw_ext)

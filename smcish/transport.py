@@ -22,6 +22,7 @@ from typing import Any
 
 from . import ring as _ring
 from . import stats as _stats
+from .clc import DeclineReason
 from .errors import PeerReset
 
 log = logging.getLogger("smcish")
@@ -96,6 +97,9 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     def _init_ism(self, poll_us: float) -> None:
         """The state of the shared-memory data path."""
         self._group: Any = None
+        self._setup: Any = None          # optimistic ClientSetup until the server answers
+        self._handshake: Any = None
+        self._close_deferred = False     # closed while optimistic: TCP closes after the answer
         self._slot = -1
         self._smc_gen = 0
         self._block: Any = None          # our current tx ring block
@@ -144,13 +148,17 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if self._protocol is not None:
             tcp.set_protocol(self._protocol)
 
-    def _become_ism(self, ring: Any, group: Any, slot: int, gen: int, block: Any, config: Any) -> None:
-        """Switch to the shared-memory data path (the set-up established)."""
+    def _become_ism(self, ring: Any, group: Any, slot: int, gen: int, block: Any, config: Any,
+                    pending: Any = None, handshake: Any = None) -> None:
+        """Switch to the shared-memory data path (the set-up established, or optimistic).
+
+        ``pending``: an optimistic ClientSetup not answered yet: we send through a send-only
+        ring, and it either completes the ring (``_setup_established``) or makes us resend
+        everything over TCP (``_migrate``).
+        """
         self._init_ism(config.poll_us)
         self._info.mode = "ism"
         self._info.slot = slot
-        self._addrs = (_fmt_addr(self._tcp.get_extra_info("sockname")),
-                       _fmt_addr(self._tcp.get_extra_info("peername")))
         self._ring = ring
         self._group = group
         self._slot = slot
@@ -158,10 +166,76 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._block = block
         self._ring_size = config.ring_size
         self._max_ring = max(config.max_ring_size, config.ring_size)
+        self._setup = pending
+        self._handshake = handshake
         group.bind(slot, self, self._poll_us)
+        if pending is not None:
+            pending.transport = self
+            return
         _stats.count("connections_ism")
         _stats.track(self)
         self._schedule_read()
+
+    def _setup_established(self) -> None:
+        """The optimistic claim was accepted: our ring is complete; read, and finish a close."""
+        self._setup = None
+        self._info.peer_ring_size = self._ring.rx_capacity
+        _stats.count("connections_ism")
+        _stats.track(self)
+        if self._conn_lost:
+            if self._close_deferred:
+                self._tcp.close()
+            self._try_release()
+            return
+        self._schedule_read()
+        if self._pending_size:
+            self._flush()
+        elif self._closing:
+            self._finish_close()
+
+    def _migrate(self, reason: Any, by_peer: bool, sent: bytes) -> None:
+        """The optimistic claim fell through (declined, or the server is not ours): go TCP,
+        resending first everything the application gave us so far, in order."""
+        self._setup = None
+        self._ring = None                 # closed and freed by the set-up
+        self._block = None
+        if self._close_deferred:          # closed by the application meanwhile: send, then FIN
+            if sent:
+                self._tcp.write(sent)
+            self._tcp.close()
+            return
+        if self._conn_lost:
+            return
+        pending = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        closing, eof, paused = self._closing, self._eof_requested, self._write_paused
+        self._closing = self._eof_requested = self._write_paused = False
+        _stats.count_fallback(reason)
+        self._become_tcp(reason, by_peer)
+        tcp = self._tcp
+        if sent or pending:
+            tcp.write(sent + pending)
+        if paused:
+            self._maybe_resume_after_migration()
+        if closing:
+            tcp.close()
+        elif eof:
+            tcp.write_eof()
+        if self._handshake is not None:
+            self._handshake._migrated()
+
+    def _maybe_resume_after_migration(self) -> None:
+        # We paused the application for a full ring; the TCP transport pauses it again if its
+        # own buffer is too full (it did not see our pause, so resume it explicitly).
+        try:
+            self._protocol.resume_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler({
+                "message": "protocol.resume_writing() failed", "exception": exc,
+                "transport": self, "protocol": self._protocol})
 
     # ----------------------------------------------------------------- info
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -182,7 +256,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         """One row of `python -m smcish stat` (called from the device's endpoint thread)."""
         ring = self._ring
         out = {"mode": self._info.mode, "role": self._info.role,
-               "peer": self._addrs[1], "local": self._addrs[0],
+               "peer": _fmt_addr(self._tcp.get_extra_info("peername")),
+               "local": _fmt_addr(self._tcp.get_extra_info("sockname")),
                "reason": getattr(self._info.reason, "name", None), "slot": self._slot,
                "ring_size": ring.tx_capacity if ring is not None and not ring.closed else None,
                "pending": self._pending_size}
@@ -192,6 +267,9 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     # ----------------------------------------------------------------- notifications
     def _smc_notify(self) -> None:
         """The peer queued our slot: data, space, a state change (or we linger after close)."""
+        if self._setup is not None:
+            self._setup._smc_notify()     # optimistic: the server's answer first
+            return
         ring = self._ring
         if ring is None:
             return
@@ -279,23 +357,22 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             else:
                 self._schedule_read()
                 return
-            status = ring.status()
-            if status & _ST_DONE:
-                self._on_peer_state(status)
+            # Drained: arm the slot (the peer queues a notification on its next write; the
+            # re-check reports data that came meanwhile, or EOF/CLOSED/ABORT), then let the group
+            # poll cover it after the application's callbacks of this iteration.
+            status = ring.prepare_sleep_rx()
+            if status:
+                if status & _ring.ST_DATA:
+                    self._schedule_read()
+                else:
+                    self._on_peer_state(status)
                 return
             if self._peer_gone:
                 self._fatal_error(PeerReset("smcish peer vanished (TCP connection lost without close)"))
                 return
-            # Drained: arm the slot (the peer queues a notification on its next write), then let
-            # the group poll cover it after the application's callbacks of this iteration.
-            status = ring.prepare_sleep_rx()
-            if status:
-                if status & _ST_DONE and not status & _ring.ST_DATA:
-                    self._on_peer_state(status)
-                else:
-                    self._schedule_read()
-            elif self._poll_us:
-                self._group.schedule_poll(wake=True)
+            group = self._group
+            if self._poll_us and not group._poll_scheduled:
+                group.schedule_poll(wake=True)
         except (SystemExit, KeyboardInterrupt):
             raise
         except _ring.RingCorrupted as exc:
@@ -342,7 +419,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 self._fatal_error(exc, "smcish: peer corrupted the shared ring")
                 return
             if n == len(data):
-                if self._poll_us:
+                if self._poll_us and not self._group._poll_scheduled:
                     self._group.schedule_poll(wake=True)      # a reply is likely
                 return
             data = data[n:]
@@ -362,6 +439,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         try:
             self._full_count += 1
             if (ring.tx_capacity < self._max_ring and not self._growing and self._old_block is None
+                    and self._setup is None
                     and (self._full_count >= 2 or self._pending_size > ring.tx_capacity // 2)):
                 if self._switch(min(self._max_ring, ring.tx_capacity * _GROW_FACTOR)):
                     self._loop.call_soon(self._flush)
@@ -534,12 +612,19 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if self._conn_lost:
             return
         try:
-            self._ring.set_eof()
-            self._ring.set_closed()
+            # The TCP FIN below wakes a peer that is still open; one that already closed (and
+            # waits, lingering, for our CLOSED to reuse the slot) must be told through the group.
+            ring = self._ring
+            ring.set_closed(quiet=not ring.status() & _ring.ST_CLOSED)
         except _ring.RingCorrupted:
             pass
         self._conn_lost += 1
-        self._tcp.close()
+        if self._setup is not None:
+            # Optimistic and not answered yet: the application is done, but the TCP close waits
+            # for the answer (a server that is not ours gets our bytes over TCP first).
+            self._close_deferred = True
+        else:
+            self._tcp.close()
         self._loop.call_soon(self._call_connection_lost, None)
 
     def abort(self) -> None:
@@ -558,11 +643,23 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if self._conn_lost:
             return
         self._closing = True
+        setup = self._setup
+        if setup is not None:             # aborted while optimistic: the set-up lets go
+            self._conn_lost += 1
+            self._tcp.abort()
+            setup.abandon(DeclineReason.INTERNAL)
+            self._loop.call_soon(self._call_connection_lost, exc)
+            return
         self._pending.clear()
         self._pending_size = 0
-        if self._ring is not None:
+        ring = self._ring
+        if ring is not None:
             try:
-                self._ring.set_abort()
+                peer_closed = ring.status() & _ring.ST_CLOSED
+            except (_ring.RingCorrupted, ValueError):
+                peer_closed = 0
+            try:
+                ring.set_abort(quiet=not peer_closed)   # else the TCP reset below wakes the peer
             except (_ring.RingCorrupted, ValueError):
                 pass
         self._conn_lost += 1
@@ -596,7 +693,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     def _try_release(self) -> None:
         """After connection_lost: give the slot back once the peer is done with it."""
         ring = self._ring
-        if ring is None or self._released or not self._conn_lost:
+        if ring is None or self._released or not self._conn_lost or self._setup is not None:
             return
         if not self._peer_done():
             self._group.tickers.add(self)         # linger: retried on notifications and ticks

@@ -84,8 +84,9 @@ def test_one_group_for_many_connections_and_no_device_work_per_connection(loop_k
             for i, (r2, w2) in enumerate(conns):
                 assert await r2.readexactly(len(b"%d" % i)) == b"%d" % i
             after = device.status()
-            # No region allocated or attached for these 100 connections...
-            assert after["regions"] == before["regions"] and after["attached"] == before["attached"]
+            # No region allocated or attached for these 100 connections (earlier tests' groups
+            # may be torn down meanwhile, so the counts may only fall)...
+            assert after["regions"] <= before["regions"] and after["attached"] <= before["attached"]
             # ...and one fd each on our side (the TCP socket) plus one on the server side.
             assert open_fds() - fds_before <= 2 * 100 + 2
             assert len(hub_of(w).client_groups) == 1
@@ -220,16 +221,19 @@ def test_hostile_indices_in_the_notification_queue_fail_that_group_only(loop_kin
         async with server, other:
             # Two client hubs: this loop's default one, and a second device -> a second group.
             r1, w1 = await smcish.open_connection(HOST, port)
+            w1.write(b"quiet")
+            assert await r1.readexactly(5) == b"quiet"     # established, nothing in flight
             victim_client = w1.transport._group
             server_hub = victim_client.hub
             victim = server_hub.server_groups[victim_client.id]
             # Scribble into the client's own extent 0 (the side the server reads): entries far
-            # beyond max_slots, then publish them.
+            # beyond max_slots after the last real one, then publish them.
             mem = victim_client.my_exts[0][0].mem
             q = _ring.G_OFF_NQ
-            for i in range(8):
-                mem[q + 4 * i:q + 4 * i + 4] = (0xFFFF0000 + i).to_bytes(4, "little")
             nq_prod = int.from_bytes(mem[_ring.G_OFF_NQ_PROD:_ring.G_OFF_NQ_PROD + 8], "little")
+            for i in range(8):
+                at = q + 4 * ((nq_prod + i) % _ring.G_NQ_ENTRIES)
+                mem[at:at + 4] = (0xFFFF0000 + i).to_bytes(4, "little")
             mem[_ring.G_OFF_NQ_PROD:_ring.G_OFF_NQ_PROD + 8] = (nq_prod + 8).to_bytes(8, "little")
             os.eventfd_write(victim.my_exts[0][0].doorbell_fd, 1)     # wake the victim
             for _ in range(100):

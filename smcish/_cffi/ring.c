@@ -22,6 +22,7 @@
 #include "ring.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <string.h>
@@ -520,6 +521,14 @@ int smc_ring_init(struct smc_ring *r, uint8_t *my_base, uint64_t my_len, const u
     return 0;
 }
 
+/* A peer that has not answered yet: a zero header (prod, cons, state, wants, switches all 0)
+ * and an empty minimum-size block, in our own read-only data. A ring whose rx is not attached
+ * reads this, which gives exactly "send-only" semantics with no branch on the data path: no
+ * bytes to read, nothing consumed of ours (so the block holds at most its capacity), nobody
+ * waiting to be notified. smc_ring_attach_rx swaps in the real peer. */
+static const uint8_t unattached_peer[SMC_HEADER_SIZE + SMC_MIN_CAPACITY] __attribute__((aligned(64)));
+#define UNATTACHED_EXT 0xffffffffu
+
 int smc_ring_init_slot(struct smc_ring *r, struct smc_group *g, uint32_t slot, uint8_t *tx_base,
                        uint64_t tx_cap, uint32_t rx_ext, uint64_t rx_off, uint32_t rx_log2)
 {
@@ -537,14 +546,24 @@ int smc_ring_init_slot(struct smc_ring *r, struct smc_group *g, uint32_t slot, u
     uint8_t *my_hdr = g->my_ext0 + SMC_G_OFF_HDRS + (uint64_t)slot * SMC_HEADER_SIZE;
     if (overlaps(tx_base, tx_cap, my_hdr, SMC_HEADER_SIZE))
         return SMC_EINVAL;  /* the block would overwrite our own header */
-    const uint8_t *rx_base = peer_block(g, rx_ext, rx_off, rx_log2);
-    if (!rx_base)
-        return fail_block(r, g, rx_ext, rx_off, rx_log2);
+    const uint8_t *rx_base;
+    const uint8_t *peer_hdr;
+    if (rx_log2 == 0) {  /* send-only until smc_ring_attach_rx */
+        peer_hdr = unattached_peer;
+        rx_base = unattached_peer + SMC_HEADER_SIZE;
+        rx_log2 = SMC_MIN_LOG2;
+        rx_ext = UNATTACHED_EXT;
+    } else {
+        rx_base = peer_block(g, rx_ext, rx_off, rx_log2);
+        if (!rx_base)
+            return fail_block(r, g, rx_ext, rx_off, rx_log2);
+        peer_hdr = g->peer_ext[0] + SMC_G_OFF_HDRS + (uint64_t)slot * SMC_HEADER_SIZE;
+    }
 
     r->group = g;
     r->slot = slot;
     r->my_hdr = my_hdr;
-    r->peer_hdr = g->peer_ext[0] + SMC_G_OFF_HDRS + (uint64_t)slot * SMC_HEADER_SIZE;
+    r->peer_hdr = peer_hdr;
     r->tx_base = tx_base;
     r->tx_cap = tx_cap;
     r->tx_mask = tx_cap - 1;
@@ -563,6 +582,35 @@ int smc_ring_init_slot(struct smc_ring *r, struct smc_group *g, uint32_t slot, u
     }
     r->error = 0;
     return 0;
+}
+
+int smc_ring_attach_rx(struct smc_ring *r, uint32_t rx_ext, uint64_t rx_off, uint32_t rx_log2)
+{
+    if (r->error)
+        return r->error;
+    if (!r->group || r->peer_hdr != unattached_peer || r->rx_cons != 0 || r->rx_switches)
+        return SMC_EINVAL;  /* only a send-only slot ring, once */
+    struct smc_group *g = r->group;
+    const uint8_t *rx_base = peer_block(g, rx_ext, rx_off, rx_log2);
+    if (!rx_base)
+        return fail_block(r, g, rx_ext, rx_off, rx_log2);
+    r->peer_hdr = g->peer_ext[0] + SMC_G_OFF_HDRS + (uint64_t)r->slot * SMC_HEADER_SIZE;
+    r->rx_base = rx_base;
+    r->rx_cap = (uint64_t)1 << rx_log2;
+    r->rx_mask = r->rx_cap - 1;
+    r->rx_ext = rx_ext;
+    r->rx_sw_ext = rx_ext;
+    r->rx_prod = r->rx_cons;
+    r->peer_state = 0;
+    /* Our cached view of the peer's consumption (nothing consumed) stays a valid lower bound.
+     * The peer may already wait for data we wrote before it answered: tell it. */
+    notify_data(r);
+    return 0;
+}
+
+int smc_ring_rx_attached(const struct smc_ring *r)
+{
+    return r->peer_hdr != NULL && r->peer_hdr != unattached_peer;
 }
 
 void smc_ring_close(struct smc_ring *r)
@@ -751,7 +799,7 @@ void smc_clear_wants(struct smc_ring *r)
 }
 
 /* Works even after a peer violation (only our own header is written), so ABORT can still be told. */
-int smc_set_state(struct smc_ring *r, uint32_t bits)
+static int publish_state(struct smc_ring *r, uint32_t bits)
 {
     if (!r->my_hdr)
         return SMC_ECLOSED;
@@ -762,6 +810,22 @@ int smc_set_state(struct smc_ring *r, uint32_t bits)
     r->my_state |= bits;
     /* release: eof_pos (and every byte before tx_prod) is visible before the bit */
     atomic_store_explicit(my_u32(r, SMC_OFF_STATE), r->my_state, memory_order_release);
+    return 0;
+}
+
+/* Publish state bits without telling the peer: for a close or abort that the caller follows at
+ * once with a TCP FIN or RST, which wakes the peer anyway (a doorbell would be a second wake-up,
+ * and on a VM each costs tens of microseconds). */
+int smc_set_state_quiet(struct smc_ring *r, uint32_t bits)
+{
+    return publish_state(r, bits);
+}
+
+int smc_set_state(struct smc_ring *r, uint32_t bits)
+{
+    int rc = publish_state(r, bits);
+    if (rc)
+        return rc;
     atomic_thread_fence(memory_order_seq_cst);
     uint32_t want_data = atomic_load_explicit(peer_u32(r, SMC_OFF_WANT_DATA), memory_order_relaxed);
     uint32_t want_space = atomic_load_explicit(peer_u32(r, SMC_OFF_WANT_SPACE), memory_order_relaxed);
@@ -780,6 +844,17 @@ static inline uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* Every 64 polls of a spin: let another runnable task on this CPU go first, then read the clock.
+ * The peer we wait for may share our CPU (the scheduler's wake-affine placement puts a task
+ * woken by a doorbell next to its waker): spinning through our budget would then delay the very
+ * answer we wait for, and two processes that wake each other stay stuck in that pattern. When
+ * nothing else is runnable, sched_yield returns at once. */
+static inline int spin_yield_expired(uint64_t deadline)
+{
+    sched_yield();
+    return now_ns() >= deadline;
+}
+
 int smc_rx_spin(struct smc_ring *r, uint64_t budget_ns)
 {
     if (r->error)
@@ -793,7 +868,7 @@ int smc_rx_spin(struct smc_ring *r, uint64_t budget_ns)
         }
         if (bits < 0)
             return bits;
-        if (budget_ns == 0 || ((i & 63u) == 0 && now_ns() >= deadline)) {
+        if (budget_ns == 0 || ((i & 63u) == 0 && spin_yield_expired(deadline))) {
             r->stat_spin_misses++;
             return 0;
         }
@@ -824,7 +899,7 @@ int smc_tx_spin(struct smc_ring *r, uint64_t budget_ns)
                        (r->peer_state & SMC_STATE_ABORT ? SMC_ST_ABORT : 0);
             if (bits)
                 return bits;
-            if (budget_ns == 0 || now_ns() >= deadline) {
+            if (budget_ns == 0 || spin_yield_expired(deadline)) {
                 r->stat_tx_spin_misses++;
                 return 0;
             }
@@ -1117,7 +1192,7 @@ int smc_group_spin(struct smc_group *g, uint64_t budget_ns)
             g->stat_spin_hits++;
             return 1;
         }
-        if (budget_ns == 0 || ((i & 63u) == 0 && now_ns() >= deadline)) {
+        if (budget_ns == 0 || ((i & 63u) == 0 && spin_yield_expired(deadline))) {
             g->stat_spin_misses++;
             return 0;
         }
@@ -1316,6 +1391,9 @@ int smc_setup_publish(struct smc_group *g, uint32_t slot, const struct smc_setup
     store_addr(hdr, SMC_OFF_SADDR, s->saddr);
     /* release: every field above is visible before the word that names its gen and phase */
     atomic_store_explicit(u64_at(hdr, SMC_OFF_SETUP), setup_word(s->gen, s->phase), memory_order_release);
+    /* Store-load order for the caller's next read of the peer's record (the server's ACCEPTED
+     * against the client's withdrawal: either the client sees ACCEPTED or we see its withdrawal). */
+    atomic_thread_fence(memory_order_seq_cst);
     return 0;
 }
 
@@ -1326,6 +1404,7 @@ int smc_setup_set_phase(struct smc_group *g, uint32_t slot, uint32_t gen, uint32
         return g && !g->my_ext0 ? SMC_ECLOSED : SMC_EINVAL;
     atomic_store_explicit(u32_at(hdr, SMC_OFF_REASON), reason, memory_order_relaxed);
     atomic_store_explicit(u64_at(hdr, SMC_OFF_SETUP), setup_word(gen, phase), memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst);   /* as in smc_setup_publish */
     return 0;
 }
 

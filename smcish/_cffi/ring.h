@@ -54,6 +54,8 @@
 #define SMC_PHASE_CLAIMED 1                 /* client */
 #define SMC_PHASE_FINAL_ISM 2               /* client */
 #define SMC_PHASE_FINAL_TCP 3               /* client */
+#define SMC_PHASE_OPTIMISTIC 4              /* client: already sending; ISM unless it withdraws */
+#define SMC_PHASE_WITHDRAWING 5             /* client: giving up an optimistic claim (final word follows) */
 #define SMC_PHASE_ACCEPTED 1                /* server */
 #define SMC_PHASE_DECLINED 2                /* server */
 
@@ -212,6 +214,8 @@ int     smc_ring_init(struct smc_ring *r, uint8_t *my_base, uint64_t my_len,
 int     smc_ring_init_slot(struct smc_ring *r, struct smc_group *g, uint32_t slot,
                            uint8_t *tx_base, uint64_t tx_cap,
                            uint32_t rx_ext, uint64_t rx_off, uint32_t rx_log2);
+int     smc_ring_attach_rx(struct smc_ring *r, uint32_t rx_ext, uint64_t rx_off, uint32_t rx_log2);
+int     smc_ring_rx_attached(const struct smc_ring *r);
 void    smc_ring_close(struct smc_ring *r);
 int64_t smc_tx_space(struct smc_ring *r);
 int64_t smc_tx_write(struct smc_ring *r, const char *buf, uint64_t len);
@@ -223,6 +227,7 @@ int     smc_rx_prepare_sleep(struct smc_ring *r);
 int     smc_tx_prepare_sleep(struct smc_ring *r);
 void    smc_clear_wants(struct smc_ring *r);
 int     smc_set_state(struct smc_ring *r, uint32_t bits);
+int     smc_set_state_quiet(struct smc_ring *r, uint32_t bits);
 int     smc_rx_spin(struct smc_ring *r, uint64_t budget_ns);
 int     smc_tx_spin(struct smc_ring *r, uint64_t budget_ns);
 int     smc_doorbell(struct smc_ring *r);
