@@ -176,9 +176,14 @@ async def _claim(loop: Any, hub: Hub, cfg: Config, acceptor: discovery.Acceptor,
     group = acceptor.group
     if group is None:
         try:
-            group = await hub.group_for(acceptor.advert)
+            # Bounded like the rest of the set-up: a server whose loop is stalled cannot install
+            # the group, and TCP alone would not wait for it (the group still opens meanwhile,
+            # for the next connections).
+            group = await asyncio.wait_for(hub.group_for(acceptor.advert), cfg.handshake_timeout)
         except GroupUnavailable as exc:
             return None, exc.reason
+        except asyncio.TimeoutError:
+            return None, R.TIMEOUT
     setup = ClientSetup(loop, hub, group, cfg, remote=acceptor.remote, hold=hold)
     try:
         reason = await setup.start(acceptor.sock, family, addr)

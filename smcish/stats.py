@@ -31,7 +31,8 @@ def stats() -> dict:
         dict with ``connections_ism``, ``connections_tcp``, ``fallbacks`` (reason -> count),
         ``bytes_sent``, ``bytes_received``, ``notifications`` (slot notifications queued),
         ``doorbells`` (eventfd writes to wake a peer's link group), ``poll_hits``,
-        ``poll_misses`` (link group busy-polls), ``handshake_aborts``, ``link_groups``, ``slots``
+        ``poll_misses`` (link group busy-polls), ``handshake_aborts``, ``migrations`` (optimistic
+        connections that moved to TCP after sending, ``migrated_bytes`` resent), ``link_groups``, ``slots``
         (connections holding a slot) and ``live`` (number of open ISM connections).
     """
     from . import linkgroup
@@ -54,7 +55,8 @@ def stats() -> dict:
         totals["poll_misses"] += hub_stats["group_polls_missed"]
     out = {key: totals.get(key, 0) for key in (
         "connections_ism", "connections_tcp", "bytes_sent", "bytes_received", "notifications",
-        "doorbells", "poll_hits", "poll_misses", "handshake_aborts")}
+        "doorbells", "poll_hits", "poll_misses", "handshake_aborts", "migrations",
+        "migrated_bytes")}
     out["fallbacks"] = dict(_fallbacks)
     out["live"] = len(live)
     out["link_groups"] = groups

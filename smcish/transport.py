@@ -212,6 +212,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         closing, eof, paused = self._closing, self._eof_requested, self._write_paused
         self._closing = self._eof_requested = self._write_paused = False
         _stats.count_fallback(reason)
+        _stats.count("migrations")
+        _stats.count("migrated_bytes", len(sent))
         self._become_tcp(reason, by_peer)
         tcp = self._tcp
         if sent or pending:

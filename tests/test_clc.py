@@ -203,3 +203,156 @@ def test_any_input_sequence_ends_consistently(inputs, role):
     assert len(outcomes) <= 1
     if outcomes:
         assert m.done
+
+
+# ---------------------------------------------------------------- optimistic (0-RTT) claims
+
+
+def optimistic_client(gen=5, now=0.0):
+    c = SetupMachine("client", now, T)
+    c.claim(gen, now, optimistic=True)
+    assert c.state is S.OPTIMISTIC and c.deadline == now + T
+    assert c.take_write() is None, "the shell publishes the OPTIMISTIC record itself"
+    return c
+
+
+def test_phases_of_the_optimistic_claim_match_the_c_header():
+    from smcish import ring
+
+    assert (clc.PHASE_OPTIMISTIC, clc.PHASE_WITHDRAWING) == (
+        ring.PHASE_OPTIMISTIC, ring.PHASE_WITHDRAWING)
+    assert len({PHASE_CLAIMED, PHASE_FINAL_ISM, PHASE_FINAL_TCP, clc.PHASE_OPTIMISTIC,
+                clc.PHASE_WITHDRAWING}) == 5
+
+
+def test_optimistic_happy_path_the_server_needs_no_final_word():
+    c = optimistic_client()
+    s = SetupMachine("server", 0.0, T)
+    s.accept(5, 0.1)
+    # the server re-reads the client's record after publishing ACCEPTED: still OPTIMISTIC is final
+    s.observe(5, clc.PHASE_OPTIMISTIC, 0, 0.1)
+    assert events(s) == [Established()] and s.done
+    c.observe(5, PHASE_ACCEPTED, 0, 0.2)
+    assert c.state is S.ACCEPTED_SEEN and c.deadline is None
+    c.confirm(0.3)
+    assert events(c) == [Established()] and c.done
+
+
+def test_optimistic_accept_after_the_deadline_still_counts():
+    """A server that accepted is established: the client may not turn that down for lateness."""
+    c = optimistic_client()
+    c.observe(5, PHASE_ACCEPTED, 0, 10 * T)
+    assert c.state is S.ACCEPTED_SEEN
+    c.confirm(10 * T)
+    assert events(c) == [Established()]
+
+
+def test_optimistic_decline_makes_the_client_resend_over_tcp():
+    c = optimistic_client()
+    c.observe(5, PHASE_DECLINED, R.QUOTA, 0.5)
+    assert c.take_write() == (PHASE_FINAL_TCP, R.QUOTA)
+    assert events(c) == [FellBack(R.QUOTA, True)]
+
+
+def test_withdraw_then_the_server_was_first():
+    c = optimistic_client()
+    c.withdraw(R.PEER_NOT_SMCISH, 0.5)
+    assert c.state is S.WITHDRAWING and c.take_write() == (clc.PHASE_WITHDRAWING, R.PEER_NOT_SMCISH)
+    assert events(c) == []
+    c.settle(5, PHASE_ACCEPTED, 0, 0.6)
+    assert c.state is S.ACCEPTED_SEEN
+    c.confirm(0.6)
+    assert events(c) == [Established()]
+
+
+def test_withdraw_with_a_silent_server_falls_back_with_our_reason():
+    c = optimistic_client()
+    c.withdraw(R.PEER_NOT_SMCISH, 0.5)
+    c.take_write()
+    c.settle(5, 0, 0, 0.6)
+    assert c.take_write() == (PHASE_FINAL_TCP, R.PEER_NOT_SMCISH)
+    assert events(c) == [FellBack(R.PEER_NOT_SMCISH, False)]
+    # a record for another connection is silence too
+    c2 = optimistic_client()
+    c2.withdraw(R.TIMEOUT, 0.5)
+    c2.settle(4, PHASE_ACCEPTED, 0, 0.6)
+    assert events(c2) == [FellBack(R.TIMEOUT, False)]
+
+
+def test_withdraw_then_decline_is_by_peer():
+    c = optimistic_client()
+    c.withdraw(R.TIMEOUT, 0.5)
+    c.settle(5, PHASE_DECLINED, R.NO_MEMORY, 0.6)
+    assert events(c) == [FellBack(R.NO_MEMORY, True)]
+
+
+def test_optimistic_timer_withdraws_and_waits_for_settle():
+    c = optimistic_client()
+    c.handle_timer(T / 2)
+    assert c.state is S.OPTIMISTIC, "early timer calls do nothing"
+    c.handle_timer(T)
+    assert c.state is S.WITHDRAWING and c.take_write() == (clc.PHASE_WITHDRAWING, R.TIMEOUT)
+    assert events(c) == []
+
+
+def test_server_reading_withdrawing_keeps_waiting_and_follows_the_final_word():
+    s = SetupMachine("server", 0.0, T)
+    s.accept(5, 0.0)
+    s.observe(5, clc.PHASE_WITHDRAWING, R.TIMEOUT, 0.1)
+    assert s.state is S.WAIT_FINAL and events(s) == []
+    s.observe(5, PHASE_FINAL_TCP, R.TIMEOUT, 0.2)
+    assert events(s) == [FellBack(R.TIMEOUT, True)]
+
+
+def test_withdraw_and_settle_outside_their_states_do_nothing():
+    c = SetupMachine("client", 0.0, T)
+    c.claim(1, 0.0)                       # classic claim: no withdrawal
+    c.withdraw(R.TIMEOUT, 0.1)
+    c.settle(1, PHASE_ACCEPTED, 0, 0.1)
+    assert c.state is S.CLAIMED and c.take_write() is None
+    o = optimistic_client()
+    o.settle(5, PHASE_ACCEPTED, 0, 0.1)   # settle before withdraw
+    assert o.state is S.OPTIMISTIC
+
+
+def test_abandon_while_optimistic():
+    c = optimistic_client()
+    c.abandon(R.INTERNAL, 0.1)
+    assert c.take_write() == (PHASE_FINAL_TCP, R.INTERNAL)
+    assert events(c) == [FellBack(R.INTERNAL, False)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["observe", "timer", "confirm", "abandon", "withdraw",
+                                           "settle"]),
+                          st.integers(4, 6), st.integers(0, 5), st.floats(0, 10)), max_size=12))
+def test_any_optimistic_sequence_ends_consistently(inputs):
+    m = optimistic_client()
+    outcomes = []
+    now = 0.0
+    for op, gen, phase, dt in inputs:
+        now += dt
+        try:
+            if op == "observe":
+                m.observe(gen, phase, 0, now)
+            elif op == "timer":
+                m.handle_timer(now)
+            elif op == "confirm":
+                m.confirm(now)
+            elif op == "abandon":
+                m.abandon(R.INTERNAL, now)
+            elif op == "withdraw":
+                m.withdraw(R.PEER_NOT_SMCISH, now)
+            else:
+                m.settle(gen, phase, 0, now)
+        except SetupStateError:
+            pass
+        write = m.take_write()
+        if outcomes:
+            assert write is None, "wrote after the outcome"
+        if write is not None:
+            assert write[0] in (clc.PHASE_WITHDRAWING, PHASE_FINAL_TCP, PHASE_FINAL_ISM)
+        outcomes += events(m)
+    assert len(outcomes) <= 1
+    if outcomes:
+        assert m.done
