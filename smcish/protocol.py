@@ -124,7 +124,7 @@ class ClientSetup:
         if self.optimistic:
             # Send-only until the server answers: nothing of the server's slot is read before.
             self.ring = _ring.Ring.in_slot(group.group, self.slot, self.extent, self.block.off,
-                                           self.block.size, 0, 0, 0)
+                                           self.block.size, 0, 0, None)
         group.group.publish_setup(self.slot, _ring.Setup(
             gen=gen, phase=clc.PHASE_OPTIMISTIC if self.optimistic else clc.PHASE_CLAIMED,
             reason=0, family=family, ring0_off=self.block.off, ring0_ext=self.block.ext,

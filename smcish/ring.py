@@ -808,7 +808,7 @@ class Ring:
 
     @classmethod
     def in_slot(cls, group: Group, slot: int, tx_extent: Extent, tx_off: int, tx_capacity: int,
-                rx_ext: int, rx_off: int, rx_log2: int) -> "Ring":
+                rx_ext: int, rx_off: int, rx_log2: int | None) -> "Ring":
         """A ring over slot `slot` of `group`: our tx block, and the peer's rx block.
 
         Args:
@@ -818,8 +818,9 @@ class Ring:
                 a multiple of the capacity, a power of two in [MIN_CAPACITY, MAX_CAPACITY]).
             rx_ext, rx_off, rx_log2: the peer's ring block as it announced it (extent index,
                 offset, capacity log2); validated against the group's peer extents.
-                rx_log2 == 0: not known yet: a send-only ring (nothing to read, the peer's
-                header not looked at) until attach_rx() (the optimistic client).
+                rx_log2 None: not known yet: a send-only ring (nothing to read, the peer's
+                header not looked at) until attach_rx() (the optimistic client). A peer's
+                log2 of 0 is an invalid block like any other.
         Raises:
             RingCorrupted: the peer's block is invalid (bad log2, extent not attached,
                 misaligned, out of bounds).
@@ -834,7 +835,9 @@ class Ring:
         if not 0 <= slot < group.max_slots:
             raise ValueError(f"slot {slot} outside [0, {group.max_slots})")
         _check_tx_block(tx_extent, tx_off, tx_capacity)
-        if not (0 <= rx_ext < _U32 and 0 <= rx_off < _U64 and 0 <= rx_log2 < _U32):
+        if rx_log2 is None:
+            rx_ext = rx_off = rx_log2 = 0            # the C layer's "send-only"
+        elif not (0 <= rx_ext < _U32 and 0 <= rx_off < _U64 and 0 < rx_log2 < _U32):
             raise RingCorrupted(_block_message(rx_ext, rx_off, rx_log2, 0))
         self = cls.__new__(cls)
         self._r = _new("struct smc_ring *")
@@ -1117,7 +1120,7 @@ class Ring:
         return self._r.rx_cap
 
     def attach_rx(self, rx_ext: int, rx_off: int, rx_log2: int) -> None:
-        """Give a send-only slot ring (``in_slot(..., rx_log2=0)``) the peer's ring block.
+        """Give a send-only slot ring (``in_slot(..., rx_log2=None)``) the peer's ring block.
 
         Raises:
             RingCorrupted: the block is invalid (as in_slot). ValueError: not a send-only ring.

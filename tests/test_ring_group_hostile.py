@@ -655,3 +655,38 @@ def test_values_flipped_from_another_process_while_reading():
         child.stdout.close()
         v.close()
     assert group_errors > 0 and ring_errors > 0 and calls > 0
+
+
+def test_send_only_ring_reads_nothing_until_attached_and_attaches_once():
+    """The optimistic client's ring: writable at once, blind to the peer's header (whatever the
+    hostile side wrote there) until attach_rx() with a validated block; attach only once."""
+    with Victim() as v:
+        for off in range(0, ring.HEADER_SIZE, 8):         # garbage all over the peer's header
+            v.hdr(off, "<Q", U64 - 1 - off, slot=2)
+        r = Ring.in_slot(v.group, 2, v.tx, 8192, 4096, 0, 0, None)
+        try:
+            assert not r.rx_attached and r.rx_extents == ()
+            assert r.write(b"early bytes") == 11
+            assert r.read(100) == b""
+            with pytest.raises(RingCorrupted):
+                r.attach_rx(1, 4096, 0)              # log2 0 is no block
+            assert not r.rx_attached
+            r.attach_rx(1, 4096, 12)
+            assert r.rx_attached and r.rx_extents == (1,)
+            with pytest.raises(ValueError):
+                r.attach_rx(1, 8192, 12)
+        finally:
+            r.close()
+
+
+def test_send_only_ring_with_a_hostile_block_is_corrupted_for_good():
+    with Victim() as v:
+        r = Ring.in_slot(v.group, 2, v.tx, 8192, 4096, 0, 0, None)
+        try:
+            with pytest.raises(RingCorrupted, match="not a multiple"):
+                r.attach_rx(1, 4096 + 1, 12)
+            assert not r.rx_attached
+            with pytest.raises(RingCorrupted):
+                r.attach_rx(1, 4096, 12)             # sticky: the peer lied once
+        finally:
+            r.close()
