@@ -65,6 +65,7 @@ class DeclineReason(enum.IntEnum):
     ATTACH_FAILED = 0x0102, "the peer's shared memory could not be attached"
     QUOTA = 0x0103, "the ISM device refused the memory: quota exceeded"
     NO_FD = 0x0104, "no file descriptor was available (RLIMIT_NOFILE reached)"
+    NO_PORT = 0x0105, "no client port free of earlier connections to that address could be bound"
     # 0x02xx timeout
     TIMEOUT = 0x0201, "the set-up timed out"
     # 0x03xx configuration

@@ -26,7 +26,7 @@ from .linkgroup import Hub, LinkGroup, device_pool
 log = logging.getLogger("smcish")
 R = clc.DeclineReason
 
-_REBINDS = 3                     # fresh ports tried when a port collides with a TIME_WAIT entry
+_REBINDS = 12                    # fresh ports tried when a port's 4-tuple is in use (TIME_WAIT, ours)
 _SOURCES: dict[tuple[int, str], str | None] = {}
 _SOURCES_MAX = 1024
 _LOCAL: dict[str, tuple[float, bool]] = {}
@@ -94,15 +94,17 @@ _PORTS = _port_range()
 _RANDOM_PORT_TRIES = 8
 
 
-def _bind_ephemeral(sock: socket.socket, src: str) -> bool:
+def _bind_ephemeral(sock: socket.socket, src: str, random_tries: int = _RANDOM_PORT_TRIES) -> bool:
     """Bind ``sock`` to ``src`` and a free ephemeral port; False if none could be had.
 
     bind(port 0) searches the whole range for a port without any bound socket, which takes
     milliseconds on a host with tens of thousands of connections; a random port is one hash
-    lookup, and a collision (EADDRINUSE, or a recycled 4-tuple caught by the caller) is rare.
+    lookup, and a collision (EADDRINUSE, or a 4-tuple in use caught by the caller) is rare
+    (about the share of the range this host already uses toward that destination). After
+    ``random_tries`` the kernel picks (bind(0) prefers ports nobody holds).
     """
     lo, hi = _PORTS
-    for _ in range(_RANDOM_PORT_TRIES):
+    for _ in range(random_tries):
         try:
             sock.bind((src, random.randint(lo, hi)))
             return True
@@ -126,15 +128,15 @@ def bound_socket(family: int, host: str, port: int, local_addr: Any,
             look across namespaces for a bound socket).
     Returns:
         ``(sock, hit)``: hit is the LISTEN socket that will accept a connection from ``sock``, or
-        None (the destination is not local, nothing listens, the port collides with a TIME_WAIT
-        entry three times, or the source cannot be known).
+        None (the destination is not local, nothing listens, every port tried carries a 4-tuple
+        in use, or the source cannot be known).
     Raises:
         OSError: the socket cannot be created or bound (as a plain connect would).
     """
     local = is_local(host)
     src = local_addr[0] if local_addr else source_address(family, host)
     sock = None
-    for _ in range(_REBINDS):
+    for attempt in range(_REBINDS):
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -145,7 +147,9 @@ def bound_socket(family: int, host: str, port: int, local_addr: Any,
                 # TIME_WAIT remnants of our earlier connections would exhaust the port range long
                 # before plain TCP's connect() would (a recycled 4-tuple is caught below).
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if not _bind_ephemeral(sock, src):   # no port to claim with: a plain connect may work
+                # the last try lets the kernel pick the port
+                tries = _RANDOM_PORT_TRIES if attempt + 1 < _REBINDS else 0
+                if not _bind_ephemeral(sock, src, tries):   # no port: a plain connect may work
                     sock.close()
                     return socket.socket(family, socket.SOCK_STREAM), None
             else:

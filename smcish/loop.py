@@ -168,6 +168,19 @@ async def _plain(loop: Any, orig_connect: Any, protocol_factory: Any, cfg: Confi
     return await waiter
 
 
+async def _plain_sock(loop: Any, orig_connect: Any, orig_sock_connect: Any, protocol_factory: Any,
+                     cfg: Config, family: int, addr: tuple, reason: R, kwargs: dict) -> Any:
+    """connect() an unbound socket (the kernel picks the port, as plain TCP would): TCP."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await orig_sock_connect(sock, addr)
+    except BaseException:
+        sock.close()
+        raise
+    return await _hand_over(loop, orig_connect, protocol_factory, cfg, sock, None, reason, kwargs)
+
+
 async def _claim(loop: Any, hub: Hub, cfg: Config, acceptor: discovery.Acceptor,
                  family: int, addr: tuple, hold: bool = False) -> tuple[ClientSetup | None, R | None]:
     """Claim a slot for the acceptor's socket, opening the link group if needed."""
@@ -208,9 +221,12 @@ async def _connect_one(loop: Any, hub: Hub, orig_connect: Any, protocol_factory:
                     setup.abandon(R.INTERNAL)
                 # EADDRNOTAVAIL: the port we bound still carries this 4-tuple (our own TIME_WAIT,
                 # which the oracle cannot see from here): a fresh port, or plain connect() last.
-                if exc.errno == errno.EADDRNOTAVAIL and not local_addr and attempt + 1 < _CONNECT_TRIES:
+                if exc.errno == errno.EADDRNOTAVAIL and not local_addr:
                     sock.close()
-                    continue
+                    if attempt + 1 < _CONNECT_TRIES:
+                        continue
+                    return await _plain_sock(loop, orig_connect, orig_sock_connect, protocol_factory,
+                                             cfg, family, addr, R.NO_PORT, kwargs)
                 raise
             except BaseException:
                 if setup is not None:
