@@ -257,6 +257,13 @@ class SetupMachine:
         self.optimistic = optimistic
         self._step(I.CLAIM_OPTIMISTIC if optimistic else I.CLAIM, now)
 
+    def connected(self, now: float) -> None:
+        """Client: the TCP connection is up. The timer of an unanswered claim restarts now: a
+        slow connect (SYN retries under a full listen backlog) must not eat the server's time
+        to answer, which only starts at its accept()."""
+        if self.state in (S.CLAIMED, S.OPTIMISTIC):
+            self.deadline = now + _DEADLINES[(self.role, self.state)] * self.timeout
+
     def withdraw(self, reason: DeclineReason, now: float) -> None:
         """Client, optimistic: give up (TCP bytes or EOF from a server that is not ours).
 

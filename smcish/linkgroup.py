@@ -611,10 +611,29 @@ class LinkGroup:
         while self._block_quarantine and self._block_quarantine[0][0] <= now:
             self.free_block(self._block_quarantine.popleft()[1])
 
+    async def alloc_block_growing(self, size: int, timeout: float) -> tuple[Block, _ring.Extent] | None:
+        """``alloc_block``, growing the extents as long as needed (bounded by ``timeout`` and the
+        extent count): a burst of set-ups shares each growth, and those the new extent cannot
+        hold grow again instead of giving up."""
+        deadline = self.loop.time() + timeout
+        for _ in range(_ring.MAX_EXTENTS):
+            got = self.alloc_block(size)
+            if got is not None or self.dying or self.loop.time() >= deadline:
+                return got
+            try:
+                grown = await asyncio.wait_for(self.grow(size), max(0.0, deadline - self.loop.time()))
+            except asyncio.TimeoutError:
+                grown = False
+            if not grown:
+                return self.alloc_block(size)      # freed meanwhile, perhaps
+        return self.alloc_block(size)
+
     async def grow(self, size: int) -> bool:
         """Add an extent big enough for a ``size`` block (device round trips in the pool).
 
-        Returns False if that is impossible now (quota, extents exhausted, peer gone).
+        Concurrent callers share one growth. Returns False if that is impossible now (quota,
+        extents exhausted, peer gone). The extent is installed when the device answers, whether
+        or not a caller still waits (a cancelled caller leaks nothing).
         """
         if self.dying:
             return False
@@ -623,25 +642,33 @@ class LinkGroup:
             if index is None:
                 return False
             ext_size = max(self._next_extent_size, size)
-            self._growing = self.loop.run_in_executor(device_pool(), self._grow_blocking, index, ext_size)
+            fut = self.loop.run_in_executor(device_pool(), self._grow_blocking, index, ext_size)
+            self._growing = fut
+            fut.add_done_callback(self._grown)
         fut = self._growing
         try:
-            index, region = await asyncio.shield(fut)
-        except Exception as exc:  # noqa: BLE001 - no growth: the caller falls back or waits
-            log.debug("smcish: link group growth failed: %r", exc)
-            if self._growing is fut:
-                self._growing = None
+            await asyncio.shield(fut)
+        except Exception:  # noqa: BLE001 - logged by _grown: the caller falls back or waits
             return False
+        return not self.destroyed
+
+    def _grown(self, fut: Any) -> None:
         if self._growing is fut:
             self._growing = None
-            if self.destroyed:
-                in_pool(self.hub.device.free, region)
-                return False
-            self.my_exts[index] = (region, _ring.Extent(region.mem, writable=True))
-            self.alloc.add_extent(index, 0, region.size)
-            self._empty_since[index] = time.monotonic()     # until its first block
-            self._next_extent_size = min(_EXTENT_MAX, region.size * 2)
-        return True
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.debug("smcish: link group growth failed: %r", exc)
+            return
+        index, region = fut.result()
+        if self.destroyed:
+            in_pool(self.hub.device.free, region)
+            return
+        self.my_exts[index] = (region, _ring.Extent(region.mem, writable=True))
+        self.alloc.add_extent(index, 0, region.size)
+        self._empty_since[index] = time.monotonic()     # until its first block
+        self._next_extent_size = min(_EXTENT_MAX, region.size * 2)
 
     def _grow_blocking(self, index: int, size: int) -> tuple[int, Any]:
         device = self.hub.device

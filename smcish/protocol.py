@@ -107,8 +107,9 @@ class ClientSetup:
             return R.NO_MEMORY
         self.slot, self._smc_gen = got
         block = group.alloc_block(self.config.ring_size)
-        if block is None and await group.grow(self.config.ring_size):
-            block = group.alloc_block(self.config.ring_size)
+        if block is None:
+            block = await group.alloc_block_growing(self.config.ring_size,
+                                                    self.config.handshake_timeout)
         if block is None or group.dying:
             if block is not None:
                 group.free_block(block[0])
@@ -147,6 +148,8 @@ class ClientSetup:
     def connected(self) -> None:
         """The TCP connection is up. An optimistic claim is handed over now."""
         self._connected = True
+        self.machine.connected(self.loop.time())
+        self._arm()
         self._smc_notify()              # the server may have decided while we connected
         if self.optimistic and self.mode is None:
             self.mode = "ism"
@@ -530,17 +533,20 @@ class HandshakeProtocol(asyncio.Protocol):
         group = self._group
         got = group.alloc_block(self._config.ring_size)
         if got is None:
-            task = self._loop.create_task(group.grow(self._config.ring_size))
+            task = self._loop.create_task(group.alloc_block_growing(
+                self._config.ring_size, self._config.handshake_timeout))
             task.add_done_callback(self._grown)
             return
         self._accept_with(got, waited)
 
     def _grown(self, task: Any) -> None:
-        if self._done:
-            return
         got = None
-        if not task.cancelled() and task.exception() is None and task.result():
-            got = self._group.alloc_block(self._config.ring_size)
+        if not task.cancelled() and task.exception() is None:
+            got = task.result()
+        if self._done:
+            if got is not None:
+                self._group.free_block(got[0])
+            return
         if got is None:
             self._decline(R.NO_MEMORY)
         else:

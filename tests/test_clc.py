@@ -356,3 +356,17 @@ def test_any_optimistic_sequence_ends_consistently(inputs):
     assert len(outcomes) <= 1
     if outcomes:
         assert m.done
+
+
+def test_the_set_up_timer_restarts_when_the_tcp_connection_is_up():
+    for optimistic in (False, True):
+        c = SetupMachine("client", 0.0, T)
+        c.claim(3, 0.0, optimistic=optimistic)
+        c.handle_timer(T * 0.9)
+        c.connected(T * 0.9)                 # a slow connect (SYN retries)
+        assert c.deadline == pytest.approx(T * 1.9)
+        c.handle_timer(T * 1.5)
+        assert c.state in (S.CLAIMED, S.OPTIMISTIC) and c.take_write() is None
+    c.observe(3, PHASE_ACCEPTED, 0, T)
+    c.connected(T)                           # after a decision: nothing changes
+    assert c.deadline is None

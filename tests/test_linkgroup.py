@@ -254,3 +254,41 @@ def test_hostile_indices_in_the_notification_queue_fail_that_group_only(loop_kin
             w3.close()
 
     run(loop_kind, main())
+
+
+def test_a_burst_of_set_ups_grows_the_extents_as_often_as_needed(loop_kind):
+    """300 connections at once with 256 KiB rings need several new extents on each side: the
+    set-ups that one growth cannot hold grow again instead of falling back (NO_MEMORY)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+
+    async def one(port, i):
+        r, w = await smcish.open_connection(HOST, port, ring_size=256 * KiB)
+        msg = b"burst %d " % i * 10
+        w.write(msg)
+        got = await r.readexactly(len(msg))
+        return w, got == msg
+
+    async def main():
+        # backlog: an overflowing accept queue delays accept() by seconds (SYN-ACK retries),
+        # past the set-up timeout; that is a different test (tests/hardening/test_load.py)
+        server, port = await start_echo(ring_size=256 * KiB, backlog=1024)
+        async with server:
+            results = await asyncio.gather(*(one(port, i) for i in range(300)))
+            infos = [w.get_extra_info("smcish") for w, _ in results]
+            assert all(ok for _, ok in results)
+            tcp = [i for i in infos if i.mode != "ism"]
+            assert not tcp, f"{len(tcp)} fell back, e.g. {tcp[0]}"
+            group = results[0][0].transport._group
+            assert len(group.my_exts) > 2, "the burst did not need several extents"
+            for w, _ in results:
+                w.close()
+
+    try:
+        run(loop_kind, main(), timeout=120)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
