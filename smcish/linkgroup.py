@@ -492,7 +492,9 @@ class Hub:
                 "doorbells": sum(g.group.doorbells for g in groups if not g.group.closed),
                 "notifications": sum(g.group.queued for g in groups if not g.group.closed),
                 "group_polls_hit": sum(g.group.spin_hits for g in groups if not g.group.closed),
-                "group_polls_missed": sum(g.group.spin_misses for g in groups if not g.group.closed)}
+                "group_polls_missed": sum(g.group.spin_misses for g in groups if not g.group.closed),
+                "group_polls_colocated": sum(g.group.spin_colocated for g in groups
+                                             if not g.group.closed)}
 
 
 class GroupUnavailable(ConnectionError):

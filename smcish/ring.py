@@ -87,6 +87,7 @@ G_OFF_NQ_OVERFLOW: int = _lib.SMC_G_OFF_NQ_OVERFLOW
 G_OFF_NQ_CONS_PEER: int = _lib.SMC_G_OFF_NQ_CONS_PEER
 G_OFF_WANT_WAKE: int = _lib.SMC_G_OFF_WANT_WAKE
 G_OFF_GSTATE: int = _lib.SMC_G_OFF_GSTATE
+G_OFF_CPU: int = _lib.SMC_G_OFF_CPU
 G_OFF_LISTENERS: int = _lib.SMC_G_OFF_LISTENERS
 G_MAX_LISTENERS: int = _lib.SMC_G_MAX_LISTENERS
 G_OFF_CLAIMS: int = _lib.SMC_G_OFF_CLAIMS
@@ -735,6 +736,11 @@ class Group:
     def spin_misses(self) -> int:
         """spin() calls that ran out of budget."""
         return self._g.stat_spin_misses
+
+    @property
+    def spin_colocated(self) -> int:
+        """Times a spin found the peer's hub on our CPU (and yielded it the CPU)."""
+        return self._g.stat_spin_colocated
 
     # ------------------------------------------------------------------ lifetime
 

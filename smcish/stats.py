@@ -31,7 +31,8 @@ def stats() -> dict:
         dict with ``connections_ism``, ``connections_tcp``, ``fallbacks`` (reason -> count),
         ``bytes_sent``, ``bytes_received``, ``notifications`` (slot notifications queued),
         ``doorbells`` (eventfd writes to wake a peer's link group), ``poll_hits``,
-        ``poll_misses`` (link group busy-polls), ``handshake_aborts``, ``migrations`` (optimistic
+        ``poll_misses`` (link group busy-polls), ``poll_colocated`` (polls that found the peer on
+        our CPU and yielded to it), ``handshake_aborts``, ``migrations`` (optimistic
         connections that moved to TCP after sending, ``migrated_bytes`` resent), ``link_groups``, ``slots``
         (connections holding a slot) and ``live`` (number of open ISM connections).
     """
@@ -53,9 +54,10 @@ def stats() -> dict:
         totals["doorbells"] += hub_stats["doorbells"]
         totals["poll_hits"] += hub_stats["group_polls_hit"]
         totals["poll_misses"] += hub_stats["group_polls_missed"]
+        totals["poll_colocated"] += hub_stats["group_polls_colocated"]
     out = {key: totals.get(key, 0) for key in (
         "connections_ism", "connections_tcp", "bytes_sent", "bytes_received", "notifications",
-        "doorbells", "poll_hits", "poll_misses", "handshake_aborts", "migrations",
+        "doorbells", "poll_hits", "poll_misses", "poll_colocated", "handshake_aborts", "migrations",
         "migrated_bytes")}
     out["fallbacks"] = dict(_fallbacks)
     out["live"] = len(live)

@@ -690,3 +690,26 @@ def test_send_only_ring_with_a_hostile_block_is_corrupted_for_good():
                 r.attach_rx(1, 4096, 12)             # sticky: the peer lied once
         finally:
             r.close()
+
+
+def test_the_peers_cpu_hint_only_makes_a_spin_yield():
+    """The peer's "CPU I poll on" field is a hint: our own CPU there makes a spin yield the CPU
+    (counted), any other value changes nothing; a spin never reports an entry that is not there
+    and still finds one that is."""
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        with Victim() as v:
+            g = v.group
+            for value in (0, cpu + 2, U64 & 0xFFFFFFFF, cpu + 1):
+                v.evil0.put_u32(ring.G_OFF_CPU, value)
+                before = g.spin_colocated
+                assert g.spin(200) is False
+                assert (g.spin_colocated > before) == (value == cpu + 1), value
+            # we published our own CPU (1 + cpu) for the peer
+            assert struct.unpack_from("<I", v.mine0.rw, v.mine0.offset + ring.G_OFF_CPU)[0] == cpu + 1
+            v.queue(0)
+            assert g.spin(200) is True
+    finally:
+        os.sched_setaffinity(0, saved)

@@ -68,6 +68,7 @@
 #define SMC_G_OFF_NQ_CONS_PEER 256          /* u64: entries consumed from the PEER's queue */
 #define SMC_G_OFF_WANT_WAKE 384             /* u32: sleep epoch of my hub (0 = awake) */
 #define SMC_G_OFF_GSTATE 388                /* u32: SMC_GSTATE_* bits */
+#define SMC_G_OFF_CPU 392                   /* u32: 1 + the CPU my hub last busy-polled on (0 unknown); a hint */
 #define SMC_G_OFF_LISTENERS 512             /* u32 count at 512, u64 inodes[63] from 520 */
 #define SMC_G_MAX_LISTENERS 63
 #define SMC_G_OFF_CLAIMS 4096               /* u64[SMC_G_CLAIM_ENTRIES]: port << 32 | (slot + 1) */
@@ -139,6 +140,7 @@ struct smc_group {
     uint64_t stat_doorbells, stat_doorbell_errors;
     uint64_t stat_queued, stat_taken, stat_overflows;
     uint64_t stat_spin_hits, stat_spin_misses;
+    uint64_t stat_spin_colocated;              /* spins cut short: the peer's hub shares our CPU */
 };
 
 /* One connection: our tx ring and header (writable), the peer's rx ring and header (read-only).
