@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 
 KiB = 1024
@@ -19,11 +20,13 @@ class Timing:
     max_ops: int  # cap on round trips per connection (latency, rate)
     max_conns: int  # cap on connections per phase (setup)
     max_bytes: int  # cap on bytes in the measured throughput segment
+    scale_idle_s: float = 3.0  # scale cases: how long the N connections sit idle before the idle measurement
 
 
 # --quick: about 0.1 s per measurement, so all 384 measurements (15 cases, 10 configurations, 3 rounds;
 # smcish-nopoll runs only the 4 latency cases) fit in a minute with process start-up.
-QUICK = Timing(warmup_s=0.015, duration_s=0.07, max_ops=50_000, max_conns=2_000, max_bytes=4 * GiB)
+QUICK = Timing(warmup_s=0.015, duration_s=0.07, max_ops=50_000, max_conns=2_000, max_bytes=4 * GiB,
+               scale_idle_s=1.5)
 # Default: about 1.25 s per measurement, about 8 minutes for everything.
 FULL = Timing(warmup_s=0.2, duration_s=1.0, max_ops=1_000_000, max_conns=20_000, max_bytes=64 * GiB)
 
@@ -40,11 +43,13 @@ class Case:
     """One benchmark case: a workload kind at one API level and message/write size."""
 
     name: str
-    kind: str  # "latency" | "throughput" | "rate" | "setup"
+    kind: str  # "latency" | "throughput" | "rate" | "setup" | "scale"
     api: str  # "streams" | "protocol" (plain Protocol) | "bufproto" (BufferedProtocol receiver)
     size: int  # message or write size in bytes
     conns: int = 1
     title: str = ""
+    opt_in: bool = False  # run only when selected by name, prefix or glob (not by default)
+    transports: tuple[str, ...] | None = None  # transports it runs on unless named in --transports (None: all)
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
@@ -54,9 +59,10 @@ class Case:
     def primary(self) -> Metric:
         return METRICS[self.kind][0]
 
-    def params(self, timing: Timing, verify: str) -> dict:
+    def params(self, timing: Timing, verify: str, scale_inflight: int = 0) -> dict:
         """The JSON-able parameters the client peer runs this case with."""
-        return {
+        extra = {"inflight": scale_inflight, "idle_s": timing.scale_idle_s} if self.kind == "scale" else {}
+        return extra | {
             "name": self.name,
             "kind": self.kind,
             "api": self.api,
@@ -72,7 +78,17 @@ class Case:
 
     def timeout_s(self, timing: Timing) -> float:
         """How long the harness waits for one measurement before declaring the peers hung."""
+        if self.kind == "scale":
+            from .scale import timeout_s
+
+            return timeout_s(self.conns, timing.scale_idle_s)
         return 20.0 + 10.0 * (timing.warmup_s + timing.duration_s)
+
+    def estimate_s(self, timing: Timing) -> float:
+        """A rough wall time of one measurement, for the run's estimate."""
+        if self.kind == "scale":
+            return 2.0 + timing.scale_idle_s + self.conns / 800  # fresh processes, open, idle, close
+        return timing.warmup_s + timing.duration_s + 0.03
 
 
 METRICS: dict[str, tuple[Metric, ...]] = {
@@ -92,6 +108,18 @@ METRICS: dict[str, tuple[Metric, ...]] = {
     "setup": (
         Metric("conns_per_s", "conn/s", True),
         Metric("cpu_us_per_conn", "CPU us/conn", False),
+    ),
+    # per connection = (idle - baseline) / N in each process; "srv" the server process, "cli" the client
+    "scale": (
+        Metric("rss_KiB_per_conn", "srv RSS KiB/c", False),
+        Metric("fds_per_conn", "srv fds/c", False),
+        Metric("shm_mapped_KiB_per_conn", "srv shm map KiB/c", False),
+        Metric("shm_rss_KiB_per_conn", "srv shm res KiB/c", False),
+        Metric("client_rss_KiB_per_conn", "cli RSS KiB/c", False),
+        Metric("client_fds_per_conn", "cli fds/c", False),
+        Metric("client_shm_mapped_KiB_per_conn", "cli shm map KiB/c", False),
+        Metric("client_shm_rss_KiB_per_conn", "cli shm res KiB/c", False),
+        Metric("open_s", "open all s", False),
     ),
 }
 
@@ -121,7 +149,18 @@ def _build_cases() -> list[Case]:
                           title=f"64 B request/response, {conns} concurrent connection(s), streams"))
     cases.append(Case("setup.64B", "setup", "streams", 64,
                       title="connect + one 64 B request/response + close, sequential, streams"))
+    cases += [scale_case(conns) for conns in SCALE_CONNS]
     return cases
+
+
+SCALE_CONNS = (2_000, 10_000)
+
+
+def scale_case(conns: int) -> Case:
+    """`scale.<conns>`: the listed ones, or any other N named on the command line (`--cases scale.100`)."""
+    return Case(f"scale.{conns}", "scale", "streams", 64, conns=conns, opt_in=True, transports=("tcp", "smcish"),
+                title=f"{conns:,} concurrent connections, one 64 B request/response each, then idle; "
+                      "fds, shared memory and RSS per connection (fresh processes)")
 
 
 CASES: list[Case] = _build_cases()
@@ -131,42 +170,91 @@ CASES_BY_NAME = {case.name: case for case in CASES}
 def select_cases(patterns: str | None) -> list[Case]:
     """Cases matching a comma-separated list of names, globs (`throughput.*KiB.*`) or prefixes (`latency`).
 
+    No pattern: every case but the opt-in ones (scale); `all`: every case.
+
     Raises:
         ValueError: a pattern matches no case.
     """
     if not patterns:
-        return list(CASES)
+        return [c for c in CASES if not c.opt_in]
     chosen: list[Case] = []
     for pattern in (p.strip() for p in patterns.split(",")):
         if not pattern:
             continue
-        matched = [c for c in CASES
-                   if c.name == pattern or c.name.startswith(pattern + ".") or fnmatch.fnmatchcase(c.name, pattern)]
+        if pattern == "all":
+            matched = list(CASES)
+        elif re.fullmatch(r"scale\.[1-9][0-9]*", pattern) and pattern not in CASES_BY_NAME:
+            case = scale_case(int(pattern.split(".")[1]))
+            CASES_BY_NAME[case.name] = case  # the report looks cases up by name
+            matched = [case]
+        else:
+            matched = [c for c in CASES if c.name == pattern or c.name.startswith(pattern + ".")
+                       or fnmatch.fnmatchcase(c.name, pattern)]
         if not matched:
             raise ValueError(f"no case matches {pattern!r}; see `python -m benchmarks --list`")
         chosen.extend(c for c in matched if c not in chosen)
-    return [c for c in CASES if c in chosen]  # keep the canonical order
+    listed = [c for c in CASES if c in chosen]  # keep the canonical order
+    return listed + [c for c in chosen if c not in listed]
 
 
 @dataclass(frozen=True)
 class Target:
-    """One target from issue 5: `config` / `baseline` on `metric` of `case`, compared with `threshold`."""
+    """One target: `config` / `baseline` on `metric` of `case`, compared with `threshold`.
+
+    kind "ratio": the per-round ratio config / baseline (median of the rounds) against the threshold;
+    "absolute": the config's own metric (median of the rounds; no baseline); "runs": the case must measure
+    without a failure (e.g. every connection in shared memory), and the `show` metrics are printed with it.
+    `floor`: a second, lower bar printed with a MISS ("at the very least").
+    """
 
     text: str
     case: str
     metric: str
     config: str
-    baseline: str
+    baseline: str | None
     threshold: float
-    at_least: bool  # True: ratio >= threshold passes; False: ratio <= threshold passes
+    at_least: bool  # True: value >= threshold passes; False: value <= threshold passes
+    kind: str = "ratio"  # "ratio" | "absolute" | "runs"
+    group: str = "v1"  # "link groups" (the v2 issue) | "v1" (issue 5, still applying)
+    floor: float | None = None
+    unit: str = "x"  # printed after ratios and thresholds
+    show: tuple[str, ...] = ()  # "runs": metrics printed with the verdict
+
+
+LINK_GROUPS = "link groups"
 
 
 def _targets() -> list[Target]:
-    t = []
+    lg = LINK_GROUPS
+    t = [
+        # --- the link-group issue (v2), uvloop, client and server in separate processes, ratios from one run
+        Target("connection set-up rate >= 1.0x plain TCP (at the very least 0.75x)", "setup.64B", "conns_per_s",
+               "uvloop/smcish", "uvloop/tcp", 1.0, True, group=lg, floor=0.75),
+        Target("16 concurrent connections, 64 B request/response >= 2x TCP", "rate.64B.c16", "msgs_per_s",
+               "uvloop/smcish", "uvloop/tcp", 2.0, True, group=lg),
+    ]
+    for api in ("streams", "protocol"):
+        t.append(Target(f"64 B round trip p50 ({api}), default poll budget <= 0.25x (no worse than v1)",
+                        f"latency.64B.{api}", "p50_us", "uvloop/smcish", "uvloop/tcp", 0.25, False, group=lg))
+    t.append(Target("BufferedProtocol throughput at 64KiB >= 4x uvloop TCP (no worse than v1)",
+                    "throughput.64KiB.bufproto", "MBps", "uvloop/smcish", "uvloop/tcp", 4.0, True, group=lg))
+    for side, prefix in (("server", ""), ("client", "client_")):
+        t.append(Target(f"2,000 connections: fds per shared-memory connection ({side}) <= 1.1", "scale.2000",
+                        prefix + "fds_per_conn", "uvloop/smcish", None, 1.1, False, kind="absolute", group=lg,
+                        unit=""))
+        t.append(Target(f"2,000 connections: mapped shared memory per connection, idle ({side}) <= 512 KiB",
+                        "scale.2000", prefix + "shm_mapped_KiB_per_conn", "uvloop/smcish", None, 512, False,
+                        kind="absolute", group=lg, unit=" KiB"))
+    t.append(Target("10,000 concurrent connections in one process, all shared memory", "scale.10000", "open_s",
+                    "uvloop/smcish", None, 0, True, kind="runs", group=lg,
+                    show=("server_rss_MiB", "server_shm_mapped_MiB", "server_shm_rss_MiB", "client_rss_MiB",
+                          "client_shm_mapped_MiB", "client_shm_rss_MiB", "open_s")))
+    # --- issue 5 (v1) targets that still apply
     for size in ("64KiB", "1MiB"):
         case = f"throughput.{size}.bufproto"
-        t.append(Target(f"BufferedProtocol throughput at {size} >= 4x uvloop TCP", case, "MBps",
-                        "uvloop/smcish", "uvloop/tcp", 4.0, True))
+        if size != "64KiB":  # 64 KiB against TCP is in the link-group list above
+            t.append(Target(f"BufferedProtocol throughput at {size} >= 4x uvloop TCP", case, "MBps",
+                            "uvloop/smcish", "uvloop/tcp", 4.0, True))
         t.append(Target(f"BufferedProtocol throughput at {size} >= 1.5x uvloop Unix sockets", case, "MBps",
                         "uvloop/smcish", "uvloop/unix", 1.5, True))
     t.append(Target("streams throughput at 64 KiB >= 4x uvloop TCP streams", "throughput.64KiB.streams", "MBps",
@@ -175,16 +263,13 @@ def _targets() -> list[Target]:
         t.append(Target(f"64 B messages streamed ({api}) >= 5x", f"throughput.64B.{api}", "MBps",
                         "uvloop/smcish", "uvloop/tcp", 5.0, True))
     for api in ("streams", "protocol"):
-        t.append(Target(f"64 B round trip p50 ({api}), default poll budget <= 0.25x", f"latency.64B.{api}", "p50_us",
-                        "uvloop/smcish", "uvloop/tcp", 0.25, False))
         t.append(Target(f"64 B round trip p50 ({api}), polling off <= 0.7x", f"latency.64B.{api}", "p50_us",
                         "uvloop/smcish-nopoll", "uvloop/tcp", 0.7, False))
     for api in ("bufproto", "streams"):
         t.append(Target(f"CPU per GiB at 64 KiB ({api}) <= 0.5x", f"throughput.64KiB.{api}", "cpu_s_per_GiB",
                         "uvloop/smcish", "uvloop/tcp", 0.5, False))
-    for loop in ("uvloop", "asyncio"):
-        t.append(Target(f"connection setup rate ({loop}) >= 0.75x plain TCP", "setup.64B", "conns_per_s",
-                        f"{loop}/smcish", f"{loop}/tcp", 0.75, True))
+    t.append(Target("connection setup rate (asyncio) >= 0.75x plain TCP", "setup.64B", "conns_per_s",
+                    "asyncio/smcish", "asyncio/tcp", 0.75, True))
     return t
 
 

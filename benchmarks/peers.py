@@ -41,7 +41,10 @@ def _emit(out, message: dict) -> None:
 
 # --- server ----------------------------------------------------------------------------------------------
 
-async def _serve(transport: transports.Transport, out) -> None:
+SCALE_BACKLOG = 4096  # listen backlog of a --scale server (capped by net.core.somaxconn)
+
+
+async def _serve(transport: transports.Transport, out, scale: bool = False) -> None:
     loop = asyncio.get_running_loop()
     state = workloads.ServerState()
 
@@ -55,7 +58,8 @@ async def _serve(transport: transports.Transport, out) -> None:
     try:
         api = transport.api()
         streams = await api.start_server(functools.partial(workloads.serve_streams, state),
-                                         *transports.bind_args(transport, tmpdir, "streams"))
+                                         *transports.bind_args(transport, tmpdir, "streams"),
+                                         **({"backlog": SCALE_BACKLOG} if scale else {}))
         protocol = await api.create_server(lambda: workloads.EchoProtocol(state),
                                            *transports.bind_args(transport, tmpdir, "protocol"))
         bufproto = await api.create_server(lambda: workloads.SinkProtocol(state),
@@ -86,11 +90,19 @@ async def _serve(transport: transports.Transport, out) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def _scale_setup(args) -> None:
+    if args.scale:
+        from . import scale
+
+        scale.raise_nofile()
+
+
 def server_main(args, out) -> int:
     transport = transports.build_transports(_nopoll_env())[args.transport]
     try:
+        _scale_setup(args)
         with asyncio.Runner(loop_factory=transports.loop_factory(args.loop)) as runner:
-            runner.run(_serve(transport, out))
+            runner.run(_serve(transport, out, args.scale))
     except BaseException as exc:
         _emit(out, {"ready": False, "error": workloads.format_exception(exc)})
         return 1
@@ -108,6 +120,7 @@ async def _client_start(transport: transports.Transport, server: dict) -> worklo
 def client_main(args, out) -> int:
     transport = transports.build_transports(_nopoll_env())[args.transport]
     server = json.loads(args.server)
+    _scale_setup(args)
     with asyncio.Runner(loop_factory=transports.loop_factory(args.loop)) as runner:
         try:
             ctx = runner.run(_client_start(transport, server))
@@ -125,7 +138,10 @@ def client_main(args, out) -> int:
             except asyncio.TimeoutError:
                 _emit(out, {"ok": False, "error": f"timed out after {command.get('timeout_s')} s"})
             except Exception as exc:
-                _emit(out, {"ok": False, "error": workloads.format_exception(exc)})
+                answer = {"ok": False, "error": workloads.format_exception(exc)}
+                if getattr(exc, "partial", None) is not None:  # figures measured despite the failure (scale)
+                    answer["partial"] = exc.partial
+                _emit(out, answer)
             else:
                 _emit(out, {"ok": True, "result": result})
         runner.run(ctx.close())
@@ -196,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", required=True, choices=sorted(transports.TRANSPORTS))
     parser.add_argument("--loop", default="asyncio", choices=transports.LOOPS)
     parser.add_argument("--server", help="client: the server's ready message (JSON)")
+    parser.add_argument("--scale", action="store_true",
+                        help="a scale-case peer: RLIMIT_NOFILE raised to the hard limit, deep listen backlog")
     args = parser.parse_args(argv)
     out = _protocol_stream()
     return {"server": server_main, "client": client_main, "probe": probe_main}[args.role](args, out)

@@ -6,7 +6,7 @@ import os
 import statistics
 from typing import Iterable
 
-from .cases import CASES_BY_NAME, FALLBACK_TOLERANCE, TARGETS, Case, size_label
+from .cases import CASES_BY_NAME, FALLBACK_TOLERANCE, LINK_GROUPS, TARGETS, Case, size_label
 
 BASELINE = "uvloop/tcp"
 
@@ -93,29 +93,70 @@ def summarize(doc: dict) -> dict:
 
 
 def evaluate_targets(doc: dict) -> list[dict]:
-    """PASS / MISS / SKIP for every issue-5 target, plus the fallback-costs-nothing rule."""
+    """PASS / MISS / SKIP / FAIL for every target (cases.TARGETS), plus the fallback-costs-nothing rule."""
     ms = doc["measurements"]
     summary = doc["summary"]
     verdicts = []
     for target in TARGETS:
         verdict = {"text": target.text, "case": target.case, "metric": target.metric, "config": target.config,
-                   "baseline": target.baseline, "threshold": target.threshold,
-                   "rule": (">=" if target.at_least else "<=")}
-        ratio = paired_ratio(ms, target.case, target.metric, target.config, target.baseline)
-        if ratio is None:
-            status, why = _why_missing(summary, target.case, (target.config, target.baseline))
+                   "baseline": target.baseline, "threshold": target.threshold, "kind": target.kind,
+                   "group": target.group, "unit": target.unit, "rule": (">=" if target.at_least else "<=")}
+        if target.floor is not None:
+            verdict["floor"] = target.floor
+        if target.kind == "runs":
+            verdict.update(_runs_verdict(ms, summary, target))
+            verdicts.append(verdict)
+            continue
+        if target.kind == "absolute":
+            value = spread(_by_round(ms, target.case, target.config, target.metric).values())
+            configs: tuple = (target.config,)
+        else:
+            value = paired_ratio(ms, target.case, target.metric, target.config, target.baseline)
+            configs = (target.config, target.baseline)
+        if value is None:
+            status, why = _why_missing(summary, target.case, configs)
             verdict.update(status=status, why=why)
         else:
-            median = ratio["median"]
-            passed = median >= target.threshold if target.at_least else median <= target.threshold
-            straddles = ratio["min"] < target.threshold < ratio["max"]
-            verdict.update(status="PASS" if passed else "MISS", ratio=ratio, straddles=straddles)
+            median = value["median"]
+
+            def meets(bar: float) -> bool:
+                return median >= bar if target.at_least else median <= bar
+
+            passed = meets(target.threshold)
+            straddles = value["min"] < target.threshold < value["max"]
+            verdict.update(status="PASS" if passed else "MISS", ratio=value, straddles=straddles)
             if not passed:
-                verdict["missed_by"] = (target.threshold / median - 1 if target.at_least
-                                        else median / target.threshold - 1)
+                if target.at_least:
+                    verdict["missed_by"] = target.threshold / median - 1 if median else float("inf")
+                else:
+                    verdict["missed_by"] = median / target.threshold - 1
+                if target.floor is not None:
+                    verdict["floor_met"] = meets(target.floor)
         verdicts.append(verdict)
     verdicts.append(_fallback_verdict(doc))
     return verdicts
+
+
+def _runs_verdict(ms: list[dict], summary: dict, target) -> dict:
+    """A "runs" target: the case measured on `config` in every round, with no failure (wrong mode included)."""
+    entry = summary.get(target.case, {}).get(target.config)
+    if target.case not in summary:
+        return {"status": "SKIP", "why": f"case {target.case} not run"}
+    if entry is None:
+        return {"status": "SKIP", "why": f"{target.config} not run"}
+    if entry["status"] == "unavailable":
+        return {"status": "SKIP", "why": f"{target.config} unavailable"}
+    shown = {key: spread(_by_round(ms, target.case, target.config, key).values()) for key in target.show}
+    if entry["status"] != "ok":
+        verdict = {"status": "FAIL", "why": f"{target.config} {entry['status']} in {entry['n'] - entry['n_ok']} of "
+                                            f"{entry['n']} rounds" + (f": {entry['errors'][0][:240]}"
+                                                                      if entry["errors"] else "")}
+        partial = [m["partial"]["metrics"] for m in ms if m["case"] == target.case and m["config"] == target.config
+                   and m["status"] == "failed" and (m.get("partial") or {}).get("metrics")]
+        if partial:  # what the failed rounds measured anyway (e.g. a few connections on TCP among thousands)
+            verdict["partial"] = {key: spread(p.get(key) for p in partial) for key in target.show}
+        return verdict
+    return {"status": "PASS", "rounds": entry["n_ok"], "shown": shown}
 
 
 def _why_missing(summary: dict, case: str, configs: Iterable[str]) -> tuple[str, str]:
@@ -160,36 +201,67 @@ def _fallback_verdict(doc: dict) -> dict:
     return verdict
 
 
+_SHOW_LABELS = {
+    "server_rss_MiB": ("server RSS", "MiB"), "server_shm_mapped_MiB": ("shm mapped", "MiB"),
+    "server_shm_rss_MiB": ("resident", "MiB"), "client_rss_MiB": ("client RSS", "MiB"),
+    "client_shm_mapped_MiB": ("shm mapped", "MiB"), "client_shm_rss_MiB": ("resident", "MiB"),
+    "open_s": ("opened in", "s"),
+}
+
+
+def _shown_text(shown: dict) -> str:
+    parts = []
+    for key, value in shown.items():
+        label, suffix = _SHOW_LABELS.get(key, (key, ""))
+        parts.append(f"{label} {fmt_spread(value)} {suffix}".rstrip())
+    return ", ".join(parts)
+
+
 def target_lines(verdicts: list[dict]) -> list[str]:
+    """One line per target, under a heading per group (the link-group issue first, then issue 5)."""
     lines = []
-    not_selected = [v for v in verdicts if v["status"] == "SKIP" and v.get("why", "").startswith("case ")]
+    group = None
     for v in verdicts:
-        if v in not_selected:
-            continue
+        this = v.get("group", "v1")
+        if this != group:
+            group = this
+            lines.append("link-group issue (v2):" if group == LINK_GROUPS else "issue 5 (v1), still applying:")
         if "checked" in v:  # the fallback rule
             if v["status"] == "SKIP":
-                lines.append(f"SKIP  {v['text']}: {v['why']}")
+                lines.append(f"  SKIP  {v['text']}: {v['why']}")
                 continue
             worst = v["worst"]
-            lines.append(f"{v['status']:<5} {v['text']}: {len(v['checked']) - len(v['misses'])}/{len(v['checked'])} "
-                         f"within; worst {worst['case']} ({worst['loop']}) {fmt_spread(worst['ratio'], True)}")
+            lines.append(f"  {v['status']:<5} {v['text']}: {len(v['checked']) - len(v['misses'])}/"
+                         f"{len(v['checked'])} within; worst {worst['case']} ({worst['loop']}) "
+                         f"{fmt_spread(worst['ratio'], True)}")
             for miss in v["misses"]:
-                lines.append(f"MISS    {miss['case']} ({miss['loop']}): fallback/tcp {fmt_spread(miss['ratio'], True)},"
-                             f" {miss['worse_by']:.1%} worse")
+                lines.append(f"  MISS    {miss['case']} ({miss['loop']}): fallback/tcp "
+                             f"{fmt_spread(miss['ratio'], True)}, {miss['worse_by']:.1%} worse")
             continue
-        head = f"{v['status']:<5} {v['text']}"
+        head = f"  {v['status']:<5} {v['text']}"
         if v["status"] in ("SKIP", "FAIL"):
             lines.append(f"{head}: {v['why']}")
+            if v.get("partial"):
+                lines.append("        measured anyway in the failed rounds (not all shared memory): "
+                             + _shown_text(v["partial"]))
             continue
-        line = (f"{head}: {v['config']} / {v['baseline']} {v['metric']} = {fmt_spread(v['ratio'], True)} "
-                f"(target {v['rule']} {v['threshold']}x)")
+        unit = v.get("unit", "x")
+        if v.get("kind") == "runs":
+            lines.append(f"{head}: {v['config']} {v['case']} ok in {v['rounds']} round(s); "
+                         + _shown_text(v.get("shown", {})))
+            continue
+        what = (f"{v['config']} {v['metric']}" if v.get("kind") == "absolute"
+                else f"{v['config']} / {v['baseline']} {v['metric']}")
+        value = fmt_spread(v["ratio"]) + unit if unit != "x" else fmt_spread(v["ratio"], True)
+        line = f"{head}: {what} = {value} (target {v['rule']} {fmt(v['threshold'])}{unit})"
         if v["status"] == "MISS":
             line += f", missed by {v['missed_by']:.0%}"
+            if "floor_met" in v:
+                line += (f"; floor {fmt(v['floor'])}{unit} met" if v["floor_met"]
+                         else f"; below the floor {fmt(v['floor'])}{unit} too")
         if v.get("straddles"):
             line += " (spread crosses the target)"
         lines.append(line)
-    if not_selected:
-        lines.append(f"SKIP  {len(not_selected)} more target(s): their cases were not selected")
     return lines
 
 
@@ -233,7 +305,7 @@ def final_text(doc: dict) -> str:
     for case_doc in doc["cases"]:
         case = CASES_BY_NAME[case_doc["name"]]
         parts.append(case_table(case, doc["summary"][case.name]))
-    parts.append("Targets (issue 5; ratios are per-round pairs, median [min-max]):\n"
+    parts.append("Targets (ratios are per-round pairs; median [min-max] over the rounds):\n"
                  + "\n".join("  " + line for line in target_lines(doc["targets"])))
     return "\n\n".join(parts)
 
@@ -293,6 +365,26 @@ def markdown(doc: dict, plots: list[str]) -> str:
                 _md_table(["config"] + other,
                           [[c] + [_cell(summary, n, c, CASES_BY_NAME[n].primary.key, CASES_BY_NAME[n].metrics[1].key)
                                   for n in other] for c in _configs(summary, other)]), ""]
+    scale = [n for n in names if n.startswith("scale.")]
+    for name in scale:
+        case = CASES_BY_NAME[name]
+        extra = [("server_rss_MiB", "srv RSS MiB"), ("server_shm_mapped_MiB", "srv shm map MiB"),
+                 ("client_rss_MiB", "cli RSS MiB"), ("client_shm_mapped_MiB", "cli shm map MiB"),
+                 ("server_link_groups", "srv groups"), ("server_slots", "srv slots")]
+        rows = []
+        for config in _configs(summary, [name]):
+            entry = summary[name][config]
+            if not entry["n_ok"]:
+                rows.append([config] + [entry["status"].upper()] * (len(case.metrics) + len(extra)))
+                continue
+            row = [config] + [fmt_spread(entry["metrics"][m.key]) for m in case.metrics]
+            row += [fmt_spread(spread(_by_round(doc["measurements"], name, config, key).values()))
+                    for key, _ in extra]
+            rows.append(row)
+        out += [f"## {name}: {case.title}", "",
+                "Per connection = (idle - baseline) / N in each process (srv: server, cli: client); shm = memfd "
+                "mappings (map: their size, res: their Rss); median [min-max] over the rounds.", "",
+                _md_table(["config"] + [m.label for m in case.metrics] + [label for _, label in extra], rows), ""]
     key = "vs_" + BASELINE.replace("/", "_")
     others = [c for c in _configs(summary, names) if c != BASELINE]
     out += [f"## Ratios against {BASELINE} on the same case (same API level): median [min-max] of per-round pairs",
@@ -302,7 +394,10 @@ def markdown(doc: dict, plots: list[str]) -> str:
                        + [fmt_spread(summary[n][c]["ratios"][key], True) if c in summary.get(n, {})
                           and summary[n][c]["n_ok"] else summary.get(n, {}).get(c, {}).get("status", "")
                           for c in others] for n in names]), ""]
-    out += ["## Targets (issue 5)", ""] + [f"- {line}" for line in target_lines(doc["targets"])] + [""]
+    out += ["## Targets", ""]
+    for line in target_lines(doc["targets"]):
+        out.append(f"- {line.strip()}" if line.startswith("  ") else f"\n{line}\n")
+    out.append("")
     failures = [m for m in doc["measurements"] if m["status"] == "failed"]
     if failures:
         out += ["## Failures (not in any figure above)", ""]
@@ -329,6 +424,10 @@ def markdown(doc: dict, plots: list[str]) -> str:
                f"{'virtual machine, ' if machine.get('virtualized') else ''}load average "
                f"{machine['loadavg_start'][0]} at start, {machine.get('loadavg_end', ['?'])[0]} at end; "
                f"git {machine.get('git')}")
+    source = machine.get("source") or {}
+    if source.get("changed"):
+        out.append(f"- uncommitted changes measured in smcish/ism_backend (diff sha256 {source.get('diff_sha256')}): "
+                   + ", ".join(source["changed"]))
     out.append("")
     return "\n".join(out)
 

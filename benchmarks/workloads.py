@@ -6,6 +6,9 @@ Wire format (after the transport's own handshake): the client opens every data c
 - KIND_SETUP: one message echoed, then the server waits for EOF and closes (connection setup).
 - KIND_STREAM: segments `u64 length` + `length` pattern bytes; after each segment the server answers one
   JSON line with its running byte count and verification result; a zero length ends the stream.
+- KIND_HOLD: one message echoed, then the server holds the connection idle until the control channel says
+  `release`, and closes it first (scale cases: the TIME_WAIT remnants stay on the server's port, not on
+  the client's ephemeral ports).
 Stream byte i is `i % PERIOD`. The receiver checks the first, middle and last byte of every chunk it
 receives against that (or, with verify "full", every byte), and counts bytes; the client fails the case
 unless the final count equals what it sent and nothing mismatched, so a transport that drops, repeats,
@@ -27,7 +30,7 @@ from . import transports
 
 HEADER = struct.Struct("!4sBBxxI")  # magic, kind, flags, size
 MAGIC = b"SBnc"
-KIND_ECHO, KIND_SETUP, KIND_STREAM = 1, 2, 3
+KIND_ECHO, KIND_SETUP, KIND_STREAM, KIND_HOLD = 1, 2, 3, 4
 FLAG_FULL_VERIFY = 1
 SEGMENT = struct.Struct("!Q")
 
@@ -116,6 +119,22 @@ class ServerState:
         self.modes: Counter[str] = Counter()
         self.info: dict | None = None
         self.errors: list[str] = []
+        self.held = 0  # KIND_HOLD connections waiting for `release`
+        self._release: asyncio.Event | None = None
+
+    @property
+    def release_event(self) -> asyncio.Event:
+        if self._release is None:
+            self._release = asyncio.Event()
+        return self._release
+
+    def release(self) -> int:
+        """Let every held connection close (server side first); returns how many were held."""
+        held, self.held = self.held, 0
+        if self._release is not None:
+            self._release.set()
+            self._release = None
+        return held
 
     def note(self, obj) -> None:
         mode, _reason = transports.mode_of(obj)
@@ -139,10 +158,20 @@ class ServerState:
 
 
 async def serve_ctrl(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Control channel: `snap` / `reset` -> one JSON line (the client brackets measured phases with it)."""
+    """Control channel, one JSON line per command: `snap` / `reset` (the client brackets measured phases with
+    it), `mem` (this process's fds, shared memory, RSS: scale cases), `release` (close the held connections)."""
     try:
         while line := await reader.readline():
-            writer.write(json.dumps(state.snapshot(reset=line.strip() == b"reset")).encode() + b"\n")
+            command = line.strip()
+            if command == b"mem":
+                from . import scale  # only the scale cases ask
+
+                answer = scale.server_snapshot(state)
+            elif command == b"release":
+                answer = {"released": state.release()}
+            else:
+                answer = state.snapshot(reset=command == b"reset")
+            writer.write(json.dumps(answer).encode() + b"\n")
     finally:
         writer.close()
 
@@ -168,6 +197,11 @@ async def serve_streams(state: ServerState, reader: asyncio.StreamReader, writer
             writer.write(await reader.readexactly(size))
             if await reader.read(1):
                 raise ValueError("setup client sent more than one request")
+        elif kind == KIND_HOLD:
+            release = state.release_event
+            writer.write(await reader.readexactly(size))
+            state.held += 1
+            await release.wait()  # no read pending: an idle connection costs only what the transport holds
         elif kind == KIND_STREAM:
             check = PatternCheck(bool(flags & FLAG_FULL_VERIFY))
             read = reader.read
@@ -356,7 +390,11 @@ class ClientContext:
                 f"(now {transports.smcish_env().get('SMCISH_DEVICE', 'unset')!r}) and the ISM device.")
 
     async def snap(self, reset: bool = False) -> dict:
-        self.ctrl_writer.write(b"reset\n" if reset else b"snap\n")
+        return await self.ctrl("reset" if reset else "snap")
+
+    async def ctrl(self, command: str) -> dict:
+        """One command on the server's control channel (see serve_ctrl) and its JSON answer."""
+        self.ctrl_writer.write(command.encode() + b"\n")
         return json.loads(await self.ctrl_reader.readline())
 
 
@@ -842,3 +880,8 @@ WORKLOADS = {
     ("rate", "streams"): rate_streams,
     ("setup", "streams"): setup_streams,
 }
+
+
+from .scale import scale_streams  # noqa: E402 - scale.py builds on this module
+
+WORKLOADS[("scale", "streams")] = scale_streams
