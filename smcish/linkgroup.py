@@ -540,6 +540,7 @@ class LinkGroup:
         self.dying = False
         self.destroyed = False
         self.conns: dict[int, Any] = {}
+        self.lingering: set[int] = set()     # slots of closed connections still bound (no spin for them)
         self.error: BaseException | None = None
         # extents: index -> (Region, Extent)
         self.my_exts: dict[int, tuple[Any, _ring.Extent]] = {}
@@ -778,6 +779,7 @@ class LinkGroup:
         conn = self.conns.get(slot)
         if conn is not None and getattr(conn, "_smc_gen", gen) == gen:
             del self.conns[slot]
+            self.lingering.discard(slot)
             self.tickers.discard(conn)
         if not self.conns:
             self._idle_since = time.monotonic()
@@ -790,6 +792,7 @@ class LinkGroup:
     def bind(self, slot: int, conn: Any, poll_us: float = 0.0) -> None:
         """Route ``slot``'s notifications to ``conn`` (a set-up or a transport)."""
         self.conns[slot] = conn
+        self.lingering.discard(slot)
         if poll_us > self.poll_us:
             self.poll_us = poll_us
 
@@ -854,8 +857,10 @@ class LinkGroup:
             group = self.group
             poll_us = self.poll_us
             self._skipped_at = 0.0
-            if not poll_us or _queued[0]:
-                budget = 0.0                       # one look (spin(0) checks once)
+            if not poll_us or _queued[0] or len(self.lingering) >= len(self.conns):
+                # one look (spin(0) checks once): polling is off, another group polls, or every
+                # connection here is closed (what is left to come is the peer's CLOSED)
+                budget = 0.0
             elif self._rx_skip:
                 self._rx_skip -= 1
                 self._skipped_at = self.loop.time()

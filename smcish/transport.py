@@ -621,6 +621,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         except _ring.RingCorrupted:
             pass
         self._conn_lost += 1
+        self._group.lingering.add(self._slot)
         if self._setup is not None:
             # Optimistic and not answered yet: the application is done, but the TCP close waits
             # for the answer (a server that is not ours gets our bytes over TCP first).
@@ -664,6 +665,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 ring.set_abort(quiet=not peer_closed)   # else the TCP reset below wakes the peer
             except (_ring.RingCorrupted, ValueError):
                 pass
+            self._group.lingering.add(self._slot)
         self._conn_lost += 1
         self._tcp.abort()
         self._loop.call_soon(self._call_connection_lost, exc)

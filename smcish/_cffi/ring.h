@@ -140,7 +140,7 @@ struct smc_group {
     uint64_t stat_doorbells, stat_doorbell_errors;
     uint64_t stat_queued, stat_taken, stat_overflows;
     uint64_t stat_spin_hits, stat_spin_misses;
-    uint64_t stat_spin_colocated;              /* spins cut short: the peer's hub shares our CPU */
+    uint64_t stat_spin_colocated;              /* spin checks that found the peer hub on our CPU (and yielded) */
 };
 
 /* One connection: our tx ring and header (writable), the peer's rx ring and header (read-only).
