@@ -7,6 +7,7 @@ under the same address): the kernel's own lookup names exactly the socket that r
 
 import json
 import os
+import errno
 import socket
 import subprocess
 import sys
@@ -147,16 +148,23 @@ def test_a_recycled_port_in_time_wait_is_detected(diag):
     client bound to the same port would reach that TIME_WAIT entry, not the listener."""
     server = listen("127.0.0.1")
     port = server.getsockname()[1]
-    client = socket.create_connection(("127.0.0.1", port))
-    cport = client.getsockname()[1]
-    accepted, _ = server.accept()
-    accepted.close()                         # server closes first -> server side TIME_WAIT
-    assert client.recv(10) == b""
-    client.close()
-    try:
+    for attempt in range(5):
+        client = socket.create_connection(("127.0.0.1", port))
+        cport = client.getsockname()[1]
+        accepted, _ = server.accept()
+        accepted.close()                     # server closes first -> server side TIME_WAIT
+        assert client.recv(10) == b""
+        client.close()
         again = socket.socket()
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        again.bind(("127.0.0.1", cport))
+        try:
+            again.bind(("127.0.0.1", cport))
+            break
+        except OSError as exc:               # another process took the freed port meanwhile
+            again.close()
+            if exc.errno != errno.EADDRINUSE or attempt == 4:
+                raise
+    try:
         hit = diag.lookup(socket.AF_INET, ("127.0.0.1", port), ("127.0.0.1", cport))
         assert (hit.state, hit.inode) == (TCP_TIME_WAIT, 0)
         other = diag.lookup(socket.AF_INET, ("127.0.0.1", port), ("127.0.0.1", cport + 1
