@@ -17,13 +17,12 @@ the listener is advertised on the device, smcish clients get shared memory and e
 - ``GET /ws``: websocket echo (text and binary); the first message is ``{"mode": ...}``
 - ``GET /mode``: the smcish mode of this request's connection; ``GET /stats``: ``smcish.stats()``
 
-Client: an ``aiohttp.ClientSession`` with ``SmcConnector``. aiohttp's own ``TCPConnector`` connects
-the socket itself (aiohappyeyeballs) and hands it to ``loop.create_connection(sock=...)``; smcish can
-claim such a socket only after connect, and a server that accepted first has already decided "plain
-TCP" (docs/design.md section 3), so on an smcish loop the stock connector works but mostly ends up on
-TCP. ``SmcConnector`` opens the connection with ``smcish.create_connection(host, port)`` instead,
-which claims before connecting: shared memory every time. ``--transparent`` uses the stock
-connector on an smcish loop, ``--plain`` a stock loop (no smcish at all).
+Client: an ``aiohttp.ClientSession`` with ``SmcConnector``, which opens each connection with
+``smcish.create_connection(host, port)``. aiohttp's own ``TCPConnector`` connects the socket itself
+(aiohappyeyeballs, ``loop.sock_connect``) and hands it to ``loop.create_connection(sock=...)``; on an
+smcish loop the patched ``sock_connect`` claims the connection before connecting (docs/design.md
+3.3), so the stock connector gets shared memory too (``--transparent``); ``--plain`` uses a stock
+loop (no smcish at all).
 """
 
 from __future__ import annotations
