@@ -585,9 +585,10 @@ class HandshakeProtocol(asyncio.Protocol):
             cport=claim.cport, sport=claim.sport, caddr=claim.caddr, saddr=claim.saddr))
         group.group.notify(slot)
         self._machine.accept(claim.gen, self._loop.time())
-        self._arm_timer()
-        group.schedule_poll(wake=True)            # the client's final word follows at once
-        self._smc_notify()                # the client may already have answered
+        self._smc_notify()                # OPTIMISTIC (after the fence): established right here
+        if not self._done:                # a CLAIMED client's final word follows at once
+            self._arm_timer()
+            group.schedule_poll(wake=True)
 
     def _decline(self, reason: R) -> None:
         machine = self._machine
