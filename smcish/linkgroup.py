@@ -541,6 +541,10 @@ class LinkGroup:
         self.destroyed = False
         self.conns: dict[int, Any] = {}
         self.lingering: set[int] = set()     # slots of closed connections still bound (no spin for them)
+        # Transports that drained their ring and left want_data unarmed: the group poll watches
+        # their rings directly and arms them before the hub sleeps (docs/design.md 2.7).
+        self.hot: list[Any] = []
+        self.hot_rings: list[Any] = []
         self.error: BaseException | None = None
         # extents: index -> (Region, Extent)
         self.my_exts: dict[int, tuple[Any, _ring.Extent]] = {}
@@ -867,7 +871,26 @@ class LinkGroup:
                 budget = 0.0
             else:
                 budget = poll_us
-            taken = group.poll(budget)
+            hot = self.hot
+            if hot:
+                try:
+                    got = group.poll_hot(budget, self.hot_rings)
+                except ValueError:             # a hot ring closed under us: forget those
+                    self._prune_hot()
+                    hot = self.hot
+                    got = group.poll_hot(budget, self.hot_rings)
+                if type(got) is int:
+                    if budget:
+                        self._rx_level = 0
+                    conn = hot.pop(got)
+                    del self.hot_rings[got]
+                    conn._hot_fired = True
+                    conn._smc_notify()
+                    self.schedule_poll()
+                    return
+                taken = got
+            else:
+                taken = group.poll(budget)
             if taken is not None:
                 if budget:
                     self._rx_level = 0
@@ -877,6 +900,9 @@ class LinkGroup:
             if budget:
                 self._rx_level = min(self._rx_level + 1, _MAX_BACKOFF)
                 self._rx_skip = (1 << self._rx_level) - 1
+            if hot and self._arm_hot():
+                self.schedule_poll()
+                return
             if group.prepare_sleep():
                 self._dispatch()
                 self.schedule_poll()
@@ -884,6 +910,45 @@ class LinkGroup:
                 self._asleep = True
         except _ring.GroupCorrupted as exc:
             self.fail(exc, abort=True)
+
+    def add_hot(self, conn: Any, ring: Any) -> bool:
+        """A transport drained ``ring``: watch it in the group poll instead of arming it. False
+        if the poll cannot take it (full, or no poll coming): the caller arms it itself."""
+        if len(self.hot) >= _ring.HOT_MAX or self.destroyed:
+            return False
+        if conn not in self.hot:
+            self.hot.append(conn)
+            self.hot_rings.append(ring)
+        if not self._poll_scheduled:
+            self.schedule_poll(wake=True)
+        return True
+
+    def _prune_hot(self) -> None:
+        keep = [(c, r) for c, r in zip(self.hot, self.hot_rings)
+                if c._ring is r and not r.closed and not c._conn_lost]
+        self.hot = [c for c, _ in keep]
+        self.hot_rings = [r for _, r in keep]
+
+    def drop_hot(self, conn: Any) -> None:
+        """``conn`` lets its ring go: stop watching it (its ring is about to close)."""
+        try:
+            i = self.hot.index(conn)
+        except ValueError:
+            return
+        del self.hot[i]
+        del self.hot_rings[i]
+
+    def _arm_hot(self) -> bool:
+        """Before sleeping: arm every hot ring (want_data, fence, re-check). True if one had news
+        meanwhile (its handler ran)."""
+        hot = self.hot
+        self.hot = []
+        self.hot_rings = []
+        news = False
+        for conn in hot:
+            if conn._hot_arm():
+                news = True
+        return news
 
     # ------------------------------------------------------------------ life
     def maintain(self, now: float) -> None:

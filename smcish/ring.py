@@ -99,6 +99,7 @@ G_OFF_HDRS: int = _lib.SMC_G_OFF_HDRS
 MAX_SLOTS: int = _lib.SMC_MAX_SLOTS
 MIN_SLOTS: int = _lib.SMC_MIN_SLOTS
 MAX_EXTENTS: int = _lib.SMC_MAX_EXTENTS
+HOT_MAX: int = _lib.SMC_HOT_MAX
 GSTATE_CLOSING: int = _lib.SMC_GSTATE_CLOSING
 ROLE_CLIENT: int = _lib.SMC_ROLE_CLIENT
 ROLE_SERVER: int = _lib.SMC_ROLE_SERVER
@@ -175,6 +176,7 @@ _group_pending = _lib.smc_group_pending
 _group_prepare_sleep = _lib.smc_group_prepare_sleep
 _group_clear_wake = _lib.smc_group_clear_wake
 _group_spin = _lib.smc_group_spin
+_group_spin_hot = _lib.smc_group_spin_hot
 
 # writev joins the buffers in Python and makes one write (about 20 ns a buffer plus a memcpy)
 # when the total or the average buffer is small; otherwise the C gather saves that extra copy at
@@ -396,7 +398,7 @@ class Group:
     Group from one thread (the hub's loop thread). close() does not release the Extents.
     """
 
-    __slots__ = ("_g", "_my_ext0", "_peer_exts", "_rings", "_take_buf", "_flags", "_claim_buf",
+    __slots__ = ("_g", "_my_ext0", "_peer_exts", "_rings", "_take_buf", "_flags", "_hot_buf", "_claim_buf",
                  "_setup", "max_slots", "__weakref__")
 
     def __init__(self, my_ext0: Extent, peer_ext0: Extent, peer_doorbell_fd: int, role: int,
@@ -421,6 +423,7 @@ class Group:
         self._rings = weakref.WeakSet()
         self._take_buf = _new("uint32_t[]", 4096)
         self._flags = _new("uint32_t *")
+        self._hot_buf = _new("struct smc_ring *[]", HOT_MAX)
         self._claim_buf = _new("uint32_t[]", G_CLAIM_PROBE)
         self._setup = _new("struct smc_setup *")
         self.max_slots: int = max_slots
@@ -550,6 +553,42 @@ class Group:
             if rc < 0:
                 self._raise(rc)
             return None
+        buf, flags = self._take_buf, self._flags
+        n = _group_take(g, buf, 4096, flags)
+        if n > 0:
+            return _unpack(buf, n), flags[0] != 0
+        if n < 0:
+            self._raise(n)
+        return [], flags[0] != 0
+
+    def poll_hot(self, budget_us: float, rings: list) -> "tuple[list[int], bool] | int | None":
+        """``poll()`` that also watches ``rings`` directly (slot rings of this group, at most
+        HOT_MAX, whose reader drained them without re-arming want_data).
+
+        Returns:
+            None: nothing within the budget (arm every hot ring before sleeping); an int i:
+            ``rings[i]`` has news (data, EOF, CLOSED, ABORT, or a sticky error its own calls
+            will raise); else ``take()``'s result.
+        Raises:
+            GroupCorrupted: as spin() and take(). ValueError: too many rings, or one not of this
+            group.
+        """
+        g = self._g
+        n = len(rings)
+        if n > HOT_MAX:
+            raise ValueError(f"at most {HOT_MAX} hot rings")
+        arr = self._hot_buf
+        for i in range(n):
+            arr[i] = rings[i]._r
+        rc = _group_spin_hot(g, arr, n, int(budget_us * 1000.0))
+        if rc <= 0:
+            if rc < 0:
+                if rc == EINVAL:
+                    raise ValueError("a hot ring is not a slot ring of this group")
+                self._raise(rc)
+            return None
+        if rc >= 2:
+            return rc - 2
         buf, flags = self._take_buf, self._flags
         n = _group_take(g, buf, 4096, flags)
         if n > 0:

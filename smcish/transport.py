@@ -110,6 +110,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._growing = False
         self._tick_tx = -1               # tx bytes at the last maintenance tick (shrink when idle)
         self._released = False
+        self._hot_fired = False          # the group poll saw news on our ring (see _read_ready)
         self._pending: collections.deque = collections.deque()
         self._pending_size = 0
         self._high_water = 64 * 1024
@@ -341,7 +342,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         ring = self._ring
         protocol = self._protocol
         try:
-            for _ in range(_READS_PER_CALLBACK):
+            fired, self._hot_fired = self._hot_fired, False
+            for reads in range(_READS_PER_CALLBACK):
                 avail = ring.readable()
                 if not avail:
                     break
@@ -359,9 +361,15 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             else:
                 self._schedule_read()
                 return
-            # Drained: arm the slot (the peer queues a notification on its next write; the
-            # re-check reports data that came meanwhile, or EOF/CLOSED/ABORT), then let the group
-            # poll cover it after the application's callbacks of this iteration.
+            # Drained. With polling, the group poll watches this ring directly (no notification
+            # from the peer for the next bytes) and arms it before the hub sleeps; else arm the
+            # slot now (the peer queues a notification on its next write; the re-check reports
+            # data that came meanwhile, or EOF/CLOSED/ABORT).
+            # (News from the poll without data is a state change: EOF, CLOSED or ABORT: the
+            # re-check below reports it.)
+            if (self._poll_us and not self._eof_delivered and not self._peer_gone
+                    and (reads or not fired) and self._group.add_hot(self, ring)):
+                return
             status = ring.prepare_sleep_rx()
             if status:
                 if status & _ring.ST_DATA:
@@ -381,6 +389,21 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             self._fatal_error(exc, "smcish: peer corrupted the shared ring")
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol data callback failed.")
+
+    def _hot_arm(self) -> bool:
+        """The group poll is about to sleep: arm our ring (see _read_ready). True if news came."""
+        ring = self._ring
+        if ring is None or self._conn_lost:
+            return False
+        try:
+            status = ring.prepare_sleep_rx()
+        except _ring.RingCorrupted as exc:
+            self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+            return True
+        if status:
+            self._smc_notify()
+            return True
+        return False
 
     def _on_peer_state(self, status: int) -> None:
         if status & _ring.ST_ABORT:
@@ -704,8 +727,9 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             return
         self._released = True
         self._ring = None
-        ring.close()
         group = self._group
+        group.drop_hot(self)
+        ring.close()
         group.tickers.discard(self)
         for block in (self._block, self._old_block):
             if block is not None:

@@ -1227,6 +1227,43 @@ int smc_group_spin(struct smc_group *g, uint64_t budget_ns)
 }
 
 /* Works after a peer violation (only our extent 0 is written), so CLOSING can still be told. */
+/* smc_group_spin, also watching up to SMC_HOT_MAX "hot" slot rings of this group directly:
+ * rings whose reader drained them and did not re-arm want_data (so their producer queues no
+ * notification for the next bytes: a ping-pong then costs no queue entry, no fence on the
+ * producer's side and no take). The caller arms every hot ring (smc_rx_prepare_sleep) before
+ * its hub sleeps. Returns 1: the peer's queue has entries; 2 + i: hot ring i has news (data,
+ * EOF, CLOSED, ABORT, or a sticky error for the caller to read); 0: nothing within the budget. */
+int smc_group_spin_hot(struct smc_group *g, struct smc_ring **hot, uint32_t n, uint64_t budget_ns)
+{
+    int rc = group_usable(g);
+    if (rc)
+        return rc;
+    if (n > SMC_HOT_MAX)
+        return SMC_EINVAL;
+    for (uint32_t k = 0; k < n; k++)
+        if (!hot[k] || hot[k]->group != g)
+            return SMC_EINVAL;
+    uint64_t deadline = now_ns() + budget_ns;
+    for (uint32_t i = 1;; i++) {
+        if (group_pending(g)) {
+            g->stat_spin_hits++;
+            return 1;
+        }
+        for (uint32_t k = 0; k < n; k++) {
+            struct smc_ring *r = hot[k];
+            if (r->error || rx_wake_bits(r) != 0) {
+                g->stat_spin_hits++;
+                return 2 + (int)k;
+            }
+        }
+        if (budget_ns == 0 || ((i & 63u) == 0 && spin_yield_expired(g, deadline))) {
+            g->stat_spin_misses++;
+            return 0;
+        }
+        cpu_relax();
+    }
+}
+
 int smc_group_set_gstate(struct smc_group *g, uint32_t bits)
 {
     if (!g)
