@@ -804,3 +804,41 @@ def test_heap_extents_from_plain_buffers():
     assert bytes(mine1[4096:8192]) == payload(4096, 1)
     r.close()
     g.close()
+
+
+def test_poll_hot_watches_unarmed_rings_and_reports_which():
+    """poll_hot: a hot ring's data (or EOF) is found without any notification from its
+    producer (want_data not armed); the queue still wins when it has entries; rings of another
+    group or more than HOT_MAX are refused."""
+    with GroupPair() as p:
+        rings = [p.slot_rings(s, at_a=(1, s * 4096), at_b=(1, s * 4096)) for s in range(3)]
+        hot = [rb for _, rb in rings]                 # B reads, nobody armed want_data
+        assert p.gb.poll_hot(0, hot) is None
+        rings[1][0].write(b"to slot 1")               # A writes: no notification queued
+        assert p.gb.pending() is False
+        assert p.gb.poll_hot(50, hot) == 1
+        assert hot[1].read() == b"to slot 1"
+        assert p.gb.poll_hot(0, hot) is None
+        rings[2][0].set_eof()                         # a state change alone is news too
+        assert p.gb.poll_hot(50, hot) == 2
+        p.ga.notify(0)                                # queue entries come first
+        taken = p.gb.poll_hot(0, hot[:2])
+        assert taken == ([0], False)
+        with pytest.raises(ValueError):
+            p.gb.poll_hot(0, [rings[0][0]])            # A's ring: not of B's group
+        with pytest.raises(ValueError):
+            p.gb.poll_hot(0, [hot[0]] * (ring.HOT_MAX + 1))
+
+
+def test_hot_ring_armed_before_sleep_gets_its_notification():
+    """The hub's contract: a hot ring is armed (prepare_sleep_rx) before the group sleeps; the
+    producer's next write then queues the slot and rings the doorbell."""
+    with GroupPair() as p:
+        ra, rb = p.slot_rings(5)
+        ra.write(b"x")
+        assert rb.read() == b"x"
+        assert rb.prepare_sleep_rx() == 0             # armed
+        assert p.gb.prepare_sleep() is False          # the hub sleeps
+        ra.write(b"y")
+        assert p.gb.pending() is True
+        assert drain_doorbell(p.b.efd) > 0                 # A rang B, which sleeps
