@@ -88,9 +88,23 @@ _cache: dict[tuple, Device] = {}
 _all_devices: "weakref.WeakSet[Device]" = weakref.WeakSet()
 
 
+_ENV_DATA = getattr(os.environ, "_data", None)     # os.environ's own dict of encoded keys
+_K_DEVICE, _K_RUNTIME, _K_XDG = (os.environ.encodekey(k) for k in (
+    "SMCISH_DEVICE", "SMCISH_RUNTIME_DIR", "XDG_RUNTIME_DIR"))
+
+
+def _env(name: str, key: bytes) -> str | None:
+    """os.environ.get(name) without its Python-level mapping layers (get_device() runs on every
+    connection): a plain lookup in os.environ's own dict, decoded as os.environ would."""
+    if _ENV_DATA is None:  # pragma: no cover - another os.environ implementation
+        return os.environ.get(name)
+    raw = _ENV_DATA.get(key)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
 def _resolve(spec: str | None) -> str:
     if spec is None:
-        spec = os.environ.get("SMCISH_DEVICE") or "embedded"
+        spec = _env("SMCISH_DEVICE", _K_DEVICE) or "embedded"
     return spec.strip()
 
 
@@ -125,8 +139,8 @@ def _cache_key(resolved: str) -> tuple:
     # The embedded device's runtime dir depends only on these variables (and the uid): keying on
     # them keeps get_device() free of syscalls on every connection.
     if resolved == "embedded":
-        env = os.environ
-        return (resolved, env.get("SMCISH_RUNTIME_DIR"), env.get("XDG_RUNTIME_DIR"), os.getuid())
+        return (resolved, _env("SMCISH_RUNTIME_DIR", _K_RUNTIME), _env("XDG_RUNTIME_DIR", _K_XDG),
+                os.getuid())
     return (resolved,)
 
 

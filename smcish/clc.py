@@ -105,6 +105,8 @@ SERVER: Role = "server"
 class SetupState(enum.Enum):
     """Set-up states. Terminal: ESTABLISHED, FELL_BACK, ABORTED."""
 
+    __hash__ = object.__hash__    # members are singletons: identity hash, in C (transition lookups)
+
     IDLE = "idle"
     CLAIMED = "claimed"                   # client: record published, waiting for the decision
     OPTIMISTIC = "optimistic"             # client: record published, already sending: ISM unless withdrawn
@@ -121,6 +123,7 @@ TERMINAL_STATES = frozenset({S.ESTABLISHED, S.FELL_BACK, S.ABORTED})
 
 
 class _Input(enum.Enum):
+    __hash__ = object.__hash__
     CLAIM = "claim()"
     CLAIM_OPTIMISTIC = "claim(optimistic=True)"
     WITHDRAW = "withdraw()"

@@ -545,6 +545,7 @@ class LinkGroup:
         # their rings directly and arms them before the hub sleeps (docs/design.md 2.7).
         self.hot: list[Any] = []
         self.hot_rings: list[Any] = []
+        self.read_soon = False               # a connection's read is queued: the poll waits for it
         self.error: BaseException | None = None
         # extents: index -> (Region, Extent)
         self.my_exts: dict[int, tuple[Any, _ring.Extent]] = {}
@@ -856,6 +857,12 @@ class LinkGroup:
         self._poll_scheduled = False
         _queued[0] -= 1
         if self.destroyed:
+            return
+        if self.read_soon:
+            # A connection's read was queued after this poll: let it run first (it drains its
+            # ring and becomes hot, or arms), else we would spin for bytes already there.
+            self.read_soon = False
+            self.schedule_poll()
             return
         try:
             group = self.group

@@ -334,6 +334,9 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if not self._read_scheduled:
             self._read_scheduled = True
             self._loop.call_soon(self._read_ready)
+            group = self._group
+            if group is not None:
+                group.read_soon = True    # a poll queued before this read lets it run first
 
     def _read_ready(self) -> None:
         self._read_scheduled = False
@@ -444,8 +447,11 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 self._fatal_error(exc, "smcish: peer corrupted the shared ring")
                 return
             if n == len(data):
-                if self._poll_us and not self._group._poll_scheduled:
-                    self._group.schedule_poll(wake=True)      # a reply is likely
+                # A reply is likely: poll for it. Not while an optimistic set-up is pending: no
+                # reply can come before the server's ACCEPTED, which takes its accept() and
+                # wakes us through the group anyway (a spin would only burn the wait).
+                if self._poll_us and not self._group._poll_scheduled and self._setup is None:
+                    self._group.schedule_poll(wake=True)
                 return
             data = data[n:]
         self._pending.append(bytes(data))
