@@ -111,6 +111,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._tick_tx = -1               # tx bytes at the last maintenance tick (shrink when idle)
         self._released = False
         self._hot_fired = False          # the group poll saw news on our ring (see _read_ready)
+        self._linger_armed = False       # closed, waiting for the peer's CLOSED with want_data armed
         self._pending: collections.deque = collections.deque()
         self._pending_size = 0
         self._high_water = 64 * 1024
@@ -729,7 +730,18 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if ring is None or self._released or not self._conn_lost or self._setup is not None:
             return
         if not self._peer_done():
-            self._group.tickers.add(self)         # linger: retried on notifications and ticks
+            group = self._group
+            group.tickers.add(self)               # linger: retried on notifications and ticks
+            if not self._linger_armed:
+                # Make sure the peer's CLOSED notifies us (a hot ring left want_data unarmed).
+                self._linger_armed = True
+                group.drop_hot(self)
+                try:
+                    armed = ring.prepare_sleep_rx()
+                except (_ring.RingCorrupted, ValueError):
+                    armed = 0
+                if armed and self._peer_done():
+                    self._try_release()
             return
         self._released = True
         self._ring = None

@@ -241,6 +241,10 @@ def test_unclosed_transport_warns(loop_kind):
         port = server.sockets[0].getsockname()[1]
         transport, _ = await smcish.create_connection(asyncio.Protocol, HOST, port)
         assert transport.get_extra_info("smcish").mode == "ism"
+        for _ in range(100):                  # the optimistic set-up answered (bounded wait)
+            if transport._setup is None:
+                break
+            await asyncio.sleep(0.01)
         server.close()
 
     with warnings.catch_warnings(record=True) as caught:
