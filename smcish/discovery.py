@@ -190,6 +190,7 @@ async def find_acceptor(loop: Any, hub: Hub, family: int, host: str, port: int,
                 advert = device.find_listener(hit.inode)
             if advert is None:
                 return Acceptor(sock, None, None, False, R.PEER_NOT_ADVERTISED)
+            hub.remember_listener(hit.inode, advert)
             return Acceptor(sock, None, advert, False, None)
         if device.kind == "daemon" and sock.getsockname()[1]:
             advert = await loop.run_in_executor(device_pool(), device.find_remote_listener, sock,

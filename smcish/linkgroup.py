@@ -25,12 +25,14 @@ import heapq
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 import weakref
 from typing import Any, Callable
 
 import ism_backend
+from ism_backend import sockets
 
 from . import clc
 from . import ring as _ring
@@ -47,6 +49,7 @@ QUARANTINE_S = 10.0              # an abandoned slot the server may have seen is
 OPEN_FAILURE_S = 2.0             # after a failed group_open, fall back at once for this long
 MAX_GROUPS_PER_HUB = 1024        # server groups a hub accepts (each costs an extent 0 on our side)
 MAX_GROUPS_PER_PEER = 8          # server groups one peer endpoint may open with a hub
+_LISTENER_CACHE_MAX = 4096      # listener inodes whose advertiser the device told us
 HANDOVER_TIMEOUT = 2.0           # endpoint thread -> loop hand-over bound
 _MAX_BACKOFF = 10                # a missed group poll skips up to 2**10 - 1 later chances
 _TAKE_MAX = 4096
@@ -235,6 +238,7 @@ class Hub:
         kind = device.kind if device.kind in _GEOMETRY else "embedded"
         self.max_slots, self.ext0_heap = _GEOMETRY[kind]
         self.client_groups: dict[tuple[bytes, bytes], LinkGroup] = {}
+        self._listener_owner: dict[int, tuple[bytes, bytes]] = {}   # inode -> (endpoint, hub)
         self.server_groups: dict[bytes, LinkGroup] = {}
         self.listeners: set[int] = set()
         self.closed = False
@@ -291,26 +295,38 @@ class Hub:
         return box.get("result")
 
     # ------------------------------------------------------------------ listeners
+    # (The ring layer can publish a hub's listener inodes in its groups' shared memory; v2 does
+    # not: a client must not take a peer's word for which sockets it serves, see group_serving.)
     def add_listener(self, inode: int) -> None:
         self.listeners.add(inode)
-        self._publish_listeners()
 
     def remove_listener(self, inode: int) -> None:
         self.listeners.discard(inode)
-        self._publish_listeners()
-
-    def _publish_listeners(self) -> None:
-        inodes = sorted(self.listeners)[:_ring.G_MAX_LISTENERS]
-        for group in self.server_groups.values():
-            if not group.dying:
-                group.group.set_listeners(inodes)
 
     def group_serving(self, inode: int) -> "LinkGroup | None":
-        """A live client group whose server hub publishes listener ``inode`` (shared memory)."""
-        for group in list(self.client_groups.values()):
-            if group.group.peer_has_listener(inode) and group.usable():
-                return group
+        """The live client group toward the hub that the *device* said serves listener
+        ``inode`` (an answer of ``find_listener`` remembered by ``remember_listener``).
+
+        The listener table a server hub publishes in its group's shared memory is not trusted
+        for this: a hostile server could list the inode of a socket it does not hold and so
+        capture our connections to it. Only the device knows who advertised a socket (ismd reads
+        it from the socket passed to it). An inode names one live socket (sock_diag only ever
+        returns live ones, and inode numbers are not reused before 2^32 sockets), so the answer
+        stays true while the oracle keeps returning that inode.
+        """
+        owner = self._listener_owner.get(inode)
+        if owner is None:
+            return None
+        group = self.client_groups.get(owner)
+        if group is not None and group.usable():
+            return group
         return None
+
+    def remember_listener(self, inode: int, advert: Any) -> None:
+        """``find_listener(inode)`` answered ``advert``: later connections to it skip the device."""
+        if len(self._listener_owner) >= _LISTENER_CACHE_MAX:
+            self._listener_owner.clear()
+        self._listener_owner[inode] = (advert.endpoint_id, advert.hub_id)
 
     # ------------------------------------------------------------------ client groups
     async def group_for(self, advert: Any) -> "LinkGroup":
@@ -413,7 +429,6 @@ class Hub:
             group = LinkGroup(self, "server", fields["group_id"], peer.endpoint_id, None,
                               peer.uid, peer.pid, mine, theirs, max_slots)
             self.server_groups[group.id] = group
-            group.group.set_listeners(sorted(self.listeners)[:_ring.G_MAX_LISTENERS])
 
         try:
             self.run_on_loop(install)
@@ -424,10 +439,16 @@ class Hub:
         return {"token": mine.token, "size": mine.size, "max_slots": max_slots}
 
     def find_claim(self, peer_addr: tuple, local_addr: tuple) -> tuple["LinkGroup", int, Any] | None:
-        """Server, at accept: a client claim in one of our groups matching this 4-tuple exactly."""
+        """Server, at accept: a client claim in one of our groups matching this 4-tuple exactly.
+
+        Several claims may name the same 4-tuple (a peer may post forged ones, in its own group
+        or ours): then the kernel says which socket is really at the other end, and the claim
+        naming that socket's inode wins (the caller still verifies it); else the first.
+        """
         if not self.server_groups:
             return None
         port = peer_addr[1]
+        found = []
         for group in self.server_groups.values():
             if group.dying:
                 continue
@@ -437,8 +458,20 @@ class Hub:
                         and setup.sport == local_addr[1]
                         and _addr_bytes(peer_addr[0]) == setup.caddr
                         and _addr_bytes(local_addr[0]) == setup.saddr):
-                    return group, slot, setup
-        return None
+                    found.append((group, slot, setup))
+        if len(found) <= 1:
+            return found[0] if found else None
+        try:
+            family = socket.AF_INET6 if len(peer_addr) == 4 else socket.AF_INET
+            hit = sockets.diag().lookup(family, (peer_addr[0], peer_addr[1]),
+                                        (local_addr[0], local_addr[1]))
+        except OSError:
+            hit = None
+        if hit is not None and hit.inode:
+            for entry in found:
+                if entry[2].sock_ino == hit.inode:
+                    return entry
+        return found[0]
 
     # ------------------------------------------------------------------ maintenance
     def ensure_timer(self) -> None:
@@ -981,6 +1014,17 @@ class LinkGroup:
                 and now - self._idle_since > GROUP_IDLE_S):
             self.close()
 
+    def notify_or_fail(self, slot: int) -> None:
+        """``group.notify(slot)`` for the set-up paths: a peer that corrupted its queue cursors
+        makes it raise GroupCorrupted; then the group fails (after the current call, so the
+        set-up in progress finishes its own steps first) instead of the set-up hanging."""
+        try:
+            self.group.notify(slot)
+        except _ring.GroupCorrupted as exc:
+            self.loop.call_soon(self.fail, exc, True)
+        except ValueError:               # the group closed under us
+            pass
+
     def fail(self, exc: BaseException, abort: bool, tell_peer: bool = True) -> None:
         """The group cannot take new connections; with ``abort`` its live connections fail now.
 
@@ -1010,6 +1054,16 @@ class LinkGroup:
                     conn._smc_group_failed(exc)
                 except Exception as err:  # noqa: BLE001
                     log.debug("smcish: failing a connection failed: %r", err)
+        else:
+            # Connections already closed on our side were lingering for the peer's CLOSED: a
+            # dying group's peer reads nothing more, let them go now (the hub forgot this group,
+            # so no maintenance tick would retry them).
+            for conn in list(self.conns.values()):
+                if getattr(conn, "_conn_lost", 0):
+                    try:
+                        conn._try_release()
+                    except Exception as err:  # noqa: BLE001
+                        log.debug("smcish: releasing a connection failed: %r", err)
         if not self.conns:
             self.destroy()
 

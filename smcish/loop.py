@@ -262,6 +262,8 @@ async def _connect_one(loop: Any, hub: Hub, orig_connect: Any, protocol_factory:
             if setup is not None:
                 setup.connected()
                 await setup.wait()
+                if setup.mode == "failed":       # accepted with an unusable ring block
+                    raise setup.error or ConnectionResetError("smcish set-up failed")
         except BaseException:
             sock.close()
             raise
@@ -356,6 +358,7 @@ async def _claim_before_connect(loop: Any, sock: Any, address: Any, config: Conf
             advert = device.find_listener(hit.inode)
         if advert is None:
             return
+        hub.remember_listener(hit.inode, advert)
     acceptor = discovery.Acceptor(sock, group, advert, False, None)
     setup, reason = await _claim(loop, hub, cfg, acceptor, sock.family, (host, port), hold=True)
     if setup is not None:

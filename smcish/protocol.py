@@ -90,6 +90,7 @@ class ClientSetup:
         self.reason: R | None = None
         self.by_peer = False
         self.transport: Any = None       # the SmcTransport holding us while pending
+        self.error: BaseException | None = None   # mode "failed": what the application gets
         self._port = 0
         self._ino = 0
         self._claimed = False
@@ -235,7 +236,7 @@ class ClientSetup:
                     # A server that accepted an optimistic claim is established already: the
                     # FINAL_ISM is bookkeeping, not worth waking it for. Everything else is
                     # an answer it may be waiting for.
-                    group.group.notify(self.slot)
+                    group.notify_or_fail(self.slot)
             if machine.state is S.WITHDRAWING:
                 snap = group.group.read_peer_setup(self.slot)
                 machine.settle(snap.gen, snap.phase, snap.reason, self.loop.time())
@@ -274,10 +275,10 @@ class ClientSetup:
             if self.optimistic:
                 # The server is established and may have read what we sent: no way back to TCP.
                 self.mode = "failed"
+                self.reason = R.PROTOCOL_ERROR
+                self.error = ConnectionResetError(
+                    f"smcish: the server announced an unusable ring block: {exc}")
                 self._finish()
-                if self.transport is not None:
-                    self.transport._fatal_error(ConnectionResetError(
-                        f"smcish: the server announced an unusable ring block: {exc}"))
                 return False
             self.machine.decline(R.PROTOCOL_ERROR, self.loop.time())
             return True
@@ -312,18 +313,19 @@ class ClientSetup:
         if self.mode == "ism":
             if transport is not None:
                 transport._setup_established()
-        elif self.mode == "tcp":
+        elif self.mode in ("tcp", "failed"):
             sent = b""
             if self.ring is not None:
-                if transport is not None:
+                if transport is not None and self.mode == "tcp":
                     # Everything we published is still in our ring (the server never consumed:
                     # it did not accept): the transport resends it over TCP.
                     sent = self._published()
                 self.ring.close()
                 self.ring = None
             # The server may still look at this slot and our block if it never answered (it
-            # may be accepting right now, only to find our withdrawal): quarantine both.
-            quarantine = self._connected and not self.by_peer
+            # may be accepting right now, only to find our withdrawal), or if it accepted with
+            # a block we could not use ("failed"): quarantine both.
+            quarantine = (self._connected and not self.by_peer) or self.mode == "failed"
             if self.block is not None:
                 if quarantine:
                     group.free_block_later(self.block)
@@ -332,7 +334,10 @@ class ClientSetup:
                 self.block = None
             group.slot_done(self.slot, self._smc_gen, quarantine=quarantine)
             if transport is not None:
-                transport._migrate(self.reason, self.by_peer, sent)
+                if self.mode == "tcp":
+                    transport._migrate(self.reason, self.by_peer, sent)
+                else:
+                    transport._setup_failed(self.error)
         if not self._future.done():
             self._future.set_result(None)
 
@@ -583,7 +588,7 @@ class HandshakeProtocol(asyncio.Protocol):
             gen=claim.gen, phase=clc.PHASE_ACCEPTED, reason=0, family=claim.family,
             ring0_off=block.off, ring0_ext=block.ext, ring0_log2=_log2(block.size), sock_ino=0,
             cport=claim.cport, sport=claim.sport, caddr=claim.caddr, saddr=claim.saddr))
-        group.group.notify(slot)
+        group.notify_or_fail(slot)
         self._machine.accept(claim.gen, self._loop.time())
         self._smc_notify()                # OPTIMISTIC (after the fence): established right here
         if not self._done:                # a CLAIMED client's final word follows at once
@@ -614,7 +619,7 @@ class HandshakeProtocol(asyncio.Protocol):
         write = machine.take_write()
         if write is not None and not group.destroyed:
             group.group.set_phase(self._slot, self._smc_gen, write[0], write[1])
-            group.group.notify(self._slot)
+            group.notify_or_fail(self._slot)
         while True:
             event = machine.next_event()
             if event is None:

@@ -229,6 +229,23 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if self._handshake is not None:
             self._handshake._migrated()
 
+    def _setup_failed(self, exc: BaseException) -> None:
+        """The optimistic claim was accepted with a ring block we cannot use: neither shared
+        memory nor TCP can carry this connection (the server took it as ISM): reset it. The
+        set-up has closed the ring and quarantined our block and slot."""
+        self._setup = None
+        self._ring = None
+        self._block = None
+        self._pending.clear()
+        self._pending_size = 0
+        if self._conn_lost:              # closed by the application meanwhile
+            self._tcp.abort()
+            return
+        self._closing = True
+        self._conn_lost += 1
+        self._tcp.abort()
+        self._loop.call_soon(self._call_connection_lost, exc)
+
     def _maybe_resume_after_migration(self) -> None:
         # We paused the application for a full ring; the TCP transport pauses it again if its
         # own buffer is too full (it did not see our pause, so resume it explicitly).

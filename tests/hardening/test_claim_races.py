@@ -123,13 +123,6 @@ def test_forged_claim_with_the_real_inode_same_uid(arena, proto):
         arena.hostile.reset()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "smcish/linkgroup.py Hub.find_claim returns the first claim matching the 4-tuple (groups in "
-    "insertion order) and protocol.py _server_start verifies only that one: a forged claim for "
-    "an honest smcish client's 4-tuple, in a group opened before the client's, makes the server "
-    "decline and serve the connection as TCP; the honest client's own claim is never answered, "
-    "so it goes TCP only after handshake_timeout (an optimistic client migrates). A hostile can "
-    "pre-claim up to 8192 client ports of a server this way (downgrade + delay)"))
 def test_forged_claim_does_not_delay_an_honest_smcish_client(arena):
     """The hostile's group with the victim exists before the honest client's; it claims the
     honest client's exact 4-tuple (another inode) first. The honest client must still be served
@@ -168,17 +161,6 @@ def _capture(a: Arena) -> tuple[dict, dict, dict, bytes]:
     return res, captured, {"received": received}, payload
 
 
-_CAPTURE_BUG = (
-    "smcish/discovery.py find_acceptor (and loop._claim_before_connect) trust the peer's group "
-    "listener table (linkgroup.Hub.group_serving): a hostile smcish server that has a link group "
-    "with the victim lists the inode of a listener it does not hold (any server's: inodes are "
-    "public) and the victim's client claims in the hostile's group and goes ISM with it; the "
-    "application's bytes go to the hostile (which answers), the real (plain) server gets nothing. "
-    "An optimistic claim even exposes the bytes before any answer (the claimed block is in the "
-    "victim's memory the hostile maps). The advertisement (device, socket-bound) is never asked")
-
-
-@pytest.mark.xfail(strict=True, reason=_CAPTURE_BUG)
 def test_hostile_server_cannot_capture_connections_to_another_listener(arena):
     res, captured, plain, payload = _capture(arena)
     try:
@@ -265,7 +247,6 @@ def test_other_uids_closed_listener_replaced_by_a_root_plain_server(two_uids):
     a.victim.op("close_plain", port=plain["port"])
 
 
-@pytest.mark.xfail(strict=True, reason=_CAPTURE_BUG + " (through ismd, across uids too)")
 def test_other_uid_cannot_capture_connections_to_a_root_plain_server(two_uids):
     res, captured, plain, payload = _capture(two_uids)
     try:
