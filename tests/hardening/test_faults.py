@@ -1,35 +1,46 @@
-"""SIGKILL the client, the server and the ismd daemon at several points.
+"""SIGKILL of the client, the server and ismd at every set-up point, mid-transfer and during close.
 
-For every case: the surviving side reports the failure (an exception, connection_lost with a
-ConnectionResetError, or a released handshake) within 1 s of the kill; every byte the dead side
-had published is delivered (a deterministic pattern, checked byte for byte, and at least as many
-bytes as the dead side had reported published); a clean close before the kill loses nothing;
-and nothing leaks: the survivor's device regions/attachments, fds (net of the device's bounded
-caches), runtime-dir files and /dev/shm return to their values before the case. Other
-connections of the survivor (the healthy connection) keep working.
+Both sides are real smcish processes (``Agent``); hooks in the agent stop a set-up at an exact
+point of docs/design.md 3.3 (the client's claim published but not accepted; the server's
+ACCEPTED published but no final word yet; the client's FINAL_ISM written) before the kill.
+"many" cases add 15 established connections to the same link group, each with a pattern of its
+own published (1 B to 60,000 B) that the survivor has not read yet. For every case:
+
+- the survivor reports within 1 s of the kill: every established connection delivers all the
+  bytes the dead side published (checked byte for byte against the pattern), then fails with
+  ConnectionResetError; a connection in set-up ends (the application never sees it, or sees it
+  fail or end), and the survivor's link group is torn down;
+- nothing leaks: no region, attachment, peer mapping or link group is left in the survivor, its
+  fds are back to the start (net of the device's region pool), /dev/shm is unchanged, and the
+  dead process's runtime-dir files are gone (reaped by the survivor, or by the next device open);
+- a new connection afterwards works, through a new link group (to a restarted peer).
+
+With ismd killed, connections already set up keep working (and set-ups in flight finish over
+their group: nothing of the set-up goes through ismd), new ones fall back at once with
+NO_DEVICE and work, nothing leaks, and a restarted ismd serves new listeners over ISM.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
+import re
 import shutil
 import time
 
 import pytest
 
-import ism_backend
-import smcish
-from ism_backend.embedded import EmbeddedDevice
+from device_helpers import Ismd
 
 from .conftest import (
-    CLIENT_CHILD, HOST, Child, EchoProto, Hostile, Victim, assert_no_leak,
-    child_env, fd_count, pattern_at, run_loop, runtime_files, settle, shm_listing, snapshot,
-    start_server_child,
+    Agent, idle_device, published_size, runtime_files, shm_listing,
+    wait_until,
 )
 
+HT = 5.0                    # handshake timeout: long, so what happens within 1 s is the kill's
+KW = {"handshake_timeout": HT}
 REPORT_WITHIN = 1.0
-RING = 16384
+BYSTANDERS = 15             # "many": established connections in the same group as the victim's
+PUBLISH_LIMIT = 60000       # pattern sizes 1..60,000 B per connection: they fit the 64 KiB ring
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,487 +51,481 @@ def _dev_shm_untouched():
     assert shm_listing() == before
 
 
-class CheckProto(EchoProto):
-    """Receives a pattern stream and checks every byte against it (server or client side)."""
-
-    def __init__(self):
-        super().__init__(echo=False)
-        self.ok = True
-
-    def data_received(self, data):
-        if data != pattern_at(self.n, len(data)):
-            self.ok = False
-        super().data_received(data)
+def _torn_down(st: dict) -> bool:
+    groups = st["linkgroups"]
+    return (groups["link_groups"] == 0 and groups["slots"] == 0 and idle_device(st)
+            and st["smaps"]["ro_size"] == 0 and st["conns_open"] == 0)
 
 
-def _reap_stale_files(path: str) -> None:
-    """What the next smcish process does when it opens the device: remove dead processes' files."""
-    EmbeddedDevice(path).close()
+class Case:
+    """A server and a client agent; `bystanders` established connections with unread patterns."""
+
+    def __init__(self, loop: str = "asyncio", bystanders: int = 0, device: str | None = None,
+                 kw: dict | None = None, install: bool = False) -> None:
+        self.kw = dict(KW, **(kw or {}))
+        extra = {"device": device} if device else {}
+        if install:
+            extra["install"] = True          # transparent mode: classic claims (via="sock")
+        if device:
+            self.kw["device"] = device
+        self.loop = loop
+        self.extra = extra
+        self.server = Agent("server", loop=loop, kw=self.kw, **extra)
+        self.client = Agent("client", loop=loop, kw=self.kw, **extra)
+        self.agents = [self.server, self.client]
+        self.port = self.server.call("listen")["port"]
+        self.base = {a.role: a.status() for a in self.agents}
+        self.bystanders: list[int] = []
+        self.group = None
+        if bystanders:
+            for a in self.agents:
+                a.call("behave", paused=True, verify=True, echo=False)
+            res = self.client.call("connect", port=self.port, count=bystanders, timeout=20)
+            assert res["summary"] == {"ism": bystanders}, res["summary"]
+            assert len(res["groups"]) == 1, res["groups"]
+            self.group = res["groups"][0]
+            self.bystanders = [r["port"] for r in res["results"]]
+            self.server.wait_conns(bystanders)
+            for a in self.agents:
+                assert a.call("publish", limit=PUBLISH_LIMIT)["pending"] == 0
+
+    def other(self, agent: Agent) -> Agent:
+        return self.client if agent is self.server else self.server
+
+    def endpoint(self, agent: Agent) -> str:
+        return self.base[agent.role]["raw_device"]["endpoint_id"]
+
+    def check_bystanders(self, survivor: Agent, t_kill: float, frozen: float = 0.0) -> list:
+        """Resume the survivor's reads: each bystander delivers all the dead side published,
+        byte-exact, then ConnectionResetError, within REPORT_WITHIN of the kill (plus
+        `frozen`: how long a hook kept the survivor itself frozen after the kill)."""
+        survivor.call("resume")
+        conns = {c["port"]: c for c in survivor.call("report", wait_lost=5)["conns"]}
+        late = []
+        for port in self.bystanders:
+            c = conns[port]
+            want = published_size(port, PUBLISH_LIMIT)
+            assert c["ok"] and c["rx"] == want, (c, want)
+            assert c["lost_reset"], c
+            late.append(c["lost_at"] - t_kill)
+            assert late[-1] <= REPORT_WITHIN + frozen, (c, late[-1])
+        return late
+
+    def check_clean(self, survivor: Agent, t_kill: float) -> float:
+        """The survivor's group is torn down and it holds nothing more than before the case."""
+        base = self.base[survivor.role]
+        after = wait_until(survivor.status, lambda st: _torn_down(st)
+                           and st["fds_net"] <= base["fds_net"], timeout=REPORT_WITHIN + 4.0)
+        took = time.monotonic() - t_kill
+        assert _torn_down(after), (after["linkgroups"], after["device"], after["smaps"],
+                                   after["conns_open"])
+        assert after["fds_net"] <= base["fds_net"], (base["fd_kinds"], after["fd_kinds"])
+        return took
+
+    def check_new_connection(self, survivor: Agent, victim: Agent, old_groups: set) -> str:
+        """A restarted peer and a new connection: shared memory again, in a new group."""
+        fresh = Agent(victim.role, loop=self.loop, kw=self.kw, **self.extra)
+        self.agents.append(fresh)
+        server = fresh if victim is self.server else survivor
+        client = survivor if victim is self.server else fresh
+        port = self.port if victim is self.client else server.call("listen")["port"]
+        for a in (server, client):
+            a.call("behave", paused=False, verify=False, echo=a is server)
+        res = client.call("connect", port=port, count=1, timeout=20)
+        assert res["summary"] == {"ism": 1}, res
+        assert res["groups"] and res["groups"][0] not in old_groups, res["groups"]
+        echo = client.call("echo_round", rounds=3, lo=1, hi=200000, timeout=20)
+        assert echo["messages"] == 3 and not echo.get("mismatch"), echo
+        return res["groups"][0]
+
+    def check_runtime_dir(self, victim: Agent) -> None:
+        """No file of the dead process is left once another process opened the device (the
+        restarted peer did): its endpoint and its advertisements."""
+        ep = self.endpoint(victim)
+        left = [f for f in runtime_files() if ep in f]
+        path = os.environ["SMCISH_RUNTIME_DIR"]
+        for name in runtime_files():
+            if re.fullmatch(r"adv-\d+", name):
+                try:
+                    with open(os.path.join(path, name)) as fh:
+                        if fh.read().startswith(ep):
+                            left.append(name)
+                except FileNotFoundError:
+                    pass
+        assert not left, f"files of the dead process left in the runtime dir: {left}"
+
+    def close(self) -> None:
+        for a in self.agents:
+            a.close()
 
 
-async def _files_settle(before: set, timeout: float = 0.5) -> set:
-    deadline = time.monotonic() + timeout
-    while True:
-        now = runtime_files()
-        if now == before or time.monotonic() > deadline:
-            return now
-        await asyncio.sleep(0.05)
+# ------------------------------------------------------------------ kills at the set-up points
+#
+# Two kinds of claim (docs/design.md 3.3): OPTIMISTIC (create_connection: the application gets
+# its connection at once, sending into a send-only ring until the server's ACCEPTED) and CLAIMED
+# ("classic": a socket the application connects itself with the patched loop.sock_connect, then
+# hands to create_connection(sock=): the client waits for ACCEPTED, then writes its final word).
+# point -> (hook, agent that gets it), per kind and per killed side.
+
+CLIENT_KILLED = {
+    ("optimistic", "claim_published"): ("freeze_after_claim", "client"),
+    ("optimistic", "after_accepted"): ("freeze_after_accept", "server"),  # server thaws after 1 s
+    ("classic", "claim_published"): ("freeze_after_claim", "client"),
+    ("classic", "after_accepted"): ("freeze_before_final", "client"),    # no final word yet
+    ("classic", "after_final_ism"): ("freeze_after_final", "client"),    # FINAL_ISM notified
+}
 
 
-async def _check_runtime_dir(before: set) -> dict:
-    """Files of the dead process: reaped by the survivor itself, or at the latest by the next
-    device open (a new smcish process). Never left for good."""
-    after = await _files_settle(before)
-    by_survivor = after == before
-    if not by_survivor:
-        _reap_stale_files(os.environ["SMCISH_RUNTIME_DIR"])
-        after = runtime_files()
-    assert after == before, f"runtime dir: extra {after - before}, missing {before - after}"
-    return {"reaped_by_survivor": by_survivor}
+def _case_for(kind: str, bystanders: int, **kw) -> Case:
+    return Case("uvloop" if bystanders else "asyncio", bystanders, install=kind == "classic",
+                **kw)
 
 
-# ------------------------------------------------------------------ the client dies
-
-@pytest.mark.parametrize("stage", ["connected", "proposed", "accepted"])
-def test_kill_client_mid_handshake(stage):
-    """The client (a hostile helper that stops at `stage`) is SIGKILLed; the server releases
-    everything it prepared for that handshake within 1 s and its application never sees it."""
-    async def main():
-        victim = await Victim(handshake_timeout=5.0).start()      # long: the kill must decide
-        dev = victim.device
-        try:
-            _reap_stale_files(dev.dir)
-            before = snapshot(dev)
-            files0 = runtime_files()
-            shm0 = shm_listing()
-            peer = Hostile()
-            ports = []
-            try:
-                args = {"stage": stage, "read_accept": stage == "accepted"}
-                peer.send({"cmd": "client", "scenario": "propose_and_wait", "port": victim.port,
-                           "args": args})
-                while True:
-                    ev = await peer.event()
-                    if ev.get("event") == "connected":
-                        ports.append(ev["port"])
-                    if ev.get("event") in ("waiting", "proposed", "accepted"):
-                        break
-                await asyncio.sleep(0.1)
-                if stage != "connected":
-                    assert snapshot(dev)["regions"] == before["regions"] + 1  # ours, prepared
-                t_kill = time.monotonic()
-                peer.kill()
-            finally:
-                peer.close()
-            after = await settle(dev, before, timeout=REPORT_WITHIN)
-            elapsed = time.monotonic() - t_kill
-            assert_no_leak(before, after, f"kill client at {stage}")
-            assert elapsed <= REPORT_WITHIN + 0.1, elapsed
-            conn = victim.conn(ports[0])
-            if stage == "connected":
-                # a claimed client that sent nothing and died: plain TCP with EOF, closed
-                assert conn is None or conn.info.mode == "tcp"
-            else:
-                assert conn is None, "the application saw a half-done handshake"
-            await victim.healthy.check(3)
-            files = await _check_runtime_dir(files0)
-            assert shm_listing() == shm0
-            return elapsed, files
-        finally:
-            await victim.stop()
-
-    (elapsed, files), _ = run_loop(main())
-    print(f"released {elapsed * 1000:.0f} ms after the kill; {files}")
+@pytest.mark.parametrize("bystanders", [0, BYSTANDERS], ids=["one", "many"])
+@pytest.mark.parametrize("kind,point", list(CLIENT_KILLED))
+def test_kill_client_during_setup(kind, point, bystanders):
+    """The client is stopped at `point` of a set-up and SIGKILLed. The server releases what it
+    prepared (slot, ring block) and its group within 1 s. Its application never sees a
+    connection that never connected (claim only); otherwise it sees the connection end (TCP:
+    the client's death is its final word; ISM: ConnectionResetError) within 1 s of the kill."""
+    case = _case_for(kind, bystanders)
+    try:
+        server, client = case.server, case.client
+        hook, where = CLIENT_KILLED[(kind, point)]
+        agent = server if where == "server" else client
+        freeze = 0.5 if where == "server" else 0.0   # (the server thaws by itself)
+        agent.call("arm", hook=hook, seconds=freeze or None)
+        client.send("connect", port=case.port, count=1, timeout=30,
+                    via="sock" if kind == "classic" else "create")
+        ev = agent.hook_event(hook)
+        time.sleep(0.1)                              # the server did whatever it does meanwhile
+        groups = {g["id"] for g in server.status(wait=10)["linkgroups"]["groups"]} \
+            if where == "client" else set()
+        t_kill = client.kill()
+        if where == "server":
+            server.wait_event(lambda e: e.get("event") == "thawed", 10)
+            groups = {g["id"] for g in server.status()["linkgroups"]["groups"]}
+        late = case.check_bystanders(server, t_kill, freeze)
+        conns = {c["port"]: c for c in server.call("report", wait_lost=3)["conns"]}
+        mine = conns.get(ev["port"])
+        if point == "claim_published":
+            assert mine is None, "the server's application saw a connection that never connected"
+        elif point == "after_final_ism":
+            assert mine is not None and mine["mode"] == "ism", mine
+        elif kind == "classic":
+            assert mine is None or mine["mode"] == "tcp", mine
+        if mine is not None:
+            assert mine["lost"] is not None, mine
+            assert mine["lost_at"] - t_kill <= REPORT_WITHIN + freeze, mine
+        took = case.check_clean(server, t_kill)
+        new_group = case.check_new_connection(server, client, groups)
+        case.check_runtime_dir(client)
+        print(f"\nclient killed, {kind} claim at {point} ({len(case.bystanders)} bystanders): "
+              f"server's connection {None if mine is None else (mine['mode'], mine['lost'])}; "
+              f"bystanders reset {max(late, default=0) * 1000:.0f} ms after; clean after "
+              f"{took * 1000:.0f} ms; new group {new_group[:8]}")
+    finally:
+        case.close()
 
 
-@pytest.mark.parametrize("direction", ["client_to_server", "server_to_client"])
-def test_kill_client_mid_transfer(direction):
-    """A client child streams a pattern to the server in this process (or sinks the server's
-    stream); SIGKILL it mid-transfer."""
-    async def main():
-        loop = asyncio.get_running_loop()
-        received = {}
-        senders = {}
+SERVER_SETUP_BUG = (
+    "smcish bug (linkgroup.py LinkGroup.fail, abort=False path): when the server process dies, "
+    "the client's group learns it within milliseconds (peer channel hang-up, maintenance "
+    "peer_alive), but a ClientSetup still waiting for the decision is not told: it waits its "
+    "full handshake_timeout (here 5 s, default 2 s), then falls back TCP/TIMEOUT onto a dead "
+    "connection. Established connections of the same group report in ~10 ms. (Optimistic "
+    "claims, the default since eb71534, do not wait for the decision; classic ones still do.)")
 
-        class Streamer(EchoProto):
-            """Server side for server_to_client: write the pattern until the peer is gone."""
+SERVER_KILLED = {
+    ("optimistic", "claim_published"): ("freeze_at_accept", "server"),
+    ("optimistic", "after_accepted"): ("freeze_after_accept", "server"),
+    ("classic", "claim_published"): ("freeze_at_accept", "server"),      # no decision yet
+    ("classic", "after_accepted"): ("delay_final", "client"),            # final word held back
+    ("classic", "after_final_ism"): ("freeze_after_accept", "server"),   # FINAL_ISM unseen
+}
 
-            def connection_made(self, transport):
-                super().connection_made(transport)
-                self.sent = 0
-                self.resume = asyncio.Event()
-                self.resume.set()
-                senders[transport.get_extra_info("peername")[1]] = self
-                self.task = asyncio.ensure_future(self.run())
 
-            async def run(self):
-                while self.lost is None:
-                    self.transport.write(pattern_at(self.sent, 65536))
-                    self.sent += 65536
-                    await self.resume.wait()
-                    await asyncio.sleep(0)
-
-            def pause_writing(self):
-                self.resume.clear()
-
-            def resume_writing(self):
-                self.resume.set()
-
-            def connection_lost(self, exc):
-                super().connection_lost(exc)
-                self.resume.set()
-
-        factory = CheckProto if direction == "client_to_server" else Streamer
-        dev = ism_backend.get_device()
-        _reap_stale_files(dev.dir)          # earlier tests' dead processes: not ours to judge
-        before = snapshot(dev)
-        files0 = runtime_files()
-        server = await smcish.create_server(factory, HOST, 0, ring_size=RING)
-        port = server.sockets[0].getsockname()[1]
-        await asyncio.sleep(0.05)
-        mode = "stream" if direction == "client_to_server" else "sink"
-        child = Child(CLIENT_CHILD, {"mode": mode, "port": port, "ring_size": RING})
-        try:
-            hello = await child.await_line(lambda ev: ev.get("event") == "connected", 30)
-            assert hello["mode"] == "ism", hello
-            key = "published" if mode == "stream" else "received"
-            last = await child.await_line(lambda ev: ev.get("event") == key
-                                          and ev["n"] >= 3 << 20, 30)
-            t_kill = child.kill()
-            # everything the child reported before the kill, and maybe more, must be there
-            for ev in child.events:
-                if ev.get("event") == key:
-                    last = ev
-        finally:
-            child.close()
-        conn = EchoProto.registry[hello["port"]]
-        lost = await asyncio.wait_for(asyncio.shield(conn.done), 5)
-        elapsed = conn.lost_at - t_kill
-        assert isinstance(lost, ConnectionResetError), lost
-        assert elapsed <= REPORT_WITHIN, elapsed
-        if mode == "stream":
-            assert conn.ok, "a byte differs from what the dead client published"
-            assert conn.n >= last["n"], (conn.n, last)
-            moved = conn.n
+@pytest.mark.parametrize("bystanders", [0, BYSTANDERS], ids=["one", "many"])
+@pytest.mark.parametrize("kind,point", [
+    pytest.param(kind, point, marks=pytest.mark.xfail(strict=True, reason=SERVER_SETUP_BUG))
+    if (kind, point) == ("classic", "claim_published") else (kind, point)
+    for kind, point in SERVER_KILLED])
+def test_kill_server_during_setup(kind, point, bystanders):
+    """The server is stopped at `point` of a set-up and SIGKILLed. The client's open ends within
+    1 s of the kill (for a final word the test held back: of its release) with an error, or
+    with a connection that then ends (ConnectionResetError, or EOF); its group is torn down."""
+    case = _case_for(kind, bystanders)
+    try:
+        server, client = case.server, case.client
+        hook, where = SERVER_KILLED[(kind, point)]
+        (server if where == "server" else client).call("arm", hook=hook)
+        rid = client.send("connect", port=case.port, count=1, timeout=30,
+                          via="sock" if kind == "classic" else "create")
+        ev = (server if where == "server" else client).hook_event(hook)
+        res = None
+        if point == "after_final_ism" or kind == "optimistic" and point == "after_accepted":
+            res = client.result(rid, 10)             # the client decided ISM; the server froze
+            assert res["summary"] == {"ism": 1}, res
+        time.sleep(0.1)
+        groups = {g["id"] for g in client.status()["linkgroups"]["groups"]}
+        t_kill = server.kill()
+        late = case.check_bystanders(client, t_kill)
+        t_ref = t_kill
+        if point == "after_accepted" and kind == "classic":
+            time.sleep(0.2)
+            t_ref = time.monotonic()
+            client.call("release")
+        if res is None:
+            res = client.result(rid, REPORT_WITHIN + 0.5)    # the open ends by itself, at once
+        t_open = time.monotonic() - t_ref
+        conns = {c["port"]: c for c in client.call("report", wait_lost=3)["conns"]}
+        mine = conns.get(ev["port"])
+        if mine is not None:
+            assert mine["lost"] is not None, mine
+            assert mine["lost"] == "clean" or mine["lost_reset"], mine
+            assert mine["lost_at"] - t_ref <= REPORT_WITHIN, (mine, t_ref)
         else:
-            assert last["ok"]
-            moved = last["n"]
-        server.close()
-        await server.wait_closed()
-        after = await settle(dev, before)
-        assert_no_leak(before, after, f"kill client mid-transfer {direction}")
-        files = await _check_runtime_dir(files0)
-        return elapsed, moved, files, str(lost)
+            assert "error" in res["results"][0], res
+        assert t_open <= REPORT_WITHIN + 0.5
+        took = case.check_clean(client, t_kill)
+        new_group = case.check_new_connection(client, server, groups)
+        case.check_runtime_dir(server)
+        print(f"\nserver killed, {kind} claim at {point} ({len(case.bystanders)} bystanders): "
+              f"client's connection {None if mine is None else (mine['mode'], mine['lost'])}; "
+              f"bystanders reset {max(late, default=0) * 1000:.0f} ms after; clean after "
+              f"{took * 1000:.0f} ms; new group {new_group[:8]}")
+    finally:
+        case.close()
 
-    (elapsed, moved, files, msg), _ = run_loop(main())
-    print(f"{direction}: reset {elapsed * 1000:.0f} ms after the kill, {moved} bytes checked, "
-          f"{files}, {msg!r}")
+
+# ------------------------------------------------------------------ mid-transfer and close
+
+@pytest.mark.parametrize("streams", [1, 8], ids=["one", "many"])
+@pytest.mark.parametrize("killed,sender", [("client", "client"), ("client", "server"),
+                                           ("server", "server"), ("server", "client")])
+def test_kill_mid_transfer(killed, sender, streams):
+    """`streams` connections in one group carry a pattern stream (64 KiB writes, flow-controlled)
+    from `sender`; `killed` is SIGKILLed after 2 MiB per connection. A surviving receiver gets at
+    least every byte the sender reported published, byte-exact, then ConnectionResetError; a
+    surviving sender's connections fail with ConnectionResetError; all within 1 s."""
+    case = Case("uvloop" if streams > 1 else "asyncio")
+    try:
+        victim = case.server if killed == "server" else case.client
+        survivor = case.other(victim)
+        src = case.server if sender == "server" else case.client
+        dst = case.other(src)
+        dst.call("behave", verify=True, echo=False)
+        src.call("behave", verify=False, echo=False)
+        res = case.client.call("connect", port=case.port, count=streams, timeout=20)
+        assert res["summary"] == {"ism": streams}, res
+        groups = set(res["groups"])
+        assert len(groups) == 1
+        case.server.wait_conns(streams)
+        src.call("stream")
+        ports = [r["port"] for r in res["results"]]
+        published = {}
+        deadline = time.monotonic() + 60
+        while len([p for p in ports if published.get(p, 0) >= 2 << 20]) < len(ports):
+            assert time.monotonic() < deadline, published
+            ev = src.wait_event(lambda e: e.get("event") == "published"
+                                and e["n"] > published.get(e["port"], -1), 30)
+            published[ev["port"]] = ev["n"]
+        if src is not victim:
+            before = {c["port"]: c for c in dst.call("report")["conns"]}
+            assert all(c["ok"] for c in before.values()), before
+        t_kill = victim.kill()
+        for ev in src.events:                        # everything reported before the kill
+            if ev.get("event") == "published":
+                published[ev["port"]] = max(published.get(ev["port"], 0), ev["n"])
+        conns = {c["port"]: c for c in survivor.call("report", wait_lost=5)["conns"]}
+        moved = 0
+        for port in ports:
+            c = conns[port]
+            assert c["lost_reset"], c
+            assert c["lost_at"] - t_kill <= REPORT_WITHIN, (c, c["lost_at"] - t_kill)
+            if survivor is dst:
+                assert c["ok"], f"a byte differs from what the dead sender published: {c}"
+                assert c["rx"] >= published[port], (c, published[port])
+                moved += c["rx"]
+            else:
+                moved += c["tx"]
+        took = case.check_clean(survivor, t_kill)
+        case.check_new_connection(survivor, victim, groups)
+        case.check_runtime_dir(victim)
+        print(f"\n{killed} killed, {sender} sending on {streams}: {moved / 2**20:.1f} MiB "
+              f"checked, resets <= {max(c['lost_at'] for c in conns.values()) - t_kill:.3f} s "
+              f"after the kill; clean after {took * 1000:.0f} ms")
+    finally:
+        case.close()
 
 
 @pytest.mark.parametrize("how", ["after_clean_close", "while_close_drains"])
-def test_kill_client_during_close(how):
-    """after_clean_close: the client sent N bytes and closed; killed after close returned: the
-    server gets all N bytes and EOF. while_close_drains: the server is not reading, the client's
-    close() waits with bytes pending; killed then: the server gets at least what was published,
-    byte-exact, then a reset within 1 s of resuming its reads."""
-    async def main():
-        dev = ism_backend.get_device()
-        _reap_stale_files(dev.dir)          # earlier tests' dead processes: not ours to judge
-        before = snapshot(dev)
-        files0 = runtime_files()
-        class Paused(CheckProto):
-            def connection_made(self, transport):
-                super().connection_made(transport)
-                transport.pause_reading()          # from the start: the client's close drains
-
-        factory = CheckProto if how == "after_clean_close" else Paused
-        server = await smcish.create_server(factory, HOST, 0, ring_size=RING)
-        port = server.sockets[0].getsockname()[1]
-        await asyncio.sleep(0.05)
-        total = 10 * RING + 1234
-        mode = "close_after" if how == "after_clean_close" else "close_pending"
-        child = Child(CLIENT_CHILD, {"mode": mode, "port": port, "ring_size": RING,
-                                     "close_after": total})
-        try:
-            hello = await child.await_line(lambda ev: ev.get("event") == "connected", 30)
-            assert hello["mode"] == "ism"
-            conn = EchoProto.registry[hello["port"]]
-            if how == "while_close_drains":
-                closing = await child.await_line(lambda ev: ev.get("event") == "close_called", 10)
-                await asyncio.sleep(0.2)
-                t_kill = child.kill()
-                await asyncio.sleep(0.1)
-                t_resume = time.monotonic()
-                conn.transport.resume_reading()
-            else:
-                closing = await child.await_line(lambda ev: ev.get("event") == "closed", 10)
-                t_kill = child.kill()
-                t_resume = t_kill
-        finally:
-            child.close()
-        lost = await asyncio.wait_for(asyncio.shield(conn.done), 5)
-        assert conn.ok, "a byte differs from what the client published"
+@pytest.mark.parametrize("killed", ["client", "server"])
+def test_kill_during_close(killed, how):
+    """after_clean_close: the victim wrote 10 rings' worth + 1,234 B on each of 4 connections,
+    closed them and saw connection_lost; killed then, the survivor gets every byte and a clean
+    EOF. while_close_drains: the survivor does not read; the victim's close() waits with bytes
+    pending; killed then: the survivor, resuming, gets at least every byte published (the total
+    minus what was pending after close()), byte-exact, then ConnectionResetError within 1 s."""
+    case = Case()
+    ring = 64 << 10
+    total = 10 * ring + 1234
+    try:
+        victim = case.server if killed == "server" else case.client
+        survivor = case.other(victim)
+        survivor.call("behave", verify=True, echo=False,
+                      paused=how == "while_close_drains")
+        victim.call("behave", verify=False, echo=False)
+        res = case.client.call("connect", port=case.port, count=4, timeout=20)
+        assert res["summary"] == {"ism": 4}, res
+        groups = set(res["groups"])
+        case.server.wait_conns(4)
+        out = victim.call("send_close", n=total, until_lost=how == "after_clean_close")
         if how == "after_clean_close":
-            assert conn.n == total and conn.eof and lost == "clean", (conn.n, total, lost)
+            assert all(v == "clean" for v in out["lost"].values()), out
         else:
-            published = closing.get("published", 0)
-            for ev in child.events:
-                if ev.get("event") == "closing":
-                    published = ev["published"]
-            assert conn.n >= published, (conn.n, published)
-            assert isinstance(lost, ConnectionResetError), (lost, conn.n, published, conn.eof,
-                                                            total, child.events[-3:])
-            assert conn.lost_at - t_resume <= REPORT_WITHIN
-        server.close()
-        await server.wait_closed()
-        after = await settle(dev, before)
-        assert_no_leak(before, after, f"kill client {how}")
-        await _check_runtime_dir(files0)
-        return conn.n, repr(lost)
-
-    (n, lost), _ = run_loop(main())
-    print(f"{how}: {n} bytes delivered, then {lost}")
-
-
-# ------------------------------------------------------------------ the server dies
-
-@pytest.mark.parametrize("send_accept", [False, True], ids=["before_accept", "after_accept"])
-def test_kill_server_mid_handshake(send_accept):
-    """The server (a hostile helper that reads the PROPOSAL, maybe answers ACCEPT, then stops) is
-    SIGKILLed: the client's create_connection fails (or its established connection resets)
-    within 1 s, and it holds nothing afterwards."""
-    async def main():
-        dev = ism_backend.get_device()
-        _reap_stale_files(dev.dir)          # earlier tests' dead processes: not ours to judge
-        before = snapshot(dev)
-        files0 = runtime_files()
-        peer = Hostile()
-        try:
-            peer.send({"cmd": "server", "scenario": "accept_and_wait",
-                       "args": {"send_accept": send_accept}})
-            port = (await peer.event())["port"]
-            connecting = asyncio.ensure_future(smcish.create_connection(
-                CheckProto, HOST, port, ring_size=RING, handshake_timeout=5.0))
-            ev = await peer.event()
-            assert ev.get("event") == "proposed" and ev["proposal"], ev
-            await asyncio.sleep(0.2)
-            t_kill = time.monotonic()
-            peer.kill()
-        finally:
-            peer.close()
-        try:
-            transport, proto = await asyncio.wait_for(connecting, 5)
-        except ConnectionResetError as exc:
-            elapsed = time.monotonic() - t_kill
-            outcome = repr(exc)
-        else:
-            assert transport.get_extra_info("smcish").mode == "ism"
-            lost = await asyncio.wait_for(asyncio.shield(proto.done), 5)
-            assert isinstance(lost, ConnectionResetError), lost
-            elapsed = proto.lost_at - t_kill
-            outcome = repr(lost)
-        assert elapsed <= REPORT_WITHIN, elapsed
-        after = await settle(dev, before)
-        assert_no_leak(before, after, "kill server mid-handshake")
-        await _check_runtime_dir(files0)
-        return elapsed, outcome
-
-    (elapsed, outcome), _ = run_loop(main())
-    print(f"client failed {elapsed * 1000:.0f} ms after the kill: {outcome}")
-
-
-@pytest.mark.parametrize("direction", ["server_to_client", "client_to_server"])
-def test_kill_server_mid_transfer(direction):
-    async def main():
-        dev = ism_backend.get_device()
-        _reap_stale_files(dev.dir)          # earlier tests' dead processes: not ours to judge
-        before = snapshot(dev)
-        files0 = runtime_files()
-        mode = "stream" if direction == "server_to_client" else "check"
-        child, port = start_server_child(mode=mode, ring_size=RING)
-        try:
-            if direction == "server_to_client":
-                transport, proto = await smcish.create_connection(CheckProto, HOST, port,
-                                                                  ring_size=RING)
-                assert transport.get_extra_info("smcish").mode == "ism"
-                while proto.n < (3 << 20):
-                    await asyncio.sleep(0.005)
-                t_kill = child.kill()
-                published = max([ev["n"] for ev in child.events + _drain(child)
-                                 if ev.get("event") == "published"] or [0])
+            assert all(v > 0 for v in out["pending"].values()), out
+            time.sleep(0.2)
+        t_kill = victim.kill()
+        t_ref = t_kill
+        if how == "while_close_drains":
+            time.sleep(0.1)
+            t_ref = survivor.call("resume")["at"]
+        conns = {c["port"]: c for c in survivor.call("report", wait_lost=5)["conns"]}
+        for port_s, pending in out["pending"].items():
+            c = conns[int(port_s)]
+            assert c["ok"], c
+            if how == "after_clean_close":
+                assert c["rx"] == total and c["eof"] and c["lost"] == "clean", c
             else:
-                transport, proto = await smcish.create_connection(EchoProto, HOST, port,
-                                                                  ring_size=RING)
-                writer_task = asyncio.ensure_future(_stream(transport, proto))
-                await asyncio.sleep(0.3)
-                t_kill = child.kill()
-                published = 0
-        finally:
-            child.close()
-        lost = await asyncio.wait_for(asyncio.shield(proto.done), 5)
-        elapsed = proto.lost_at - t_kill
-        assert isinstance(lost, ConnectionResetError), lost
-        assert elapsed <= REPORT_WITHIN, elapsed
-        if direction == "server_to_client":
-            assert proto.ok and proto.n >= published, (proto.n, published)
-            moved = proto.n
-        else:
-            moved = await asyncio.wait_for(writer_task, 5)
-        after = await settle(dev, before)
-        assert_no_leak(before, after, f"kill server mid-transfer {direction}")
-        await _check_runtime_dir(files0)
-        return elapsed, moved, repr(lost)
-
-    (elapsed, moved, lost), _ = run_loop(main())
-    print(f"{direction}: {moved} bytes, reset {elapsed * 1000:.0f} ms after the kill: {lost}")
-
-
-def _drain(child) -> list:
-    out = []
-    while True:
-        try:
-            out.append(child.read_line(0.05))
-        except (TimeoutError, EOFError):
-            return out
-
-
-async def _stream(transport, proto) -> int:
-    sent = 0
-    while proto.lost is None:
-        transport.write(pattern_at(sent, 65536))
-        sent += 65536
-        while transport.get_write_buffer_size() > 4 * RING and proto.lost is None:
-            await asyncio.sleep(0.001)
-        await asyncio.sleep(0)
-    return sent
-
-
-def test_kill_server_after_clean_close():
-    """The server sent N bytes and closed; killed afterwards: the client has all N and EOF."""
-    async def main():
-        dev = ism_backend.get_device()
-        before = snapshot(dev)
-        total = 7 * RING + 99
-        child, port = start_server_child(mode="close_after", close_after=total, ring_size=RING)
-        try:
-            transport, proto = await smcish.create_connection(CheckProto, HOST, port,
-                                                              ring_size=RING)
-            await child.await_line(lambda ev: ev.get("event") == "closed", 10)
-            child.kill()
-        finally:
-            child.close()
-        lost = await asyncio.wait_for(asyncio.shield(proto.done), 5)
-        assert proto.ok and proto.n == total and proto.eof, (proto.n, total)
-        assert lost == "clean", lost
-        after = await settle(dev, before)
-        assert_no_leak(before, after, "kill server after clean close")
-        return proto.n
-
-    n, _ = run_loop(main())
-    print(f"{n} bytes and EOF delivered")
+                assert c["rx"] >= total - pending, (c, total, pending)
+                assert c["lost_reset"], c
+                assert c["lost_at"] - t_ref <= REPORT_WITHIN, c
+        took = case.check_clean(survivor, t_kill)
+        case.check_new_connection(survivor, victim, groups)
+        case.check_runtime_dir(victim)
+        print(f"\n{killed} killed {how}: {sum(c['rx'] for c in conns.values())} B delivered "
+              f"({[c['lost'] for c in conns.values()][0]}); clean after {took * 1000:.0f} ms")
+    finally:
+        case.close()
 
 
 # ------------------------------------------------------------------ ismd dies
 
-def test_kill_ismd():
-    """Everything through ismd; SIGKILL the daemon with connections established (one mid
-    transfer), one handshake half done, then: established connections keep working and close
-    cleanly, the half-done handshake is released, new connections fall back to TCP with a
-    reason (NO_DEVICE), nothing leaks; a restarted ismd serves new listeners again."""
-    from device_helpers import Ismd
+def _device_gone_clean(st: dict) -> bool:
+    """With ismd gone: no group, no slot, no shared mapping of any kind left."""
+    return (st["linkgroups"]["link_groups"] == 0 and st["smaps"]["maps"] == 0
+            and st["fd_kinds"].get("memfd", 0) == 0 and st["conns_open"] == 0)
 
-    daemon = Ismd("--total-memory", "256M", "--quota", "128M")
-    spec = daemon.spec
-    kw = {"device": spec, "ring_size": RING}
 
-    async def main():
-        fds0 = fd_count()
-        shm0 = shm_listing()
-        server = await smcish.create_server(EchoProto, HOST, 0, handshake_timeout=0.5, **kw)
-        port = server.sockets[0].getsockname()[1]
-        # established connections: one idle, one streaming a checksummed echo
-        r1, w1 = await smcish.open_connection(HOST, port, **kw)
-        r2, w2 = await smcish.open_connection(HOST, port, **kw)
-        assert w1.get_extra_info("smcish").mode == w2.get_extra_info("smcish").mode == "ism"
-        stop = asyncio.Event()
-        stats = {"sent": 0}
+ISMD_POINTS = {
+    "claim_published": ("freeze_at_accept", "server"),
+    "after_accepted": ("delay_final", "client"),
+    "after_final_ism": ("freeze_after_accept", "server"),
+}
 
-        async def echo_stream():
-            while not stop.is_set():
-                payload = pattern_at(stats["sent"], 50_000)
-                w2.write(payload)
-                got = await asyncio.wait_for(r2.readexactly(len(payload)), 5)
-                assert got == payload
-                stats["sent"] += len(payload)
 
-        streaming = asyncio.ensure_future(echo_stream())
-        # a handshake half done: a hostile client through ismd stops after the ACCEPT
-        peer = Hostile(env=child_env(SMCISH_DEVICE=spec))
-        peer.send({"cmd": "client", "scenario": "propose_and_wait", "port": port,
-                   "args": {"read_accept": True}})
-        while (await peer.event()).get("event") != "accepted":
-            pass
-        await asyncio.sleep(0.2)
-        sent_before = stats["sent"]
-        t_kill = time.monotonic()
-        os.kill(daemon.pid, 9)
-        daemon.proc.wait(5)
-        # existing connections keep working
-        await asyncio.sleep(0.5)
-        assert not streaming.done(), streaming
-        w1.write(b"still here")
-        assert await asyncio.wait_for(r1.readexactly(10), 5) == b"still here"
-        assert stats["sent"] > sent_before, "the established stream stopped with the daemon"
-        # new connections: TCP with a reason, and working
-        r3, w3 = await smcish.open_connection(HOST, port, **kw)
-        info3 = w3.get_extra_info("smcish")
-        assert info3.mode == "tcp" and info3.reason is smcish.DeclineReason.NO_DEVICE, info3
-        w3.write(b"x" * 1000)
-        assert await asyncio.wait_for(r3.readexactly(1000), 5) == b"x" * 1000
-        # the hostile's half-done handshake was released by the server's timer (0.5 s)
-        peer.kill()
-        peer.close()
-        # close everything (during close the device is gone: free/detach must not raise)
-        stop.set()
-        await asyncio.wait_for(streaming, 5)
-        for w in (w1, w2, w3):
-            w.close()
-            await w.wait_closed()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.3)
-        fds1 = fd_count()
-        assert fds1 <= fds0, f"fds {fds0} -> {fds1} after the daemon died and all closed"
-        assert shm_listing() == shm0
-        return time.monotonic() - t_kill, stats["sent"], fds0, fds1
-
+@pytest.mark.parametrize("point", list(ISMD_POINTS))
+def test_kill_ismd_during_setup(point):
+    """ismd is SIGKILLed while a set-up stands at `point` in a group that carries 4 established
+    connections. The set-up finishes over the group (ISM: nothing of it goes through ismd), the
+    established connections keep echoing (checksummed), new connections fall back at once with
+    NO_DEVICE and work; once everything is closed neither process holds a group, a shared
+    mapping or a memfd; a restarted ismd serves a new listener over ISM."""
+    ismd = Ismd()
+    case = None
     try:
-        (elapsed, sent, fds0, fds1), errors = run_loop(main())
-        for ctx in errors:
-            assert isinstance(ctx.get("exception"), ConnectionResetError), ctx
-        print(f"after the kill: {sent} bytes echoed in total, fds {fds0} -> {fds1}")
-        # a restarted daemon: new listeners get shared memory again
-        daemon2 = Ismd("--socket-mode", "666", socket_dir=daemon.dir)
-
-        async def again():
-            server = await smcish.create_server(EchoProto, HOST, 0, **kw)
-            port = server.sockets[0].getsockname()[1]
-            r, w = await smcish.open_connection(HOST, port, **kw)
-            mode = w.get_extra_info("smcish").mode
-            w.write(b"abc")
-            assert await r.readexactly(3) == b"abc"
-            w.close()
-            await w.wait_closed()
-            server.close()
-            await server.wait_closed()
-            return mode
-
+        case = Case(device=ismd.spec)
+        server, client = case.server, case.client
+        server.call("behave", echo=True)
+        res = client.call("connect", port=case.port, count=4, timeout=20)
+        assert res["summary"] == {"ism": 4}, res
+        server.wait_conns(4)
+        hook, where = ISMD_POINTS[point]
+        agent = server if where == "server" else client
+        agent.call("arm", hook=hook, seconds=1.0)
+        rid = client.send("connect", port=case.port, count=1, timeout=30)
+        agent.hook_event(hook)
+        ismd.proc.kill()
+        ismd.proc.wait(10)
+        if point == "after_accepted":
+            client.call("release")
+        res = client.result(rid, 10)
+        assert res["summary"] == {"ism": 1}, res
+        echo = client.call("echo_round", rounds=3, lo=1, hi=300000, timeout=30)
+        assert echo["messages"] == 15 and not echo.get("mismatch") and not echo.get("error"), echo
+        new = client.call("connect", port=case.port, count=2, timeout=10)
+        assert new["summary"] == {"tcp/NO_DEVICE": 2}, new
+        assert new["max_t"] < HT / 2, new              # at once, not after a timer
+        fresh = Agent("client", kw=case.kw, device=ismd.spec)
+        case.agents.append(fresh)
+        other = fresh.call("connect", port=case.port, count=2, timeout=10)
+        assert other["summary"] == {"tcp/NO_DEVICE": 2}, other
+        echo2 = fresh.call("echo_round", rounds=2, lo=1, hi=100000, timeout=30)
+        assert echo2["messages"] == 4 and not echo2.get("mismatch"), echo2
+        for a in (client, fresh):
+            assert a.call("close_all")["open"] == 0
+        for a in (client, fresh, server):
+            st = wait_until(a.status, _device_gone_clean, 5.0)
+            assert _device_gone_clean(st), (a.role, st["linkgroups"], st["smaps"], st["fd_kinds"])
+        # ismd back (same socket path): a new listener is served over shared memory again
+        ismd2 = Ismd(socket_dir=ismd.dir)
         try:
-            mode, _ = run_loop(again())
-            assert mode == "ism", mode
+            server2 = Agent("server", kw=case.kw, device=ismd.spec)
+            client2 = Agent("client", kw=case.kw, device=ismd.spec)
+            case.agents += [server2, client2]
+            port2 = server2.call("listen")["port"]
+            again = client2.call("connect", port=port2, count=1, timeout=10)
+            assert again["summary"] == {"ism": 1}, again
+            print(f"\nismd killed at {point}: the set-up finished ISM, {echo['bytes']} B echoed "
+                  f"after the kill, new connections {new['summary']} in "
+                  f"{new['max_t'] * 1000:.1f} ms; restarted ismd: {again['summary']}")
         finally:
-            daemon2.stop()
+            for a in case.agents:
+                a.close()
+            ismd2.stop()
     finally:
-        if daemon.alive():
-            daemon.stop()
-        shutil.rmtree(daemon.dir, ignore_errors=True)
+        if case is not None:
+            case.close()
+        ismd.stop()
+        shutil.rmtree(ismd.dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ a peer slow to answer
+
+EXTENT_RACE_BUG = (
+    "smcish bug (linkgroup.py LinkGroup._grow_blocking / serve_extent_add / Hub.run_on_loop): "
+    "extent_add has two 2 s bounds in a row, the owner's device request (DEFAULT_TIMEOUT) and, "
+    "on the peer, the attach plus the hand-over to its loop (HANDOVER_TIMEOUT). When the peer "
+    "installs the extent but answers after the owner gave up (its loop was busy ~2 s: seen in "
+    "the 1,000-connection load test under load), the owner frees the region and forgets the "
+    "index while the peer keeps it attached and mapped: an orphan (the owner's region stays "
+    "'draining' until the group dies; at 64c8303 the set-ups that waited for the growth also "
+    "fell back NO_MEMORY).")
+
+
+@pytest.mark.xfail(strict=True, reason=EXTENT_RACE_BUG)
+def test_extent_add_answered_late_leaves_no_orphan():
+    """The server's group must grow (140 set-ups at once need more than its extent 0); the
+    client installs the new extent but its answer comes 2.5 s late (the hook delays the reply
+    after the install). Afterwards the two sides agree on the server's extents (the client maps
+    none the server does not own) and the server holds no region still draining."""
+    case = Case(kw={"handshake_timeout": 10.0})
+    try:
+        server, client = case.server, case.client
+        client.call("arm", hook="delay_extent_add_reply", seconds=2.5)
+        res = client.call("connect", port=case.port, count=140, concurrency=140, timeout=30)
+        client.hook_event("delay_extent_add_reply")
+        time.sleep(3.0)
+        srv, cli = server.status(), client.status()
+        owned = {g["id"]: set(g["ext_ids"]) for g in srv["linkgroups"]["groups"]}
+        mapped = {g["id"]: set(g["peer_ext_ids"]) for g in cli["linkgroups"]["groups"]}
+        orphans = {gid: sorted(ids - owned.get(gid, set())) for gid, ids in mapped.items()
+                   if ids - owned.get(gid, set())}
+        print(f"\nextent_add answered late: connections {res['summary']}; server's extents "
+              f"{owned}, mapped by the client {mapped}; server regions draining "
+              f"{srv['raw_device'].get('draining')}")
+        assert not orphans, f"the client maps server extents the server freed: {orphans}"
+        assert not srv["raw_device"].get("draining"), srv["raw_device"]
+    finally:
+        case.close()
