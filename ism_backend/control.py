@@ -16,6 +16,7 @@ the connection is not read meanwhile. It can also *send* requests on a connectio
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import queue
@@ -276,6 +277,15 @@ class ControlServer:
         self._stop = False
         self._accept_paused = False
         self._next_out_id = 0
+        # One fd held in reserve for the listener: at EMFILE it is given up to accept the
+        # pending connection and close it at once, so the peer fails fast instead of waiting
+        # for its request timeout (and the listener does not spin on a connection it cannot take).
+        self._spare_fd = -1
+        if listener is not None:
+            try:
+                self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._spare_fd = -1
 
     # --- thread-safe ---
 
@@ -366,6 +376,30 @@ class ControlServer:
         """Close a connection (the handler's ``disconnect`` runs)."""
         self._drop(conn)
 
+    def _refuse_one(self) -> bool:
+        """Out of fds: accept the pending connection with our spare fd and close it (the peer
+        sees the connection reset now). False if there is no spare fd to give up."""
+        if self._spare_fd < 0:
+            return False
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        try:
+            sock, _ = self.listener.accept()
+            sock.close()
+            log.warning("out of file descriptors: refused a device connection")
+        except OSError:
+            pass
+        try:
+            self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._spare_fd = -1
+        return True
+
+    def _close_spare(self) -> None:
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+
     def close(self) -> None:
         """Drop every connection and close the listener and the loop's own fds."""
         for conn in list(self.conns.values()):
@@ -373,6 +407,7 @@ class ControlServer:
         self.selector.close()
         if self.listener is not None:
             self.listener.close()
+        self._close_spare()
         self._close_wake()
 
     def forget(self) -> None:
@@ -386,6 +421,7 @@ class ControlServer:
         self.selector.close()
         if self.listener is not None:
             self.listener.close()
+        self._close_spare()
         self._wake_lock = threading.Lock()
         self._close_wake()
 
@@ -452,7 +488,9 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE/ENFILE: the pending connection stays pending and the listener stays
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._refuse_one():
+                    continue
+                # Still no fd: the pending connection stays pending and the listener stays
                 # readable; stop polling it (no busy loop) until a connection closes.
                 log.warning("accept failed: %s (pausing accepts)", exc)
                 self.selector.unregister(self.listener)

@@ -21,6 +21,7 @@ regions never goes through the endpoint socket (same accounting, done in the cal
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import os
 import re
@@ -737,7 +738,11 @@ class EmbeddedDevice(Device):
         path = self._adv_path(inode)
         try:
             fd = os.open(path, _OPEN_RO)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise                   # not "not advertised": the caller reports why
             return None
         try:
             if _lockable_shared(fd):

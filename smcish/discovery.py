@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from ism_backend import sockets
 
 from . import clc
-from .linkgroup import Hub, LinkGroup, device_pool
+from .linkgroup import Hub, LinkGroup, device_pool, error_reason
 
 log = logging.getLogger("smcish")
 R = clc.DeclineReason
@@ -167,10 +167,35 @@ def bound_socket(family: int, host: str, port: int, local_addr: Any,
             return sock, None
         if hit is None or hit.state == sockets.TCP_LISTEN:
             return sock, hit
+        if hit.state == sockets.TCP_TIME_WAIT:
+            # The server closed a connection from this port first and holds its TIME_WAIT: a
+            # new SYN recycles it and goes to the listener (as plain connect() relies on, which
+            # picks such ports freely). Which listener: the one a neighbouring port reaches (with
+            # SO_REUSEPORT the choice could differ: then our claim goes unanswered and the
+            # connection moves to TCP after the set-up timeout, nothing worse).
+            behind = _listener_behind(family, host, port, bound)
+            if behind is not None:
+                return sock, behind
         if local_addr:
             return sock, None
-        sock.close()                       # a recycled port: try another one
+        sock.close()                       # a port in use: try another one
     return socket.socket(family, socket.SOCK_STREAM), None
+
+
+def _listener_behind(family: int, host: str, port: int, bound: tuple) -> Any:
+    """The listener that a SYN from ``bound``'s address would reach, found from other ports."""
+    lo, hi = _PORTS
+    for _ in range(3):
+        other = (bound[0], random.randint(lo, hi), *bound[2:])
+        try:
+            hit = sockets.diag().lookup(family, (host, port), (other[0], other[1]))
+        except OSError:
+            return None
+        if hit is not None and hit.state == sockets.TCP_LISTEN:
+            return hit
+        if hit is None:
+            return None
+    return None
 
 
 async def find_acceptor(loop: Any, hub: Hub, family: int, host: str, port: int,
@@ -184,10 +209,15 @@ async def find_acceptor(loop: Any, hub: Hub, family: int, host: str, port: int,
             group = hub.group_serving(hit.inode)
             if group is not None:
                 return Acceptor(sock, group, None, False, None)
-            if device.kind == "daemon":
-                advert = await loop.run_in_executor(device_pool(), device.find_listener, hit.inode)
-            else:
-                advert = device.find_listener(hit.inode)
+            try:
+                if device.kind == "daemon":
+                    advert = await loop.run_in_executor(device_pool(), device.find_listener,
+                                                        hit.inode)
+                else:
+                    advert = device.find_listener(hit.inode)
+            except Exception as exc:  # noqa: BLE001 - EMFILE, a vanished daemon...: stay TCP
+                log.debug("smcish: find_listener failed: %r", exc)
+                return Acceptor(sock, None, None, False, error_reason(exc, R.NO_DEVICE))
             if advert is None:
                 return Acceptor(sock, None, None, False, R.PEER_NOT_ADVERTISED)
             hub.remember_listener(hit.inode, advert)
@@ -197,6 +227,9 @@ async def find_acceptor(loop: Any, hub: Hub, family: int, host: str, port: int,
                                                 host, port)
             if advert is not None:
                 return Acceptor(sock, None, advert, True, None)
+        if not sock.getsockname()[1] and is_local(host) and not local_addr:
+            # bound_socket gave up: every port it tried carries a 4-tuple in use
+            return Acceptor(sock, None, None, False, R.NO_PORT)
         return Acceptor(sock, None, None, False, R.PEER_NOT_ADVERTISED)
     except BaseException:
         sock.close()

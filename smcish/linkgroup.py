@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import errno
 import functools
 import heapq
 import logging
 import os
+import resource
 import secrets
 import socket
 import threading
@@ -159,6 +161,30 @@ def error_reason(exc: BaseException, default: R = R.ATTACH_FAILED) -> R:
     if isinstance(exc, (MemoryError,)) or (isinstance(exc, OSError) and exc.errno == 12):
         return R.NO_MEMORY
     return default
+
+
+GROUP_FDS = 8                   # about what a link group holds open on each side
+
+
+def check_fd_headroom(server: bool) -> None:
+    """Raise EMFILE (-> NO_FD, TCP at once) if a new link group would leave this process short
+    of file descriptors: groups cost about GROUP_FDS each. A server keeps a reserve for the TCP
+    connections plain asyncio would have accepted (an eighth of the soft limit, at least 16); a
+    client only needs the group's own fds."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        return
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        return
+    try:
+        used = len(os.listdir("/proc/self/fd")) - 1      # (less the fd listdir itself used)
+    except OSError:
+        return
+    reserve = max(16, soft // 8) if server else 0
+    if soft - used < GROUP_FDS + reserve:
+        raise OSError(errno.EMFILE, f"smcish: {soft - used} file descriptors left of {soft}: "
+                                    "no new link group (the connection stays TCP)")
 
 
 def live_hubs() -> list["Hub"]:
@@ -351,6 +377,7 @@ class Hub:
 
     def _open_client_blocking(self, advert: Any) -> tuple:
         device = self.device
+        check_fd_headroom(server=False)
         group_id = secrets.token_bytes(16)
         mine = device.alloc(ext0_size(self.max_slots, self.ext0_heap))
         try:
@@ -407,6 +434,7 @@ class Hub:
         with _reg_lock:
             mine_count = len(self.server_groups)
             per_peer = sum(1 for g in self.server_groups.values() if g.peer_endpoint == peer.endpoint_id)
+        check_fd_headroom(server=True)
         if mine_count >= MAX_GROUPS_PER_HUB or per_peer >= MAX_GROUPS_PER_PEER:
             raise ism_backend.QuotaExceeded("too many link groups on this hub: connections stay TCP")
         max_slots = min(fields["max_slots"], self.max_slots)
@@ -720,6 +748,10 @@ class LinkGroup:
                                 size=region.size)
         except BaseException:
             _quiet(device.free, region)
+            # The peer may have installed the extent and only answered too late: tell it to
+            # let go (best effort; a peer that never got it ignores the index).
+            _quiet(lambda: device.peer_request(self.peer_endpoint, "extent_remove",
+                                               group_id=self.id, side=self.peer_side, index=index))
             raise
         return index, region
 
@@ -1057,13 +1089,16 @@ class LinkGroup:
         else:
             # Connections already closed on our side were lingering for the peer's CLOSED: a
             # dying group's peer reads nothing more, let them go now (the hub forgot this group,
-            # so no maintenance tick would retry them).
+            # so no maintenance tick would retry them). Set-ups still in progress will never get
+            # their answer: end them now instead of at their timer.
             for conn in list(self.conns.values()):
-                if getattr(conn, "_conn_lost", 0):
-                    try:
+                try:
+                    if not hasattr(conn, "_conn_lost"):          # a set-up (either side)
+                        conn._smc_group_failed(exc)
+                    elif conn._conn_lost:
                         conn._try_release()
-                    except Exception as err:  # noqa: BLE001
-                        log.debug("smcish: releasing a connection failed: %r", err)
+                except Exception as err:  # noqa: BLE001
+                    log.debug("smcish: ending a connection of a dead group failed: %r", err)
         if not self.conns:
             self.destroy()
 

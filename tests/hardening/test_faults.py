@@ -228,13 +228,6 @@ def test_kill_client_during_setup(kind, point, bystanders):
         case.close()
 
 
-SERVER_SETUP_BUG = (
-    "smcish bug (linkgroup.py LinkGroup.fail, abort=False path): when the server process dies, "
-    "the client's group learns it within milliseconds (peer channel hang-up, maintenance "
-    "peer_alive), but a ClientSetup still waiting for the decision is not told: it waits its "
-    "full handshake_timeout (here 5 s, default 2 s), then falls back TCP/TIMEOUT onto a dead "
-    "connection. Established connections of the same group report in ~10 ms. (Optimistic "
-    "claims, the default since eb71534, do not wait for the decision; classic ones still do.)")
 
 SERVER_KILLED = {
     ("optimistic", "claim_published"): ("freeze_at_accept", "server"),
@@ -246,10 +239,7 @@ SERVER_KILLED = {
 
 
 @pytest.mark.parametrize("bystanders", [0, BYSTANDERS], ids=["one", "many"])
-@pytest.mark.parametrize("kind,point", [
-    pytest.param(kind, point, marks=pytest.mark.xfail(strict=True, reason=SERVER_SETUP_BUG))
-    if (kind, point) == ("classic", "claim_published") else (kind, point)
-    for kind, point in SERVER_KILLED])
+@pytest.mark.parametrize("kind,point", list(SERVER_KILLED))
 def test_kill_server_during_setup(kind, point, bystanders):
     """The server is stopped at `point` of a set-up and SIGKILLed. The client's open ends within
     1 s of the kill (for a final word the test held back: of its release) with an error, or
@@ -493,18 +483,8 @@ def test_kill_ismd_during_setup(point):
 
 # ------------------------------------------------------------------ a peer slow to answer
 
-EXTENT_RACE_BUG = (
-    "smcish bug (linkgroup.py LinkGroup._grow_blocking / serve_extent_add / Hub.run_on_loop): "
-    "extent_add has two 2 s bounds in a row, the owner's device request (DEFAULT_TIMEOUT) and, "
-    "on the peer, the attach plus the hand-over to its loop (HANDOVER_TIMEOUT). When the peer "
-    "installs the extent but answers after the owner gave up (its loop was busy ~2 s: seen in "
-    "the 1,000-connection load test under load), the owner frees the region and forgets the "
-    "index while the peer keeps it attached and mapped: an orphan (the owner's region stays "
-    "'draining' until the group dies; at 64c8303 the set-ups that waited for the growth also "
-    "fell back NO_MEMORY).")
 
 
-@pytest.mark.xfail(strict=True, reason=EXTENT_RACE_BUG)
 def test_extent_add_answered_late_leaves_no_orphan():
     """The server's group must grow (140 set-ups at once need more than its extent 0); the
     client installs the new extent but its answer comes 2.5 s late (the hook delays the reply

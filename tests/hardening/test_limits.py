@@ -232,19 +232,7 @@ def test_client_at_nofile_128_falls_back_at_once():
 FREE_FDS = range(1, 11)
 RESOURCE_REASONS = {"NO_FD", "QUOTA", "NO_MEMORY", "ATTACH_FAILED"}   # DeclineReason 0x01xx
 
-NO_FD_REASON_BUG = (
-    "ism_backend bug (embedded.py EmbeddedDevice.find_listener, `except OSError: return None`): "
-    "a client with exactly one free fd (its socket takes it) cannot open the advertisement file "
-    "(EMFILE) and reads that as 'not advertised': the connection goes TCP with reason "
-    "PEER_NOT_ADVERTISED, telling the user the server is not an smcish one, instead of NO_FD.")
 
-FD_STALL_BUG = (
-    "smcish/ism_backend bug (group open under fd exhaustion; ism_backend/control.py "
-    "ControlServer._accept pauses accepts on EMFILE): a client with 5 free fds allocates its "
-    "extent 0 and asks the server to open the group; the server's attach connection to the "
-    "client's endpoint cannot be accept()ed there (EMFILE, accepts paused), so the server waits "
-    "its device timeout and the client's connection falls back (ATTACH_FAILED) only after 2.0 s, "
-    "where 1..4 and 6..10 free fds fall back in 1-7 ms.")
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +275,6 @@ def test_client_out_of_fds_every_connection_works(out_of_fds):
     assert out_of_fds[-1]["mode"] == "ism", out_of_fds[-1]
 
 
-@pytest.mark.xfail(strict=True, reason=NO_FD_REASON_BUG)
 def test_client_out_of_fds_fallback_reason_is_a_resource(out_of_fds):
     """A fallback caused by fd exhaustion names a resource (NO_FD, QUOTA, ...), never a
     configuration (PEER_NOT_ADVERTISED)."""
@@ -295,7 +282,6 @@ def test_client_out_of_fds_fallback_reason_is_a_resource(out_of_fds):
     assert not wrong, wrong
 
 
-@pytest.mark.xfail(strict=True, reason=FD_STALL_BUG)
 def test_client_out_of_fds_falls_back_at_once(out_of_fds):
     """A fallback caused by fd exhaustion is decided at once (< 0.5 s), not by a timeout."""
     slow = [r for r in out_of_fds if r["mode"] == "tcp" and r["t"] >= 0.5]
