@@ -184,11 +184,14 @@ def bound_socket(family: int, host: str, port: int, local_addr: Any,
 
 def _listener_behind(family: int, host: str, port: int, bound: tuple) -> Any:
     """The listener that a SYN from ``bound``'s address would reach, found from other ports."""
-    lo, hi = _PORTS
+    lo, _ = _PORTS
     for _ in range(3):
-        other = (bound[0], random.randint(lo, hi), *bound[2:])
+        # A source port below the ephemeral range: no connection of ours (nor, most likely,
+        # anyone's) uses it, so the lookup reaches the listening socket. It is only a question
+        # to the kernel: nothing is bound.
+        other = random.randint(1024, max(1025, lo - 1))
         try:
-            hit = sockets.diag().lookup(family, (host, port), (other[0], other[1]))
+            hit = sockets.diag().lookup(family, (host, port), (bound[0], other))
         except OSError:
             return None
         if hit is not None and hit.state == sockets.TCP_LISTEN:
