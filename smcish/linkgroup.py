@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import concurrent.futures.thread   # noqa: F401 - imported now: at EMFILE a lazy import fails
 import errno
 import functools
 import heapq
@@ -370,8 +371,13 @@ class Hub:
             raise GroupUnavailable(failed[1], "link group set-up failed moments ago")
         pending = self._opening.get(key)
         if pending is None:
+            try:
+                task = self.loop.run_in_executor(device_pool(), self._open_client_blocking, advert)
+            except Exception as exc:  # noqa: BLE001 - no thread (EMFILE, shutdown...): TCP now
+                reason = error_reason(exc, R.INTERNAL)
+                self._open_failed[key] = (time.monotonic() + OPEN_FAILURE_S, reason)
+                raise GroupUnavailable(reason, f"link group set-up failed: {exc}") from None
             pending = self._opening[key] = self.loop.create_future()
-            task = self.loop.run_in_executor(device_pool(), self._open_client_blocking, advert)
             task.add_done_callback(lambda fut, key=key, advert=advert: self._opened(key, advert, fut))
         return await asyncio.shield(pending)
 

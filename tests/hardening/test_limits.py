@@ -191,17 +191,8 @@ def test_server_at_nofile_128_serves_what_plain_asyncio_serves(hold):
     _check_fallbacks(smc)
 
 
-CLIENT_FDS_BUG = (
-    "smcish regression (aa01a11; at 64c8303 105 of 120 were ISM and 14 failed at once with "
-    "EMFILE): a client at RLIMIT_NOFILE 128 opening 120 connections at once gets none on shared "
-    "memory: its link group cannot be opened (the sockets took the fds; the server's attach to "
-    "the client's endpoint stalls, see the 5-free-fds case), every set-up waits for it "
-    "(loop.py _claim: asyncio.wait_for(hub.group_for(...), handshake_timeout)), and 112 go TCP "
-    "with reason TIMEOUT after the whole handshake_timeout (2.0 s here), instead of NO_FD at "
-    "once.")
 
 
-@pytest.mark.xfail(strict=True, reason=CLIENT_FDS_BUG)
 def test_client_at_nofile_128_falls_back_at_once():
     """A client process at RLIMIT_NOFILE 128 opens 120 connections at once on one loop and
     keeps them (1 KiB echo each), against an ordinary smcish server (handshake timeout 2 s).
