@@ -76,7 +76,11 @@ def on_gc(phase, info):
         STATS["collections"] += 1
         if info["generation"] == 2:
             STATS["full_collections"] += 1
-        if inside_target(sys._getframe(1)):
+        try:
+            caller = sys._getframe(1)
+        except ValueError:        # a collection at the very bottom of a thread's stack
+            caller = None
+        if caller is not None and inside_target(caller):
             STATS["collections_inside_device_or_group_calls"] += 1
 
 
