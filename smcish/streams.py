@@ -21,14 +21,15 @@ class SmcStreamReaderProtocol(asyncio.StreamReaderProtocol):
     TCP fallback the transport calls ``data_received`` as usual: nothing changes there.
     """
 
-    def _smc_feed(self, ring, avail: int) -> None:
+    def _smc_feed(self, ring, avail: int) -> int:
+        """Move up to ``avail`` bytes from the ring into the reader; returns how many."""
         reader = self._stream_reader
         if reader is None:                 # the reader was garbage-collected: discard, as stock
-            ring.read(avail)
-            return
+            return len(ring.read(avail))
         buf = reader._buffer
         if avail <= _SMALL_FEED:           # small messages: an append costs less than the set-up
             buf += ring.read(avail)
+            got = avail
         else:
             old = len(buf)
             n = avail if avail < _MAX_FEED else _MAX_FEED
@@ -49,6 +50,7 @@ class SmcStreamReaderProtocol(asyncio.StreamReaderProtocol):
                 reader._transport = None
             else:
                 reader._paused = True
+        return got
 
 
 async def open_connection(host=None, port=None, *, limit=_DEFAULT_LIMIT, **kwds):

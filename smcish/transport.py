@@ -364,20 +364,27 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         protocol = self._protocol
         try:
             fired, self._hot_fired = self._hot_fired, False
+            hot_ok = self._poll_us and not self._eof_delivered and not self._peer_gone
             for reads in range(_READS_PER_CALLBACK):
                 avail = ring.readable()
                 if not avail:
                     break
                 if self._feed is not None:
-                    self._feed(ring, avail)
+                    got = self._feed(ring, avail)
                 elif self._buffered:
                     buf = protocol.get_buffer(avail)
                     if not len(buf):
                         raise RuntimeError("get_buffer() returned an empty buffer")
-                    protocol.buffer_updated(ring.read_into(buf))
+                    got = ring.read_into(buf)
+                    protocol.buffer_updated(got)
                 else:
-                    protocol.data_received(ring.read(min(avail, _MAX_READ)))
+                    got = min(avail, _MAX_READ)
+                    protocol.data_received(ring.read(got))
                 if self._reading_paused or self._closing or self._conn_lost:
+                    return
+                if got == avail and hot_ok and self._group.add_hot(self, ring):
+                    # All that was there is delivered: the group poll looks again (and fires
+                    # at once if more came meanwhile), which saves a look here per message.
                     return
             else:
                 self._schedule_read()
@@ -388,8 +395,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             # data that came meanwhile, or EOF/CLOSED/ABORT).
             # (News from the poll without data is a state change: EOF, CLOSED or ABORT: the
             # re-check below reports it.)
-            if (self._poll_us and not self._eof_delivered and not self._peer_gone
-                    and (reads or not fired) and self._group.add_hot(self, ring)):
+            if hot_ok and (reads or not fired) and self._group.add_hot(self, ring):
                 return
             status = ring.prepare_sleep_rx()
             if status:
