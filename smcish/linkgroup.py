@@ -966,7 +966,24 @@ class LinkGroup:
                     conn._smc_notify()
                     self.schedule_poll()
                     return
-                taken = got
+                if got is not None:
+                    if budget:
+                        self._rx_level = 0
+                    indices, taken = got
+                    if indices:
+                        rings = self.hot_rings
+                        fired = []
+                        for i in reversed(indices):
+                            fired.append(hot.pop(i))
+                            del rings[i]
+                        for conn in reversed(fired):
+                            conn._hot_fired = True
+                            conn._smc_notify()
+                    if taken is not None:
+                        self._dispatch(taken)
+                    self.schedule_poll()
+                    return
+                taken = None
             else:
                 taken = group.poll(budget)
             if taken is not None:

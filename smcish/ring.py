@@ -398,7 +398,7 @@ class Group:
     Group from one thread (the hub's loop thread). close() does not release the Extents.
     """
 
-    __slots__ = ("_g", "_my_ext0", "_peer_exts", "_rings", "_take_buf", "_flags", "_hot_buf", "_claim_buf",
+    __slots__ = ("_g", "_my_ext0", "_peer_exts", "_rings", "_take_buf", "_flags", "_hot_buf", "_ready_buf", "_claim_buf",
                  "_setup", "max_slots", "__weakref__")
 
     def __init__(self, my_ext0: Extent, peer_ext0: Extent, peer_doorbell_fd: int, role: int,
@@ -424,6 +424,7 @@ class Group:
         self._take_buf = _new("uint32_t[]", 4096)
         self._flags = _new("uint32_t *")
         self._hot_buf = _new("struct smc_ring *[]", HOT_MAX)
+        self._ready_buf = _new("uint32_t[]", HOT_MAX)
         self._claim_buf = _new("uint32_t[]", G_CLAIM_PROBE)
         self._setup = _new("struct smc_setup *")
         self.max_slots: int = max_slots
@@ -561,14 +562,16 @@ class Group:
             self._raise(n)
         return [], flags[0] != 0
 
-    def poll_hot(self, budget_us: float, rings: list) -> "tuple[list[int], bool] | int | None":
+    def poll_hot(self, budget_us: float, rings: list) -> "int | tuple[list[int], tuple | None] | None":
         """``poll()`` that also watches ``rings`` directly (slot rings of this group, at most
         HOT_MAX, whose reader drained them without re-arming want_data).
 
         Returns:
             None: nothing within the budget (arm every hot ring before sleeping); an int i:
-            ``rings[i]`` has news (data, EOF, CLOSED, ABORT, or a sticky error its own calls
-            will raise); else ``take()``'s result.
+            only ``rings[i]`` has news (the common case, without allocations); else
+            ``(indices, taken)``: the indices (ascending) of the rings with news (data, EOF,
+            CLOSED, ABORT, or a sticky error their own calls will raise), and ``take()``'s
+            result if the peer's queue had entries (else None).
         Raises:
             GroupCorrupted: as spin() and take(). ValueError: too many rings, or one not of this
             group.
@@ -580,22 +583,26 @@ class Group:
         arr = self._hot_buf
         for i in range(n):
             arr[i] = rings[i]._r
-        rc = _group_spin_hot(g, arr, n, int(budget_us * 1000.0))
+        rc = _group_spin_hot(g, arr, n, int(budget_us * 1000.0), self._ready_buf)
         if rc <= 0:
             if rc < 0:
                 if rc == EINVAL:
                     raise ValueError("a hot ring is not a slot ring of this group")
                 self._raise(rc)
             return None
-        if rc >= 2:
-            return rc - 2
+        if rc == 2:                              # the common case: one ring, no queue entry
+            return self._ready_buf[0]
+        found = rc >> 1
+        indices = _unpack(self._ready_buf, found) if found else []
+        if not rc & 1:
+            return indices, None
         buf, flags = self._take_buf, self._flags
         n = _group_take(g, buf, 4096, flags)
         if n > 0:
-            return _unpack(buf, n), flags[0] != 0
+            return indices, (_unpack(buf, n), flags[0] != 0)
         if n < 0:
             self._raise(n)
-        return [], flags[0] != 0
+        return indices, ([], flags[0] != 0)
 
     def pending(self) -> bool:
         """Is there anything to take (new entries or a new overflow)?"""

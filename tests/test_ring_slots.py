@@ -808,22 +808,23 @@ def test_heap_extents_from_plain_buffers():
 
 def test_poll_hot_watches_unarmed_rings_and_reports_which():
     """poll_hot: a hot ring's data (or EOF) is found without any notification from its
-    producer (want_data not armed); the queue still wins when it has entries; rings of another
-    group or more than HOT_MAX are refused."""
+    producer (want_data not armed), every hot ring with news is reported in one call, queue
+    entries come along; rings of another group or more than HOT_MAX are refused."""
     with GroupPair() as p:
         rings = [p.slot_rings(s, at_a=(1, s * 4096), at_b=(1, s * 4096)) for s in range(3)]
         hot = [rb for _, rb in rings]                 # B reads, nobody armed want_data
         assert p.gb.poll_hot(0, hot) is None
         rings[1][0].write(b"to slot 1")               # A writes: no notification queued
         assert p.gb.pending() is False
-        assert p.gb.poll_hot(50, hot) == 1
+        assert p.gb.poll_hot(50, hot) == 1             # one ring, no queue entry: its index
         assert hot[1].read() == b"to slot 1"
         assert p.gb.poll_hot(0, hot) is None
         rings[2][0].set_eof()                         # a state change alone is news too
-        assert p.gb.poll_hot(50, hot) == 2
-        p.ga.notify(0)                                # queue entries come first
-        taken = p.gb.poll_hot(0, hot[:2])
-        assert taken == ([0], False)
+        rings[0][0].write(b"to slot 0")
+        assert p.gb.poll_hot(50, hot) == ([0, 2], None)
+        assert hot[0].read() == b"to slot 0"
+        p.ga.notify(0)                                # queue entries come along
+        assert p.gb.poll_hot(0, hot[:2]) == ([], ([0], False))
         with pytest.raises(ValueError):
             p.gb.poll_hot(0, [rings[0][0]])            # A's ring: not of B's group
         with pytest.raises(ValueError):

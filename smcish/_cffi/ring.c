@@ -1231,9 +1231,12 @@ int smc_group_spin(struct smc_group *g, uint64_t budget_ns)
  * rings whose reader drained them and did not re-arm want_data (so their producer queues no
  * notification for the next bytes: a ping-pong then costs no queue entry, no fence on the
  * producer's side and no take). The caller arms every hot ring (smc_rx_prepare_sleep) before
- * its hub sleeps. Returns 1: the peer's queue has entries; 2 + i: hot ring i has news (data,
- * EOF, CLOSED, ABORT, or a sticky error for the caller to read); 0: nothing within the budget. */
-int smc_group_spin_hot(struct smc_group *g, struct smc_ring **hot, uint32_t n, uint64_t budget_ns)
+ * its hub sleeps. When something is found, every hot ring is looked at once more, so that one
+ * call reports all of them. Returns (k << 1) | q: k hot rings have news (data, EOF, CLOSED,
+ * ABORT, or a sticky error for the caller to read), their indices in ready[0..k); q = 1 if the
+ * peer's queue has entries; 0: nothing within the budget. */
+int smc_group_spin_hot(struct smc_group *g, struct smc_ring **hot, uint32_t n, uint64_t budget_ns,
+                       uint32_t *ready)
 {
     int rc = group_usable(g);
     if (rc)
@@ -1245,16 +1248,16 @@ int smc_group_spin_hot(struct smc_group *g, struct smc_ring **hot, uint32_t n, u
             return SMC_EINVAL;
     uint64_t deadline = now_ns() + budget_ns;
     for (uint32_t i = 1;; i++) {
-        if (group_pending(g)) {
-            g->stat_spin_hits++;
-            return 1;
-        }
+        int queued = group_pending(g);
+        int found = 0;
         for (uint32_t k = 0; k < n; k++) {
             struct smc_ring *r = hot[k];
-            if (r->error || rx_wake_bits(r) != 0) {
-                g->stat_spin_hits++;
-                return 2 + (int)k;
-            }
+            if (r->error || rx_wake_bits(r) != 0)
+                ready[found++] = k;
+        }
+        if (queued || found) {
+            g->stat_spin_hits++;
+            return (found << 1) | (queued ? 1 : 0);
         }
         if (budget_ns == 0 || ((i & 63u) == 0 && spin_yield_expired(g, deadline))) {
             g->stat_spin_misses++;

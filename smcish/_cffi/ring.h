@@ -80,7 +80,7 @@
 #define SMC_MAX_SLOTS 16384                 /* upper bound; a group's max_slots is a power of two <= this */
 #define SMC_MIN_SLOTS 128
 #define SMC_MAX_EXTENTS 32
-#define SMC_HOT_MAX 8                       /* hot rings a group spin watches directly */
+#define SMC_HOT_MAX 32                      /* hot rings a group spin watches directly */
 #define SMC_GSTATE_CLOSING 1
 #define SMC_ROLE_CLIENT 1
 #define SMC_ROLE_SERVER 2
@@ -253,7 +253,8 @@ int     smc_group_pending(struct smc_group *g);
 int     smc_group_prepare_sleep(struct smc_group *g);
 void    smc_group_clear_wake(struct smc_group *g);
 int     smc_group_spin(struct smc_group *g, uint64_t budget_ns);
-int     smc_group_spin_hot(struct smc_group *g, struct smc_ring **hot, uint32_t n, uint64_t budget_ns);
+int     smc_group_spin_hot(struct smc_group *g, struct smc_ring **hot, uint32_t n, uint64_t budget_ns,
+                           uint32_t *ready);
 int     smc_group_set_gstate(struct smc_group *g, uint32_t bits);
 uint32_t smc_group_peer_gstate(struct smc_group *g);
 int     smc_group_set_listeners(struct smc_group *g, const uint64_t *inodes, uint32_t n);
