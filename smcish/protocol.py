@@ -143,15 +143,19 @@ class ClientSetup:
         self._claimed = True
         group.bind(self.slot, self, self._poll_us)
         self.machine.claim(gen, self.loop.time(), optimistic=self.optimistic)
-        self._arm()
-        return None
+        if not self.optimistic:
+            self._arm()     # (an optimistic claim's timer starts at connected(): the connect
+        return None         # itself is bounded, and a failed one abandons the claim)
 
     def connected(self) -> None:
         """The TCP connection is up. An optimistic claim is handed over now."""
         self._connected = True
         self.machine.connected(self.loop.time())
         self._arm()
-        self._smc_notify()              # the server may have decided while we connected
+        if not self.optimistic:
+            # The server may have decided while we connected (an optimistic claim handles the
+            # decision whenever its notification comes: nothing waits for it here).
+            self._smc_notify()
         if self.optimistic and self.mode is None:
             self.mode = "ism"
             self.pending = True
