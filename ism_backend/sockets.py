@@ -22,6 +22,7 @@ but a segment sent to an address the namespace does not own never reaches it.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import fcntl
@@ -32,6 +33,7 @@ import select
 import socket
 import struct
 import threading
+import weakref
 from typing import NamedTuple
 
 __all__ = [
@@ -308,6 +310,7 @@ class Diag:
 
 
 _local = threading.local()
+_all_diags: "weakref.WeakSet[Diag]" = weakref.WeakSet()
 
 
 def diag() -> Diag:
@@ -321,7 +324,18 @@ def diag() -> Diag:
     if current is not None and current.pid != os.getpid():
         current.close()  # our copy of the parent's socket: closing it leaves the parent's open
     current = _local.diag = Diag()
+    _all_diags.add(current)
     return current
+
+
+def _close_diags() -> None:
+    """At exit: close every thread's netlink sockets (no ResourceWarning, no fd left behind)."""
+    for d in list(_all_diags):
+        if d.pid == os.getpid():
+            d.close()
+
+
+atexit.register(_close_diags)
 
 
 # --- namespaces ---------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ _PORTS = _port_range()
 _RANDOM_PORT_TRIES = 8
 
 
-def _bind_ephemeral(sock: socket.socket, src: str, random_tries: int = _RANDOM_PORT_TRIES) -> bool:
+def _bind_ephemeral(sock: socket.socket, src: str, random_tries: int = _RANDOM_PORT_TRIES,
+                    dest: tuple | None = None) -> bool:
     """Bind ``sock`` to ``src`` and a free ephemeral port; False if none could be had.
 
     bind(port 0) searches the whole range for a port without any bound socket, which takes
@@ -102,11 +103,22 @@ def _bind_ephemeral(sock: socket.socket, src: str, random_tries: int = _RANDOM_P
     lookup, and a collision (EADDRINUSE, or a 4-tuple in use caught by the caller) is rare
     (about the share of the range this host already uses toward that destination). After
     ``random_tries`` the kernel picks (bind(0) prefers ports nobody holds).
+
+    ``dest`` = (family, host, port): skip ports where a socket of this host already holds the
+    4-tuple toward it (our own TIME_WAIT: connect() would fail with EADDRNOTAVAIL). For a
+    socket the caller owns, which cannot be rebound after such a failure.
     """
     lo, hi = _PORTS
     for _ in range(random_tries):
+        cport = random.randint(lo, hi)
+        if dest is not None:
+            try:
+                if sockets.diag().lookup(dest[0], (src, cport), (dest[1], dest[2])) is not None:
+                    continue
+            except OSError:
+                pass
         try:
-            sock.bind((src, random.randint(lo, hi)))
+            sock.bind((src, cport))
             return True
         except OSError as exc:
             if exc.errno not in (errno.EADDRINUSE, errno.EACCES):

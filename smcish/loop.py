@@ -342,10 +342,12 @@ async def _claim_before_connect(loop: Any, sock: Any, address: Any, config: Conf
         if src is None:
             return
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # see discovery.bound_socket
-        if not discovery._bind_ephemeral(sock, src):
+        if not discovery._bind_ephemeral(sock, src, dest=(sock.family, host, port)):
             return
     bound = sock.getsockname()
     hit = sockets.diag().lookup(sock.family, (host, port), (bound[0], bound[1]))
+    if hit is not None and hit.state == sockets.TCP_TIME_WAIT:
+        hit = discovery._listener_behind(sock.family, host, port, bound)
     if hit is None or hit.state != sockets.TCP_LISTEN:
         return
     hub = Hub.get(loop, device)

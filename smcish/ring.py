@@ -1004,6 +1004,9 @@ class Ring:
             avail = self.readable()
             n = avail if n < 0 else min(n, avail)
         if n == 0:
+            err = self._r.error
+            if err:
+                self._raise(err)          # sticky: even an empty read says so
             return b""
         if n >= _DIRECT_READ:
             # One copy, ring -> a fresh bytes object (no zero-fill, no second copy).

@@ -474,7 +474,8 @@ def test_fd_exhaustion_is_refused_not_fatal():
         err = daemon.stop()
         shutil.rmtree(daemon.dir, ignore_errors=True)
     assert "Traceback" not in err, err
-    assert "pausing accepts" in err  # the EMFILE path was really taken
+    # the EMFILE path was really taken (a connection it could not keep is refused at once)
+    assert "refused a device connection" in err or "pausing accepts" in err
 
 
 # --- socket-bound advertisements through SCM_RIGHTS ----------------------------------------
