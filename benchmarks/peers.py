@@ -139,8 +139,11 @@ def client_main(args, out) -> int:
                 _emit(out, {"ok": False, "error": f"timed out after {command.get('timeout_s')} s"})
             except Exception as exc:
                 answer = {"ok": False, "error": workloads.format_exception(exc)}
-                if getattr(exc, "partial", None) is not None:  # figures measured despite the failure (scale)
-                    answer["partial"] = exc.partial
+                partial = getattr(exc, "partial", None)
+                # figures measured despite the failure (scale); asyncio's IncompleteReadError has
+                # a `partial` of its own (the bytes read), which is not one
+                if isinstance(partial, dict):
+                    answer["partial"] = partial
                 _emit(out, answer)
             else:
                 _emit(out, {"ok": True, "result": result})

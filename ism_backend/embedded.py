@@ -251,6 +251,12 @@ class EmbeddedDevice(Device):
         self._peers: dict[bytes, ControlClient] = {}
         self._peer_refs: collections.Counter[bytes] = collections.Counter()
         self._pinned: set[bytes] = set()     # peers we sent peer ops to: never evicted
+        # Peer ops go on a connection of their own per peer, never the one attach/detach use:
+        # a peer op holds its connection until the answer, and the peer's handler may attach
+        # our memory to answer it (extent_add) while our handler does the same for the peer's
+        # op. On one shared connection each handler would wait for the lock the other side's
+        # requester holds: a deadlock until the timeout, which then closed the connection.
+        self._peer_ops: dict[bytes, ControlClient] = {}
         self._served: collections.Counter[bytes] = collections.Counter()
         self.peer_cache_max = 64
         self._zombies: list[tuple[Any, list[int], bytes, Any]] = []
@@ -495,14 +501,8 @@ class EmbeddedDevice(Device):
 
     # --- attacher side ---
 
-    def _peer(self, endpoint_id: bytes, pin: bool = False) -> ControlClient:
-        """The cached connection to a peer's endpoint, opened (and introduced) if needed."""
-        with self._lock:
-            conn = self._peers.get(endpoint_id)
-            if conn is not None and not conn.closed:
-                if pin:
-                    self._pinned.add(endpoint_id)
-                return conn
+    def _connect_peer(self, endpoint_id: bytes) -> ControlClient:
+        """A new connection to a peer's endpoint, introduced with our endpoint id."""
         try:
             conn = ControlClient(self._ep_path(endpoint_id, "sock"), self.timeout,
                                  "smcish endpoint")
@@ -521,6 +521,44 @@ class EmbeddedDevice(Device):
         except BaseException:
             conn.close()
             raise
+        return conn
+
+    def _peer_ops_conn(self, endpoint_id: bytes) -> ControlClient:
+        """The cached connection for peer ops to ``endpoint_id`` (see ``_peer_ops``)."""
+        with self._lock:
+            conn = self._peer_ops.get(endpoint_id)
+            if conn is not None and not conn.closed:
+                return conn
+            if len(self._peer_ops) >= self.peer_cache_max:
+                for eid, other in list(self._peer_ops.items()):
+                    if other.closed or other.hung_up():
+                        other.close()
+                        del self._peer_ops[eid]
+        conn = self._connect_peer(endpoint_id)
+        with self._lock:
+            old = self._peer_ops.get(endpoint_id)
+            if old is not None and not old.closed:
+                conn.close()
+                return old
+            self._peer_ops[endpoint_id] = conn
+            self._pinned.add(endpoint_id)
+        return conn
+
+    def _drop_peer_ops(self, endpoint_id: bytes, conn: ControlClient) -> None:
+        with self._lock:
+            if self._peer_ops.get(endpoint_id) is conn:
+                del self._peer_ops[endpoint_id]
+        conn.close()
+
+    def _peer(self, endpoint_id: bytes, pin: bool = False) -> ControlClient:
+        """The cached connection to a peer's endpoint for attach/detach, opened if needed."""
+        with self._lock:
+            conn = self._peers.get(endpoint_id)
+            if conn is not None and not conn.closed:
+                if pin:
+                    self._pinned.add(endpoint_id)
+                return conn
+        conn = self._connect_peer(endpoint_id)
         with self._lock:
             old = self._peers.get(endpoint_id)
             if old is not None and not old.closed:
@@ -541,6 +579,13 @@ class EmbeddedDevice(Device):
             for endpoint_id in dead:
                 self._peers.pop(endpoint_id).close()
                 self._pinned.discard(endpoint_id)
+            for endpoint_id, conn in list(self._peer_ops.items()):
+                if conn.closed or conn.hung_up():
+                    del self._peer_ops[endpoint_id]
+                    conn.close()
+                    self._pinned.discard(endpoint_id)
+                    if endpoint_id not in dead:
+                        dead.append(endpoint_id)
         for endpoint_id in dead:
             self._reap_endpoint(endpoint_id)
 
@@ -792,12 +837,12 @@ class EmbeddedDevice(Device):
             me = PeerInfo(self.endpoint_id, os.getpid(), os.geteuid(), os.getegid())
             return self._dispatcher.call(me, op, fields)
         for attempt in (0, 1):
-            conn = self._peer(endpoint_id, pin=True)
+            conn = self._peer_ops_conn(endpoint_id)
             try:
                 reply, _ = conn.request(op, **fields)
                 return reply
             except DeviceGone as exc:
-                self._drop_peer(endpoint_id, conn)
+                self._drop_peer_ops(endpoint_id, conn)
                 if attempt or exc.timed_out or exc.delivered:
                     raise
         raise AssertionError("unreachable")
@@ -875,8 +920,11 @@ class EmbeddedDevice(Device):
                 "served_attachments": sum(o.attachments for o in self._regions.values())
                 + sum(o.attachments for o in self._draining),
                 "attached": self._attached_count, "zombies": len(self._zombies),
-                "peers": len(self._peers), "peer_channels": len(self._pinned),
-                "served_peers": len(self._served),
+                # connections (each one fd): ours to peers' endpoints (attach and peer-op
+                # connections), and peers' to ours
+                "peers": len(self._peers) + len(self._peer_ops),
+                "peer_channels": len(self._pinned),
+                "served_peers": sum(self._served.values()),
                 "adverts": len(self._adverts),
                 "handler": self._dispatcher.handler is not None,
             }
@@ -903,8 +951,9 @@ class EmbeddedDevice(Device):
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
         with self._lock:
-            peers = list(self._peers.values())
+            peers = list(self._peers.values()) + list(self._peer_ops.values())
             self._peers.clear()
+            self._peer_ops.clear()
             self._pinned.clear()
         for conn in peers:
             conn.close()
@@ -934,9 +983,10 @@ class EmbeddedDevice(Device):
             return
         self._closed = True
         self._lock = threading.RLock()
-        for conn in self._peers.values():
+        for conn in list(self._peers.values()) + list(self._peer_ops.values()):
             conn.forget()
         self._peers.clear()
+        self._peer_ops.clear()
         self._pinned.clear()
         for handle in self._adverts:
             memfd.close_fds((handle.value[1],))

@@ -389,6 +389,13 @@ def agent_main(argv: list[str]) -> None:
                 return {"bogus": 1}
             if self.mode == "sleep":
                 time.sleep(30)
+            if self.mode == "attach_peer" and op == "extent_add":
+                # what a link group does with a peer's new extent: map it from the requester
+                time.sleep(0.3)          # (lets the test's own request to us be in flight too)
+                view = self.dev.attach(fields["token"], peer.endpoint_id)
+                first = bytes(view.mem[:8]).hex()
+                self.dev.detach(view)
+                self.calls[-1]["first"] = first
             if self.mode == "attach_own" and op == "group_open":
                 region = self.dev.alloc(4096)
                 view = self.dev.attach(region.token, self.dev.endpoint_id)

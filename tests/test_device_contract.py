@@ -373,6 +373,54 @@ def test_a_handler_may_attach_its_own_regions(kit, device):
     assert device.peer_request(peer_ep, "group_open", **OPEN)["size"] == OPEN["size"]
 
 
+def test_both_sides_adding_extents_at_once_do_not_wait_on_each_other(kit, device):
+    """Each side's handler attaches the other's new extent while its own extent_add is in
+    flight (both link-group ends grow together under a burst of set-ups). Found by the scale
+    benchmark: on the embedded device peer ops and attaches shared one connection per peer,
+    whose lock each requester held until its answer, so both handlers waited for the timeout,
+    the connection was closed, and the link group with all its connections failed."""
+    peer = kit.agent()
+    peer_ep = bytes.fromhex(peer.call("open")["endpoint"])
+    peer.call("set_handler", mode="attach_peer")
+    seen: list = []
+
+    class AttachPeer(Recorder):
+        def handle(self, who, op, fields):
+            time.sleep(0.3)
+            view = device.attach(fields["token"], who.endpoint_id)
+            seen.append(bytes(view.mem[:8]))
+            device.detach(view)
+            return {}
+
+    device.set_endpoint_handler(AttachPeer())
+    mine = device.alloc(SIZE)
+    mine.mem[:8] = b"ours!!!!"
+    theirs = peer.call("alloc", size=SIZE, fill=b"theirs!!".hex())
+    ours_done: list = []
+
+    def ours() -> None:
+        try:
+            ours_done.append(device.peer_request(peer_ep, "extent_add", group_id=GROUP,
+                                                 side="client", index=1, token=mine.token,
+                                                 size=SIZE))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            ours_done.append(exc)
+
+    thread = threading.Thread(target=ours)
+    thread.start()
+    try:
+        got = peer.call("peer_request", endpoint=device.endpoint_id.hex(), peer_op="extent_add",
+                        fields={"group_id": GROUP.hex(), "side": "server", "index": 1,
+                                "token": theirs["token"], "size": SIZE})
+    finally:
+        thread.join(10)
+    assert got == {} and ours_done == [{}]
+    assert seen == [b"theirs!!"]
+    calls = peer.call("handler_log")["calls"]
+    assert [c["first"] for c in calls if c["op"] == "extent_add"] == [b"ours!!!!".hex()]
+    assert device.peer_alive(peer_ep) and peer.call("peer_alive", endpoint=device.endpoint_id.hex())
+
+
 def test_a_dying_peer_is_device_gone_not_alive_and_reported_gone(kit, device):
     recorder = Recorder()
     device.set_endpoint_handler(recorder)

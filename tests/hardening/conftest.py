@@ -97,8 +97,8 @@ def runtime_files(device=None) -> set:
 
 
 def served_connections(device) -> int:
-    """Control connections peers opened to our embedded endpoint (a peer caches one per
-    endpoint it talks to, up to 64): unix sockets of ours bound to the endpoint path, minus the
+    """Control connections peers opened to our embedded endpoint (a peer caches up to two
+    per endpoint it talks to, attach and peer ops, for up to 64 endpoints): unix sockets of ours bound to the endpoint path, minus the
     listener. Counted via /proc/net/unix and our fds' inodes."""
     path = getattr(device, "_sock_path", None)
     if not path:
@@ -558,13 +558,17 @@ def status(extra=None):
         me = next((x for x in st.get("clients", []) if x["pid"] == os.getpid()), {})
         dst = {"regions": me.get("regions", 0) - c.get("pooled", 0),
                "attached": me.get("attachments", 0)}
+        peer_conns = 0
     else:
-        net = fds() - st["pooled_fds"] - st["peers"] - served(dev)
+        # the device's cached control connections (ours to peers, peers' to us): bounded by
+        # the peers, opened when first needed (a peer-op one at a group's first growth)
+        peer_conns = st["peers"] + served(dev)
+        net = fds() - st["pooled_fds"] - peer_conns
         dst = {k: st.get(k, 0) for k in ("regions", "attached", "draining",
                                          "served_attachments", "zombies", "pooled", "peers",
                                          "peer_channels")}
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    out = {"fds": fds(), "fds_net": net, "rss": rss(), "device": dst,
+    out = {"fds": fds(), "fds_net": net, "peer_conns": peer_conns, "rss": rss(), "device": dst,
            "stats": smcish.stats(), "cpu": usage.ru_utime + usage.ru_stime}
     out.update(extra or {})
     return out
@@ -1937,9 +1941,11 @@ def wait_until(fn, pred, timeout: float, interval: float = 0.05):
 
 def fds_besides_memory(st: dict) -> int:
     """An agent's fds other than shared memory (memfds, mmap's dups, doorbell eventfds), which
-    come and go with a link group's extents: sockets, pipes, epoll... must return to the start."""
+    come and go with a link group's extents, and other than the device's cached connections
+    between endpoints (``peer_conns``): sockets, pipes, epoll... must return to the start."""
     kinds = st["fd_kinds"]
-    return st["fds"] - kinds.get("memfd", 0) - kinds.get("eventfd", 0) - kinds.get("devnull", 0)
+    return (st["fds"] - kinds.get("memfd", 0) - kinds.get("eventfd", 0) - kinds.get("devnull", 0)
+            - st.get("peer_conns", 0))
 
 
 def idle_device(st: dict) -> bool:
