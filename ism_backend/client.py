@@ -23,7 +23,7 @@ from .contract import (
     DEFAULT_TIMEOUT, ID_SIZE, Advert, Device, Handle, PeerInfo, Region, check_id,
     check_read_access, check_size, check_token,
 )
-from .control import ControlClient, ControlServer, PeerDispatcher
+from .control import ControlClient, ControlServer, PeerDispatcher, request_retrying_once
 from .errors import (
     DeviceGone, DeviceProtocolError, IsmError, NoDevice, QuotaExceeded, UnknownToken,
 )
@@ -466,16 +466,10 @@ class DaemonDevice(Device):
         if endpoint_id == self.endpoint_id:
             me = PeerInfo(self.endpoint_id, os.getpid(), os.geteuid(), os.getegid())
             return self._dispatcher.call(me, op, fields)
-        for attempt in (0, 1):
-            conn = self._channel(endpoint_id)
-            try:
-                reply, _ = conn.request(op, **fields)
-                return reply
-            except DeviceGone as exc:
-                self._drop_channel(endpoint_id, conn)
-                if attempt or exc.timed_out or exc.delivered:
-                    raise
-        raise AssertionError("unreachable")
+        reply, _ = request_retrying_once(
+            lambda: self._channel(endpoint_id),
+            lambda conn: self._drop_channel(endpoint_id, conn), op, **fields)
+        return reply
 
     def peer_alive(self, endpoint_id: bytes) -> bool:
         """Alive while a channel to or from that peer is open (no round trip); through ismd,

@@ -210,6 +210,24 @@ class ControlClient:
             return reply, got_fds
 
 
+def request_retrying_once(connect: Callable[[], ControlClient],
+                          drop: Callable[[ControlClient], None], op: str, fds: Any = (),
+                          **fields: Any) -> tuple[dict[str, Any], list[int]]:
+    """``connect().request(op, ...)``, retried once on a fresh connection when the first one
+    failed before the request provably arrived (a cached connection that broke since its last
+    use); never after a timeout or a delivered request. ``drop(conn)`` runs for every
+    connection that failed. Returns and raises as ``ControlClient.request``."""
+    for attempt in (0, 1):
+        conn = connect()
+        try:
+            return conn.request(op, fds, **fields)
+        except DeviceGone as exc:
+            drop(conn)
+            if attempt or exc.timed_out or exc.delivered:
+                raise
+    raise AssertionError("unreachable")
+
+
 # --- server side ----------------------------------------------------------------------------
 
 class ControlConn:

@@ -38,7 +38,7 @@ from .contract import (
     DEFAULT_TIMEOUT, ID_SIZE, ZERO_ID, Advert, Device, Handle, PeerInfo, Region, check_id,
     check_read_access, check_size, check_token,
 )
-from .control import ControlClient, ControlServer, PeerDispatcher
+from .control import ControlClient, ControlServer, PeerDispatcher, request_retrying_once
 from .errors import (
     DeviceGone, DeviceProtocolError, IsmError, NoDevice, PermissionDenied, UnknownToken,
 )
@@ -624,19 +624,11 @@ class EmbeddedDevice(Device):
         self._reap_zombies()
         if endpoint_id == self.endpoint_id:
             return self._attach_local(token)
-        for attempt in (0, 1):
-            conn = self._peer(endpoint_id)
-            try:
-                reply, (fd, doorbell) = conn.request("attach", token=token, access="r")
-                with self._lock:
-                    self._peer_refs[endpoint_id] += 1  # dropped again in _tell_detached
-                break
-            except DeviceGone as exc:
-                # A cached connection may have broken since its last use: reconnect once, if
-                # the request provably never arrived (and never after a timeout).
-                self._drop_peer(endpoint_id, conn)
-                if attempt or exc.timed_out or exc.delivered:
-                    raise
+        reply, (fd, doorbell) = request_retrying_once(
+            lambda: self._peer(endpoint_id), lambda conn: self._drop_peer(endpoint_id, conn),
+            "attach", token=token, access="r")
+        with self._lock:
+            self._peer_refs[endpoint_id] += 1  # dropped again in _tell_detached
         try:
             mem = memfd.map_readonly(fd, reply["size"], reply["offset"])
         except BaseException:
@@ -836,16 +828,10 @@ class EmbeddedDevice(Device):
         if endpoint_id == self.endpoint_id:
             me = PeerInfo(self.endpoint_id, os.getpid(), os.geteuid(), os.getegid())
             return self._dispatcher.call(me, op, fields)
-        for attempt in (0, 1):
-            conn = self._peer_ops_conn(endpoint_id)
-            try:
-                reply, _ = conn.request(op, **fields)
-                return reply
-            except DeviceGone as exc:
-                self._drop_peer_ops(endpoint_id, conn)
-                if attempt or exc.timed_out or exc.delivered:
-                    raise
-        raise AssertionError("unreachable")
+        reply, _ = request_retrying_once(
+            lambda: self._peer_ops_conn(endpoint_id),
+            lambda conn: self._drop_peer_ops(endpoint_id, conn), op, **fields)
+        return reply
 
     def peer_alive(self, endpoint_id: bytes) -> bool:
         endpoint_id = check_id(endpoint_id)
