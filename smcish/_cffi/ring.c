@@ -147,9 +147,10 @@ static int fail_block(struct smc_ring *r, const struct smc_group *g, uint32_t ex
 static inline uint8_t *g_mine(struct smc_group *g, size_t off) { return g->my_ext0 + off; }
 static inline const uint8_t *g_peer(const struct smc_group *g, size_t off) { return g->peer_ext[0] + off; }
 
-static int group_ring_doorbell(struct smc_group *g)
+/* Add 1 to the eventfd ``fd`` (none if < 0), counting the write or the failure: 0, or -errno
+ * (whose errno is also kept in *last_errno). Shared by the group's and a legacy ring's doorbell. */
+static int doorbell_write(int fd, uint64_t *stat_ok, uint64_t *stat_err, int32_t *last_errno)
 {
-    int fd = g->peer_doorbell_fd;
     if (fd < 0)
         return 0;
     uint64_t one = 1;
@@ -158,15 +159,21 @@ static int group_ring_doorbell(struct smc_group *g)
         k = write(fd, &one, sizeof one);
     } while (k < 0 && errno == EINTR);
     if (k == (ssize_t)sizeof one) {
-        g->stat_doorbells++;
+        (*stat_ok)++;
         return 0;
     }
     if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
         return 0;  /* counter saturated: the peer has a wake-up pending anyway */
     int err = k < 0 ? errno : EIO;
-    g->doorbell_errno = err;
-    g->stat_doorbell_errors++;
+    *last_errno = err;
+    (*stat_err)++;
     return -err;
+}
+
+static int group_ring_doorbell(struct smc_group *g)
+{
+    return doorbell_write(g->peer_doorbell_fd, &g->stat_doorbells, &g->stat_doorbell_errors,
+                          &g->doorbell_errno);
 }
 
 /* Load the peer's consumption of our queue once; accept it iff last seen <= c <= nq_prod. */
@@ -341,24 +348,8 @@ static int rx_wake_bits(struct smc_ring *r)
 
 static int ring_peer(struct smc_ring *r)
 {
-    int fd = r->peer_doorbell_fd;
-    if (fd < 0)
-        return 0;
-    uint64_t one = 1;
-    ssize_t k;
-    do {
-        k = write(fd, &one, sizeof one);
-    } while (k < 0 && errno == EINTR);
-    if (k == (ssize_t)sizeof one) {
-        r->stat_doorbells++;
-        return 0;
-    }
-    if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-        return 0;  /* counter saturated: the peer has a wake-up pending anyway */
-    int err = k < 0 ? errno : EIO;
-    r->doorbell_errno = err;
-    r->stat_doorbell_errors++;
-    return -err;
+    return doorbell_write(r->peer_doorbell_fd, &r->stat_doorbells, &r->stat_doorbell_errors,
+                          &r->doorbell_errno);
 }
 
 /* Tell the peer: legacy mode rings its eventfd; slot mode queues our slot index through the
