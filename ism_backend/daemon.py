@@ -470,12 +470,7 @@ class Ismd:
             raise DeviceProtocolError("the owner has not sealed this region (F_SEAL_FUTURE_WRITE)"
                                       ": it is not attachable")
         self._entries(client)
-        ro = memfd.reopen_readonly(region.memfd)
-        try:
-            doorbell = os.dup(region.doorbell)
-        except OSError:
-            os.close(ro)
-            raise
+        ro, doorbell = memfd.attacher_fds(region.memfd, region.doorbell)
         region.rights.record()
         aid = self._id()
         region.attachments[aid] = conn

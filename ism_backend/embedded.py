@@ -466,12 +466,7 @@ class EmbeddedDevice(Device):
             raise UnknownToken("unknown region token: wrong, or freed by its owner; fall back to "
                                "TCP")
         owned.rights.check(uid, access)
-        ro = memfd.reopen_readonly(owned.fd)
-        try:
-            doorbell = os.dup(owned.doorbell)
-        except OSError:
-            os.close(ro)
-            raise
+        ro, doorbell = memfd.attacher_fds(owned.fd, owned.doorbell)
         owned.rights.record()
         owned.attachments += 1
         return owned, ro, doorbell

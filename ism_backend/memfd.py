@@ -145,6 +145,17 @@ def reopen_readonly(fd: int) -> int:
         return os.dup(fd)
 
 
+def attacher_fds(fd: int, doorbell: int) -> tuple[int, int]:
+    """The fds an attacher is sent: a read-only description of region ``fd`` and a dup of its
+    ``doorbell`` (both new, owned by the caller; nothing is left open on failure)."""
+    ro = reopen_readonly(fd)
+    try:
+        return ro, os.dup(doorbell)
+    except OSError:
+        os.close(ro)
+        raise
+
+
 def unmap(mem: Any) -> bool:
     """Close a mapping; False while buffer exports (memoryviews, cffi buffers) keep it alive."""
     try:
