@@ -10,9 +10,9 @@ one doorbell per direction, and a notification queue of slot indices. A connecti
 Threads: every object here is used on its hub's loop thread only. The device's endpoint thread
 serves the peer's requests (group_open, extent_add, ...) and hands them over with
 ``call_soon_threadsafe``, waiting a bounded time for the loop; blocking device calls made on our
-own behalf run in the device thread pool. Nothing here runs from a finaliser: work that a
-finaliser or GC callback would want done is queued with ``defer()`` and runs on the next ordinary
-call or maintenance tick.
+own behalf run in the device thread pool. Nothing here runs from a finaliser or GC callback:
+groups, slots and rings are released by explicit calls (close, connection_lost, the maintenance
+tick), never by garbage collection.
 """
 
 from __future__ import annotations
@@ -71,28 +71,6 @@ _EXTENT_MIN = 16 << 20
 _EXTENT_MAX = 64 << 20
 
 
-# --------------------------------------------------------------------------- deferred work
-
-_deferred: collections.deque = collections.deque()
-
-
-def defer(fn: Callable[[], Any]) -> None:
-    """Queue ``fn`` for the next ordinary call (safe from finalisers: no lock, no device call)."""
-    _deferred.append(fn)
-
-
-def run_deferred() -> None:
-    while _deferred:
-        try:
-            fn = _deferred.popleft()
-        except IndexError:
-            return
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001 - deferred clean-up must never break a caller
-            log.debug("smcish: deferred clean-up failed: %r", exc)
-
-
 # --------------------------------------------------------------------------- device threads
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -145,7 +123,6 @@ def _after_fork() -> None:
     _reg_lock = threading.Lock()
     _hubs.clear()
     _groups.clear()
-    _deferred.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -197,10 +174,8 @@ _last_sweep = [0.0]
 
 
 def sweep_hubs() -> None:
-    """Tear down hubs whose loop was closed, run deferred work (ordinary entry points call this;
-    the sweep itself runs at most every 0.1 s)."""
-    if _deferred:
-        run_deferred()
+    """Tear down hubs whose loop was closed (ordinary entry points call this; the sweep itself
+    runs at most every 0.1 s)."""
     now = time.monotonic()
     if now - _last_sweep[0] < 0.1:
         return
@@ -516,7 +491,6 @@ class Hub:
         self._timer = None
         if self.closed or self.loop.is_closed():
             return
-        run_deferred()
         now = time.monotonic()
         for group in list(self.client_groups.values()) + list(self.server_groups.values()):
             try:

@@ -324,8 +324,6 @@ PACKAGES = ("smcish", "ism_backend")
 ALLOWED_CALLS = {
     "_warn", "warn",                  # warnings.warn(ResourceWarning)
     "abort",                          # self._tcp.abort(): the loop's transport, no lock, no device
-    "defer",                          # linkgroup.defer: a lock-free deque
-    "append",                         # deque.append (what defer does)
     "repr", "isinstance", "getattr", "len",
 }
 FORBIDDEN_WORDS = ("lock", "mutex", "acquire", "device", "peer_request", "claim", "detach",
@@ -399,7 +397,7 @@ def test_no_finaliser_calls_a_device_or_takes_a_lock():
     """Every __del__, weakref.finalize / weakref callback, gc.callbacks entry, signal handler and
     ffi.gc destructor in smcish/ and ism_backend/: the code it runs (its body; a lambda's or a
     module function's) makes only calls from a short allow-list (warnings, the loop transport's
-    abort, linkgroup.defer), takes no `with` (no lock, no context manager), and names nothing
+    abort), takes no `with` (no lock, no context manager), and names nothing
     like a lock, a mutex or a device operation."""
     found = []
     problems = []
