@@ -442,6 +442,15 @@ def install(loop: Any = None, config: Config | None = None) -> Any:
     for name in ("sock_sendall", "sock_recv", "sock_recv_into", "sock_sendfile"):
         if hasattr(loop, name):
             patch_sock_io(name)
+    orig_accepted = loop.connect_accepted_socket
+
+    def patched_accepted(protocol_factory: Any, sock: Any, **kwargs: Any) -> Any:
+        # A pre-claimed socket wrapped as an accepted one is used as plain TCP from now on.
+        if _preclaims:
+            _finalise_preclaim(sock)
+        return orig_accepted(protocol_factory, sock, **kwargs)
+
+    loop.connect_accepted_socket = patched_accepted
     return loop
 
 

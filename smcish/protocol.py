@@ -396,6 +396,7 @@ class HandshakeProtocol(asyncio.Protocol):
         self._extent: Any = None
         self._ring: Any = None
         self._held = bytearray()
+        self._held_paused = False        # reading paused: _MAX_HELD bytes held before the outcome
         self._eof = False
         self._timer: Any = None
         self._poll_us = config.poll_us
@@ -437,8 +438,13 @@ class HandshakeProtocol(asyncio.Protocol):
             return
         self._held += data
         self._smc_notify()                # a client that went TCP wrote FINAL_TCP first
-        if not self._done and len(self._held) > _MAX_HELD:
-            self._abort(R.PROTOCOL_ERROR, "the client sent data before its final word")
+        if not self._done and len(self._held) > _MAX_HELD and not self._held_paused:
+            # A client whose application uses its pre-claimed socket in a way smcish does not
+            # see (a plain send() from a thread, ...) writes on TCP before its final word, which
+            # its claim timer then gives (FINAL_TCP). Hold no more: let TCP flow control stop
+            # the sender until then (nothing is dropped, the connection is not reset).
+            self._held_paused = True
+            self._tcp.pause_reading()
 
     def eof_received(self) -> Any:
         if self._established:
@@ -699,6 +705,9 @@ class HandshakeProtocol(asyncio.Protocol):
 
     def _fall_back(self, reason: R, data: bytes, by_peer: bool = False) -> None:
         self._done = True
+        if self._held_paused:             # (before delivering: the application may pause it)
+            self._held_paused = False
+            self._tcp.resume_reading()
         _stats.count_fallback(reason)
         smc = self._smc
         self._app = self._app_factory()

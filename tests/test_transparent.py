@@ -331,3 +331,63 @@ def test_sendfile_over_smcish_transport(loop_kind, tmp_path):
         if unsupported:
             pytest.skip(f"{loop_kind} has no loop.sendfile()")
         assert got_mode == mode and body == data
+
+
+@pytest.mark.parametrize("use", ["thread_sendall", "connect_accepted_socket"])
+def test_preclaimed_socket_used_behind_smcish_back_loses_nothing(loop_kind, use):
+    """A socket connected with the patched sock_connect (a claim made before the connect) that
+    the application then writes without smcish seeing it: from a thread with a plain blocking
+    sendall (more than the 256 KiB a server holds while it waits for the client's final word),
+    or wrapped with connect_accepted_socket. Every byte arrives in order, on TCP. Before: the
+    server reset the connection past 256 KiB (the sender's sendall had succeeded; the server's
+    application got nothing), and connect_accepted_socket waited for the claim's timer."""
+    n = 400_000
+    payload = bytes(i * 7 % 251 for i in range(n))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = bytearray()
+        done = loop.create_future()
+        infos = []
+
+        class Sink(asyncio.Protocol):
+            def connection_made(self, transport):
+                infos.append(transport.get_extra_info("smcish"))
+
+            def data_received(self, data):
+                got.extend(data)
+                if len(got) >= n and not done.done():
+                    done.set_result(None)
+
+            def connection_lost(self, exc):
+                if not done.done():
+                    done.set_exception(ConnectionError(f"lost after {len(got)} bytes: {exc!r}"))
+
+        server = await loop.create_server(Sink, HOST, 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (HOST, port))
+            if use == "thread_sendall":
+                def send():
+                    sock.setblocking(True)
+                    sock.sendall(payload)
+                await loop.run_in_executor(None, send)
+                transport = None
+            else:
+                transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, sock)
+                transport.write(payload)
+            await asyncio.wait_for(done, 15)
+            if transport is not None:
+                transport.close()
+            sock.close()
+        assert bytes(got) == payload
+        assert infos and infos[0].mode == "tcp", infos
+
+    loop = new_loop(loop_kind)
+    try:
+        smcish.install(loop)
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
