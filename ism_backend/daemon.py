@@ -374,9 +374,19 @@ class Ismd:
                     del self.ports[advert.facts.port]
         self._unref_netns(advert.facts.netns)
 
-    def _latest(self, inode: int) -> _Advert | None:
+    def _sole(self, inode: int) -> _Advert | None:
+        """The advertiser of ``inode``, if only one hub advertises it. A listening socket
+        several hubs advertise (a pre-fork server's workers share one) names nobody: any of
+        them may accept a connection, and a claim reaches only the one named."""
         table = self.adverts.get(inode)
-        return next(reversed(table.values())) if table else None
+        if not table:
+            return None
+        adverts = iter(table.values())
+        first = next(adverts)
+        for other in adverts:
+            if other.conn is not first.conn or other.hub_id != first.hub_id:
+                return None
+        return first
 
     def _forget_claim(self, inode: int) -> None:
         claim = self.remote_claims.pop(inode, None)
@@ -542,7 +552,7 @@ class Ismd:
         return {}, []
 
     def _op_find_listener(self, conn, client, f, fds):
-        advert = self._latest(f["inode"])
+        advert = self._sole(f["inode"])
         return (advert.reply() if advert is not None else dict(_NOT_FOUND)), []
 
     def _op_find_remote_listener(self, conn, client, f, fds):
@@ -596,7 +606,7 @@ class Ismd:
                 return None
             matches: dict[int, _Advert] = {}
             for inode in list(self.ports.get(port, ())):
-                advert = self._latest(inode)
+                advert = self._sole(inode)
                 ns = self.netns.get(advert.facts.netns) if advert is not None else None
                 if ns is None or ns.inode == client_ns.inode or not ns.owned:
                     continue

@@ -54,6 +54,7 @@ _LOCK_PROBE = fcntl.LOCK_SH | fcntl.LOCK_NB
 _EP_RE = re.compile(r"ep-([0-9a-f]{32})\.(lock|sock)")
 _ADV_RE = re.compile(r"adv-([1-9][0-9]{0,19})")
 _ADV_CONTENT = re.compile(rb"([0-9a-f]{32}) ([0-9a-f]{32}) ([0-9]{1,10}) ([0-9]{1,10})\n")
+_ADV_SHARED = b"shared\n"     # a listener several live hubs advertise: nobody is named
 
 
 def runtime_dir() -> str:
@@ -727,10 +728,18 @@ class EmbeddedDevice(Device):
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600)
         try:
-            os.write(fd, content)
             fcntl.flock(fd, fcntl.LOCK_EX)  # before it has its name: nobody can see it unlocked
             with self._mutex():
-                os.rename(tmp, path)  # the latest advertiser of an inode wins
+                # A listening socket another live hub advertises too (a pre-fork server's
+                # workers share one): any of them may accept a connection, and a claim reaches
+                # only the one named, so the others would leave it unanswered (a stall of the
+                # set-up timeout, and the client's first bytes in memory that hub maps). Such a
+                # listener is advertised as shared: its clients stay plain TCP.
+                current = self._live_advert(path)
+                if current is not None and current[:2] != (self.endpoint_id, hub_id):
+                    content = _ADV_SHARED
+                os.write(fd, content)
+                os.rename(tmp, path)
         except BaseException:
             os.close(fd)
             _unlink(tmp)
@@ -763,6 +772,28 @@ class EmbeddedDevice(Device):
             pass
         finally:
             os.close(fd)  # our lock goes with it
+
+    def _live_advert(self, path: str) -> tuple | None:
+        """Under the mutex: (endpoint_id, hub_id) of the live advertisement at ``path``,
+        ("shared", None) for a shared one, None if there is none alive."""
+        try:
+            fd = os.open(path, _OPEN_RO)
+        except OSError:
+            return None
+        try:
+            if _lockable_shared(fd):
+                return None
+            data = os.pread(fd, 128, 0)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if data == _ADV_SHARED:
+            return ("shared", None)
+        match = _ADV_CONTENT.fullmatch(data)
+        if match is None:
+            return ("shared", None)
+        return bytes.fromhex(match.group(1).decode()), bytes.fromhex(match.group(2).decode())
 
     def find_listener(self, inode: int) -> Advert | None:
         if type(inode) is not int or inode <= 0:

@@ -53,6 +53,7 @@ OPEN_FAILURE_S = 2.0             # after a failed group_open, fall back at once 
 MAX_GROUPS_PER_HUB = 1024        # server groups a hub accepts (each costs an extent 0 on our side)
 MAX_GROUPS_PER_PEER = 8          # server groups one peer endpoint may open with a hub
 _LISTENER_CACHE_MAX = 4096      # listener inodes whose advertiser the device told us
+LISTENER_CACHE_S = 1.0         # how long a find_listener answer is reused (see group_serving)
 HANDOVER_TIMEOUT = 2.0           # endpoint thread -> loop hand-over bound
 _MAX_BACKOFF = 10                # a missed group poll skips up to 2**10 - 1 later chances
 _TAKE_MAX = 4096
@@ -240,7 +241,7 @@ class Hub:
         kind = device.kind if device.kind in _GEOMETRY else "embedded"
         self.max_slots, self.ext0_heap = _GEOMETRY[kind]
         self.client_groups: dict[tuple[bytes, bytes], LinkGroup] = {}
-        self._listener_owner: dict[int, tuple[bytes, bytes]] = {}   # inode -> (endpoint, hub)
+        self._listener_owner: dict[int, tuple[bytes, bytes, float]] = {}  # inode -> (endpoint, hub, until)
         self.server_groups: dict[bytes, LinkGroup] = {}
         self.listeners: set[int] = set()
         self.closed = False
@@ -314,12 +315,17 @@ class Hub:
         capture our connections to it. Only the device knows who advertised a socket (ismd reads
         it from the socket passed to it). An inode names one live socket (sock_diag only ever
         returns live ones, and inode numbers are not reused before 2^32 sockets), so the answer
-        stays true while the oracle keeps returning that inode.
+        stays true while the oracle keeps returning that inode, except for who else serves it:
+        a second hub advertising the same socket (a pre-fork server's workers) makes it shared,
+        so an answer is remembered for ``LISTENER_CACHE_S`` only.
         """
         owner = self._listener_owner.get(inode)
         if owner is None:
             return None
-        group = self.client_groups.get(owner)
+        if owner[2] < time.monotonic():
+            del self._listener_owner[inode]
+            return None
+        group = self.client_groups.get(owner[:2])
         if group is not None and group.usable():
             return group
         return None
@@ -328,7 +334,8 @@ class Hub:
         """``find_listener(inode)`` answered ``advert``: later connections to it skip the device."""
         if len(self._listener_owner) >= _LISTENER_CACHE_MAX:
             self._listener_owner.clear()
-        self._listener_owner[inode] = (advert.endpoint_id, advert.hub_id)
+        self._listener_owner[inode] = (advert.endpoint_id, advert.hub_id,
+                                       time.monotonic() + LISTENER_CACHE_S)
 
     # ------------------------------------------------------------------ client groups
     async def group_for(self, advert: Any) -> "LinkGroup":

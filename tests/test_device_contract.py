@@ -200,6 +200,29 @@ def test_advertise_find_listener_withdraw(kit, device):
     lsock.close()
 
 
+def test_a_listener_two_hubs_advertise_names_neither(kit, device):
+    """A pre-fork server's workers share one listening socket: any of them may accept a given
+    connection while a claim reaches only the hub named, so nobody is named (clients stay TCP).
+    Before, the latest advertiser was named and the other workers' connections waited for the
+    set-up timeout with the client's first bytes in the named worker's memory."""
+    lsock = listener()
+    inode = sockets.socket_inode(lsock)
+    first = device.advertise(lsock, HUB)
+    finder = kit.agent()
+    assert finder.call("find_listener", inode=inode)["hub_id"] == HUB.hex()
+    second = device.advertise(lsock, b"\x22" * 16)
+    assert device.find_listener(inode) is None
+    assert finder.call("find_listener", inode=inode) is None
+    device.withdraw(second)
+    if kit.kind == "ismd":          # ismd keeps every advertiser: the one left is named again
+        assert device.find_listener(inode).hub_id == HUB
+    else:                           # embedded: not named until advertised afresh
+        assert device.find_listener(inode) is None
+    device.withdraw(first)
+    assert device.find_listener(inode) is None
+    lsock.close()
+
+
 def test_advertise_refuses_what_is_not_a_listening_tcp_socket(device):
     plain = socket.socket()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -207,7 +207,7 @@ def test_normal_exit_removes_every_file(rtdir, agents):
     assert leftovers(rtdir) == []
 
 
-def test_advertisement_files_are_atomic_and_the_latest_advertiser_wins(device, agents, rtdir):
+def test_advertisement_files_are_atomic_and_a_shared_listener_names_nobody(device, agents, rtdir):
     lsock = listener()
     inode = sockets.socket_inode(lsock)
     first = device.advertise(lsock, HUB)
@@ -220,16 +220,24 @@ def test_advertisement_files_are_atomic_and_the_latest_advertiser_wins(device, a
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     os.close(fd)
     assert not [n for n in os.listdir(rtdir) if n.startswith(".adv-")], "no temp file left"
-    # another process advertises the same socket inode (a pre-fork server): it wins
+    assert device.find_listener(inode).hub_id == HUB
+    again = device.advertise(lsock, HUB)     # the same hub again: still named
+    assert device.find_listener(inode).hub_id == HUB
+    device.withdraw(again)
+    first = device.advertise(lsock, HUB)
     worker = agents()
     worker_ep = bytes.fromhex(worker.call("open")["endpoint"])
     theirs = worker.call("listen")
     other = device.find_listener(theirs["inode"])
     assert other is None
+    # another hub advertises the same socket inode (a pre-fork server's workers share one):
+    # any of them may accept, a claim reaches one: nobody is named, clients stay TCP
     second = device.advertise(lsock, b"\x22" * 16)
-    assert device.find_listener(inode).hub_id == b"\x22" * 16
-    device.withdraw(first)  # the replaced one: removing it must not remove the live one
-    assert device.find_listener(inode).hub_id == b"\x22" * 16
+    assert device.find_listener(inode) is None
+    with open(path, "rb") as fh:
+        assert fh.read() == b"shared\n"
+    device.withdraw(first)  # the replaced one: removing it must not remove the live file
+    assert device.find_listener(inode) is None and os.path.exists(path)
     device.withdraw(second)
     assert device.find_listener(inode) is None and not os.path.exists(path)
     worker.call("advertise", sock=theirs["id"], hub=HUB.hex())
