@@ -367,9 +367,10 @@ class DaemonDevice(Device):
             return None
         return self._advert(reply)
 
-    def verify_remote_peer(self, sock: socket.socket, inode: int) -> bool:
+    def verify_remote_peer(self, sock: socket.socket, inode: int, endpoint_id: bytes) -> bool:
         try:
-            reply, _ = self._request("verify_remote_peer", fds=[sock.fileno()], inode=inode)
+            reply, _ = self._request("verify_remote_peer", fds=[sock.fileno()], inode=inode,
+                                     endpoint_id=endpoint_id)
         except (IsmError, ValueError, OSError):
             return False
         return reply["verified"]

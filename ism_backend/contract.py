@@ -335,10 +335,12 @@ class Device(abc.ABC):
         """
         return None
 
-    def verify_remote_peer(self, sock: socket.socket, inode: int) -> bool:
+    def verify_remote_peer(self, sock: socket.socket, inode: int, endpoint_id: bytes) -> bool:
         """ismd only: is the peer of the accepted socket ``sock`` the socket of a remote claim
-        with inode ``inode`` (reversed 4-tuples equal, namespaces owned by ismd's user
-        namespace)? A successful verification releases the claim.
+        with inode ``inode`` that the endpoint ``endpoint_id`` made (reversed 4-tuples equal,
+        namespaces owned by ismd's user namespace)? The endpoint is the link-group peer whose
+        claim names that inode: a claim posted in another group (a hostile process naming
+        somebody else's socket) is not this one's. A successful verification releases the claim.
 
         Returns:
             True only when proven; False otherwise (and for embedded/none devices).

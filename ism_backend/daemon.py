@@ -634,7 +634,10 @@ class Ismd:
         sock = self._socket_from(fds, "verify_remote_peer")
         try:
             claim = self.remote_claims.get(f["inode"])
-            verified = claim is not None and self._verify(claim, sock)
+            # the claim must be the asking group peer's: another endpoint could post a claim
+            # naming somebody else's socket inode in its own group with this server
+            verified = (claim is not None and claim.conn.endpoint_id == f["endpoint_id"]
+                        and self._verify(claim, sock))
             if verified:
                 self._forget_claim(claim.inode)
             return {"verified": verified}, []

@@ -160,7 +160,7 @@ REQUESTS: dict[str, Schema] = {
     "withdraw": {"handle": _handle},
     "find_listener": {"inode": _inode},
     "find_remote_listener": {"host": _host, "port": _port},
-    "verify_remote_peer": {"inode": _inode},
+    "verify_remote_peer": {"inode": _inode, "endpoint_id": _hex16},
     "release_remote_claim": {"inode": _inode},
     "serve_endpoint": {},
     "connect_endpoint": {"endpoint_id": _hex16},

@@ -514,7 +514,7 @@ class HandshakeProtocol(asyncio.Protocol):
         else:
             sock = tcp.get_extra_info("socket")
             fut = self._loop.run_in_executor(device_pool(), hub.device.verify_remote_peer, sock,
-                                             setup.sock_ino)
+                                             setup.sock_ino, group.peer_endpoint)
             fut.add_done_callback(self._remote_verified)
 
     def _verify_local(self, peer: tuple, local: tuple, setup: Any, group: LinkGroup) -> bool | None:

@@ -467,8 +467,8 @@ def agent_main(argv: list[str]) -> None:
         advert = dev(spec).find_remote_listener(socks[sock], host, port)
         return None if advert is None else hexify(dataclasses.asdict(advert))
 
-    def op_verify_remote_peer(sock, inode, spec=None):
-        return dev(spec).verify_remote_peer(socks[sock], inode)
+    def op_verify_remote_peer(sock, inode, endpoint, spec=None):
+        return dev(spec).verify_remote_peer(socks[sock], inode, bytes.fromhex(endpoint))
 
     def op_release_remote_claim(inode, spec=None):
         dev(spec).release_remote_claim(inode)

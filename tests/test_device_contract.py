@@ -587,7 +587,7 @@ def test_the_none_device_stays_tcp():
     none.withdraw(handle)
     assert none.find_listener(sockets.socket_inode(lsock)) is None
     assert none.find_remote_listener(lsock, "127.0.0.1", 1) is None
-    assert none.verify_remote_peer(lsock, 1) is False
+    assert none.verify_remote_peer(lsock, 1, b"\x01" * 16) is False
     none.release_remote_claim(1)
     none.set_endpoint_handler(Recorder())
     assert none.peer_alive(os.urandom(16)) is False
@@ -600,7 +600,7 @@ def test_embedded_has_no_cross_namespace_discovery(kit, device):
     client = socket.socket()
     client.bind(("127.0.0.1", 0))
     assert device.find_remote_listener(client, "127.0.0.1", 80) is None
-    assert device.verify_remote_peer(client, sockets.socket_inode(client)) is False
+    assert device.verify_remote_peer(client, sockets.socket_inode(client), device.endpoint_id) is False
     device.release_remote_claim(sockets.socket_inode(client))
     client.close()
 

@@ -29,7 +29,7 @@ SAMPLES = {
     "grant": {"token": TOKEN, "uid": 1000, "access": "r"}, "revoke": {"token": TOKEN, "uid": 5},
     "advertise": {"hub_id": ID}, "withdraw": {"handle": 9},
     "find_listener": {"inode": 123456}, "find_remote_listener": {"host": "10.0.0.2", "port": 80},
-    "verify_remote_peer": {"inode": (1 << 64) - 1}, "release_remote_claim": {"inode": 1},
+    "verify_remote_peer": {"inode": (1 << 64) - 1, "endpoint_id": ID}, "release_remote_claim": {"inode": 1},
     "serve_endpoint": {}, "connect_endpoint": {"endpoint_id": ID},
     "take_peer": {"endpoint_id": ID, "pid": 4242, "uid": 1000, "gid": 1000},
     "hello": {"endpoint_id": ID}, "ping": {}, "info": {}, "status": {},

@@ -121,12 +121,18 @@ def test_a_client_finds_and_the_server_verifies_across_namespaces(namespaces, is
         stranger = client.call("client_socket", host=A_ADDR)
         client.call("connect", id=stranger["id"], host=B_ADDR, port=lsock["port"])
         other = server.call("accept", id=lsock["id"])
-        assert server.call("verify_remote_peer", sock=other["id"], inode=csock["inode"]) is False
-        assert server.call("verify_remote_peer", sock=accepted["id"],
-                           inode=csock["inode"]) is True
+        client_ep = client.call("open")["endpoint"]
+        assert server.call("verify_remote_peer", sock=other["id"], inode=csock["inode"],
+                           endpoint=client_ep) is False
+        # the right socket, but asked for another endpoint's claim (a claim naming this inode
+        # posted in another process's link group with the server): not verified
+        assert server.call("verify_remote_peer", sock=accepted["id"], inode=csock["inode"],
+                           endpoint=server_ep) is False
+        assert server.call("verify_remote_peer", sock=accepted["id"], inode=csock["inode"],
+                           endpoint=client_ep) is True
         # a verified claim is released: it proves one connection, once
-        assert server.call("verify_remote_peer", sock=accepted["id"],
-                           inode=csock["inode"]) is False
+        assert server.call("verify_remote_peer", sock=accepted["id"], inode=csock["inode"],
+                           endpoint=client_ep) is False
         assert observer.status()["counts"]["remote_claims"] == 0
         fd_dir = f"/proc/{ismd.pid}/fd"
         held = {os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)}
@@ -220,8 +226,8 @@ def test_a_namespace_of_another_user_namespace_is_refused(namespaces, ismd):
                            port=lsock["port"]) is None
         client.call("connect", id=probe["id"], host="10.78.0.2", port=lsock["port"])
         accepted = server.call("accept", id=lsock["id"])  # the route exists: only policy said no
-        assert server.call("verify_remote_peer", sock=accepted["id"],
-                           inode=probe["inode"]) is False
+        assert server.call("verify_remote_peer", sock=accepted["id"], inode=probe["inode"],
+                           endpoint=client.call("open")["endpoint"]) is False
     finally:
         for agent in agents:
             agent.kill()
