@@ -399,11 +399,14 @@ class Group:
     """
 
     __slots__ = ("_g", "_my_ext0", "_peer_exts", "_rings", "_take_buf", "_flags", "_hot_buf", "_ready_buf", "_claim_buf",
-                 "_setup", "max_slots", "__weakref__")
+                 "_setup", "max_slots", "_scratch", "__weakref__")
 
     def __init__(self, my_ext0: Extent, peer_ext0: Extent, peer_doorbell_fd: int, role: int,
                  max_slots: int):
         self._g = _new("struct smc_group *")
+        # small reads of the group's rings land here, then one copy into a bytes object (the
+        # group is used from its hub's loop thread only, so one buffer serves all its rings)
+        self._scratch = _new("char[]", _DIRECT_READ)
         for ext in (my_ext0, peer_ext0):
             if not isinstance(ext, Extent) or ext.released:
                 raise ValueError("a group needs two unreleased Extents (ours and the peer's extent 0)")
@@ -1015,6 +1018,13 @@ class Ring:
             if got < 0:
                 self._raise(got)
             return out if got == n else out[:got]
+        group = self._group
+        if group is not None:                 # (n < _DIRECT_READ here)
+            scratch = group._scratch
+            got = _rx_read(self._r, scratch, n)
+            if got < 0:
+                self._raise(got)
+            return _unpack(scratch, got)
         out = bytearray(n)
         got = _rx_read(self._r, _from_buffer(out), n)
         if got < 0:
