@@ -114,6 +114,7 @@ ESWITCH: int = _lib.SMC_ESWITCH
 EGROUP: int = _lib.SMC_EGROUP
 EBUSY: int = _lib.SMC_EBUSY
 EFULL: int = _lib.SMC_EFULL
+EREAD: int = _lib.SMC_EREAD
 DETAIL_PROD_RANGE: int = _lib.SMC_DETAIL_PROD_RANGE
 DETAIL_CONS_RANGE: int = _lib.SMC_DETAIL_CONS_RANGE
 DETAIL_EOF_POS: int = _lib.SMC_DETAIL_EOF_POS
@@ -158,6 +159,12 @@ _tx_writev = _lib.smc_tx_writev
 _tx_space = _lib.smc_tx_space
 _rx_avail = _lib.smc_rx_avail
 _rx_read = _lib.smc_rx_read
+_tx_reserve = _lib.smc_tx_reserve
+_tx_commit = _lib.smc_tx_commit
+_tx_cancel = _lib.smc_tx_cancel
+_rx_peek = _lib.smc_rx_peek
+_rx_consume = _lib.smc_rx_consume
+_tx_write_fd = _lib.smc_tx_write_fd
 _rx_status = _lib.smc_rx_status
 _rx_prepare_sleep = _lib.smc_rx_prepare_sleep
 _tx_prepare_sleep = _lib.smc_tx_prepare_sleep
@@ -187,6 +194,7 @@ _JOIN_LIMIT = 64 * 1024
 # call costs more than the copy it saves).
 _DIRECT_READ = 4096
 _JOIN_AVG_LIMIT = 8 * 1024
+_UINTPTR = _ffi.typeof("uintptr_t")
 
 
 def region_size(capacity: int) -> int:
@@ -355,6 +363,25 @@ def _check_tx_block(extent, off: int, capacity: int) -> None:
     if off < 0 or off % capacity or off + capacity > extent.size:
         raise ValueError(f"ring block at offset {off} with capacity {capacity} must be aligned to "
                          f"its capacity and inside the extent's {extent.size} bytes")
+
+
+def _pinned_block(mem, block, capacity: int, writable: bool) -> memoryview:
+    """A byte memoryview of the ring block at C pointer `block` (`capacity` bytes) inside `mem`.
+
+    The view holds its own buffer export of `mem` (a fresh from_buffer, not the Ring's or the
+    Extent's, which close()/release() end), so the mapping cannot be closed (mmap.close raises
+    BufferError; the device keeps it as a zombie) while this view or any slice of it lives: a
+    view handed to the application can never point into unmapped memory. Read-only unless
+    `writable`, whatever `mem` allows (a ctypes view of a PROT_READ mapping claims to be writable).
+    """
+    if mem is None:
+        raise ValueError("the ring's memory was released")
+    whole = _from_buffer("uint8_t[]", mem, writable)
+    base = int(_ffi.cast(_UINTPTR, block)) - int(_ffi.cast(_UINTPTR, whole))
+    if not 0 <= base <= len(whole) - capacity:  # pragma: no cover - C validated the block
+        raise ValueError(f"ring block at {base} (+{capacity}) outside its mapping of {len(whole)} bytes")
+    view = memoryview(_ffi.buffer(whole))[base:base + capacity]
+    return view if writable else view.toreadonly()
 
 
 # ---------------------------------------------------------------------------- set-up records
@@ -830,13 +857,14 @@ class Ring:
     """
 
     __slots__ = ("_r", "_my", "_peer", "_my_mem", "_peer_mem", "_group", "_tx_ext", "_tx_prev",
-                 "__weakref__")
+                 "_zc_out", "_tx_view", "_rx_view", "_rx_key", "_resv", "__weakref__")
 
     def __init__(self, my_mem, peer_mem, tx_capacity: int, rx_capacity: int,
                  peer_doorbell_fd: int = -1):
         self._r = _new("struct smc_ring *")
         self._my = self._peer = None
         self._group = self._tx_ext = self._tx_prev = None
+        self._zc_init()
         region_size(tx_capacity)
         region_size(rx_capacity)
         self._my_mem = my_mem
@@ -900,6 +928,7 @@ class Ring:
         self._group = group
         self._tx_ext = tx_extent
         self._tx_prev = None
+        self._zc_init()
         rc = _lib.smc_ring_init_slot(self._r, group._g, slot, tx_extent._ptr(tx_off), tx_capacity,
                                      rx_ext, rx_off, rx_log2)
         if rc < 0:
@@ -917,6 +946,9 @@ class Ring:
         if rc == EINVAL:
             if self._r.my_state:
                 raise ValueError("cannot write: EOF, close or abort was already published")
+            if self._r.tx_resv:
+                raise ValueError(f"a reservation of {self._r.tx_resv} bytes is outstanding: "
+                                 f"commit() or cancel_reservation() it first")
             raise ValueError("invalid argument to the ring")
         if rc == ECLOSED:
             raise ValueError("ring is closed")
@@ -1033,6 +1065,209 @@ class Ring:
             del out[got:]
         return bytes(out)
 
+    # ------------------------------------------------------------------ zero copy
+
+    def _zc_init(self):
+        self._zc_out = _new("uint64_t[1]")
+        self._tx_view = self._rx_view = self._resv = None
+        self._rx_key = -1
+
+    def _drop_view(self, name):
+        """Release the memoryview in slot `name` (so it no longer pins its mapping), if any.
+
+        Slices the application still holds keep the mapping exported on their own.
+        """
+        view = getattr(self, name)
+        if view is not None:
+            setattr(self, name, None)
+            try:
+                view.release()
+            except BufferError:  # exported by the application (e.g. numpy): it stays usable
+                pass
+
+    def _tx_block(self) -> memoryview:
+        r = self._r
+        mem = self._my_mem if self._group is None else self._tx_ext._mem
+        view = self._tx_view = _pinned_block(mem, r.tx_base, r.tx_cap, True)
+        return view
+
+    def _rx_block(self, key: int) -> memoryview:
+        # Keyed by rx_switches: the block changes only when a switch completes (a send-only
+        # slot ring, whose block attach_rx replaces, never has a byte to peek before that).
+        self._drop_view("_rx_view")
+        r = self._r
+        if self._group is None:
+            mem = self._peer_mem
+        else:
+            ext = self._group._peer_exts.get(r.rx_ext)
+            mem = None if ext is None else ext._mem
+        view = self._rx_view = _pinned_block(mem, r.rx_base, r.rx_cap, False)
+        self._rx_key = key
+        return view
+
+    def reserve(self, n: int) -> memoryview:
+        """Reserve up to `n` contiguous free bytes of our ring at the write position (zero copy).
+
+        Fill (a prefix of) the returned view, then commit() what was filled. The view is
+        shorter than `n` when the free space is smaller or reaches the end of the ring block
+        (the rest follows at the block's start: commit, then reserve again).
+
+        Args:
+            n: the most bytes wanted (>= 0).
+        Returns:
+            A writable memoryview over exactly the reserved bytes of our own ring block; empty
+            (nothing reserved, nothing to commit) when the ring is full or n is 0.
+        Raises:
+            ValueError: n < 0; a reservation is outstanding; after set_eof/set_closed/set_abort;
+                the ring is closed.
+            RingCorrupted: the peer's consumer cursor is invalid.
+
+        Until commit() or cancel_reservation(), write(), writev(), write_from_fd(), switch_tx()
+        and another reserve() raise ValueError. Fill the view from the thread that commits it.
+        The view pins the mapping (like any buffer export) until released; commit() and
+        cancel_reservation() release it, so using it afterwards raises ValueError (slices
+        taken of it stay usable: do not write through them after the commit).
+        """
+        if n < 0:
+            raise ValueError(f"reserve({n}): n must be >= 0")
+        out = self._zc_out
+        got = _tx_reserve(self._r, n if n <= MAX_CAPACITY else MAX_CAPACITY, out)
+        if got <= 0:
+            if got < 0:
+                self._raise(got)
+            return memoryview(bytearray())  # a fresh one: the caller may release() it
+        view = self._tx_view
+        if view is None:
+            view = self._tx_block()
+        off = out[0]
+        resv = self._resv = view[off:off + got]
+        return resv
+
+    @property
+    def reservation(self) -> int:
+        """Length of the outstanding reservation (0: none)."""
+        return self._r.tx_resv
+
+    def commit(self, n: int) -> None:
+        """Publish the first `n` bytes of the outstanding reservation, as write() of them would.
+
+        Same cursor update, memory ordering, tx_bytes count and wake-up decision as write();
+        n == 0 publishes nothing. Either way the reservation ends (the rest of it is given
+        back) and its view is released.
+
+        Raises:
+            ValueError: nothing is reserved, n < 0 or n > the reservation (the reservation stays
+                as it was); EOF/close/abort was published since reserve(); the ring is closed.
+            RingCorrupted: sticky error of an earlier call.
+        """
+        r = self._r
+        rc = _tx_commit(r, n) if 0 <= n < _U64 else EINVAL
+        if rc < 0:
+            if rc == EINVAL and not r.my_state:
+                if r.tx_resv == 0:
+                    raise ValueError("commit() without a reservation (reserve() gave nothing, or it "
+                                     "was committed or cancelled already)")
+                raise ValueError(f"commit({n}): n must be within the reservation of {r.tx_resv} bytes")
+            self._raise(rc)
+        if self._resv is not None:
+            self._drop_view("_resv")
+
+    def cancel_reservation(self) -> None:
+        """Give the outstanding reservation back unpublished (no-op without one); releases its view."""
+        _tx_cancel(self._r)
+        if self._resv is not None:
+            self._drop_view("_resv")
+
+    def peek(self, n: int = -1) -> memoryview:
+        """A read-only view of up to `n` contiguous readable bytes at the read position (zero copy).
+
+        The bytes are validated as read() validates them (the peer's prod, eof_pos and ring
+        switches), and the view never extends outside the peer's current ring block: it ends at
+        the first of the readable bytes, the end of the block and a pending ring switch, so it
+        may be shorter than what readable() reports; consume() it and peek again for the rest.
+
+        Args:
+            n: the most bytes wanted; n < 0: as many as are contiguous.
+        Returns:
+            A read-only memoryview into the peer's ring block (empty when nothing is readable).
+            Its bytes stay as they are until consume()d; after that the peer may overwrite
+            them. The view pins the peer's mapping (the device keeps it until the view is gone).
+        Raises:
+            RingCorrupted: the peer's prod, eof_pos or ring switch is invalid.
+            ValueError: the ring is closed.
+
+        Every peek() replaces the previous one as the limit of consume().
+        """
+        got = _rx_peek(self._r, n if 0 <= n < _U64 else _U64 - 1, self._zc_out)
+        if got <= 0:
+            if got < 0:
+                self._raise(got)
+            return memoryview(b"")
+        key = self._r.rx_switches
+        view = self._rx_view
+        if view is None or key != self._rx_key:
+            view = self._rx_block(key)
+        off = self._zc_out[0]
+        return view[off:off + got]
+
+    def consume(self, n: int) -> None:
+        """Advance the read position by `n` bytes of the last peek() and publish the consumption.
+
+        Same memory ordering, rx_bytes count and space notification of a waiting producer as
+        read(). Several consume() calls may share one peek (n counts from the current read
+        position each time).
+
+        Raises:
+            ValueError: n < 0, or n more than the bytes of the last peek() not yet consumed
+                (a read() past the peek's end leaves none); the ring is closed.
+            RingCorrupted: sticky error of an earlier call.
+        """
+        r = self._r
+        rc = _rx_consume(r, n) if 0 <= n < _U64 else EINVAL
+        if rc < 0:
+            if rc == EINVAL:
+                left = (r.rx_peek_end - r.rx_cons) % _U64
+                if left > (r.rx_prod - r.rx_cons) % _U64:
+                    left = 0
+                raise ValueError(f"consume({n}): n must be within the {left} peeked bytes not "
+                                 f"consumed yet")
+            self._raise(rc)
+        if self._rx_view is not None and r.rx_switches != self._rx_key:
+            self._drop_view("_rx_view")  # a switch completed: stop pinning the old block's extent
+
+    def write_from_fd(self, fd: int, offset: int, count: int) -> int:
+        """Read up to `count` bytes of file `fd` at `offset` straight into our ring (pread(2),
+        without the GIL, no Python copy) and publish them as write() would.
+
+        Reads at most the free space (into up to two ring segments when it wraps), retrying
+        short reads and EINTR, stopping at end of file. Only bytes that were read are
+        published.
+
+        Args:
+            fd: a readable file descriptor that supports pread (a regular file, a block
+                device, a memfd). Its file position is not used or changed.
+            offset, count: file offset and the most bytes to move (both >= 0).
+        Returns:
+            Bytes published: 0 when the ring is full, count is 0 or the file ends at `offset`
+            (tx_space() tells the first case apart).
+        Raises:
+            OSError: the read failed before any byte was read (nothing published); a failure
+                after some bytes publishes those and is reported by the next call.
+            ValueError: negative offset/count, offset beyond the largest file offset, a
+                reservation is outstanding, after set_eof/set_closed/set_abort, ring closed.
+            RingCorrupted: the peer's consumer cursor is invalid.
+        """
+        if offset < 0 or count < 0 or offset >= 1 << 63:
+            raise ValueError(f"write_from_fd: offset {offset} and count {count} must be >= 0 "
+                             f"(offset < 2**63)")
+        err = _new("int32_t *")
+        n = _tx_write_fd(self._r, fd, offset, count if count <= MAX_CAPACITY else MAX_CAPACITY, err)
+        if n < 0:
+            if n == EREAD:
+                raise OSError(err[0], f"write_from_fd: pread failed: {os.strerror(err[0])}")
+            self._raise(n)
+        return n
+
     # ------------------------------------------------------------------ state and sleeping
 
     def status(self) -> int:
@@ -1147,6 +1382,8 @@ class Ring:
         """
         if self._group is None:
             raise ValueError("ring switches need a slot ring (Ring.in_slot)")
+        if self._r.tx_resv:
+            raise ValueError("cannot switch rings while a reservation is outstanding")
         _check_tx_block(extent, off, capacity)
         if not 0 <= ext_index < MAX_EXTENTS:
             raise ValueError(f"extent index {ext_index} outside [0, {MAX_EXTENTS})")
@@ -1154,6 +1391,7 @@ class Ring:
         if rc == 0:
             self._tx_prev = self._tx_ext if self._r.tx_switch_pending else None
             self._tx_ext = extent
+            self._drop_view("_tx_view")  # it pins the old block's extent
             return True
         if rc == EBUSY:
             return False
@@ -1287,6 +1525,8 @@ class Ring:
         for view in (self._my, self._peer):
             if view is not None:
                 _release(view)
+        for name in ("_resv", "_tx_view", "_rx_view"):
+            self._drop_view(name)
         self._my = self._peer = self._my_mem = self._peer_mem = None
         self._group = self._tx_ext = self._tx_prev = None
 

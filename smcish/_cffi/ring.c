@@ -477,6 +477,7 @@ static void resume_from_header(struct smc_ring *r)
      * [tx_prod - tx_cap, tx_prod] and any peer prod in [rx_cons, rx_cons + rx_cap] is acceptable. */
     r->tx_cons = r->tx_prod - r->tx_cap;
     r->rx_prod = r->rx_cons;
+    r->rx_peek_end = r->rx_cons;  /* nothing peeked: smc_rx_consume accepts only 0 */
 }
 
 int smc_ring_init(struct smc_ring *r, uint8_t *my_base, uint64_t my_len, const uint8_t *peer_base,
@@ -613,6 +614,7 @@ void smc_ring_close(struct smc_ring *r)
     r->rx_sw_base = NULL;
     r->group = NULL;
     r->peer_doorbell_fd = -1;
+    r->tx_resv = 0;
     r->error = SMC_ECLOSED;
 }
 
@@ -632,7 +634,7 @@ int64_t smc_tx_write(struct smc_ring *r, const char *buf, uint64_t len)
 {
     if (r->error)
         return r->error;
-    if (r->my_state || (len && !buf))
+    if (r->my_state || r->tx_resv || (len && !buf))
         return SMC_EINVAL;
     /* The cached peer cons is a lower bound: reload it only when it does not prove enough room. */
     uint64_t space = tx_free(r);
@@ -655,7 +657,7 @@ int64_t smc_tx_writev(struct smc_ring *r, const char *const *bufs, const uint64_
 {
     if (r->error)
         return r->error;
-    if (r->my_state || (n && (!bufs || !lens)))
+    if (r->my_state || r->tx_resv || (n && (!bufs || !lens)))
         return SMC_EINVAL;
     uint64_t total = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -723,6 +725,177 @@ int64_t smc_rx_read(struct smc_ring *r, char *dst, uint64_t len)
     atomic_store_explicit(my_u64(r, SMC_OFF_CONS_PEER), r->rx_cons, memory_order_release);
     notify_space(r, n);
     return (int64_t)n;
+}
+
+/* ================================================================== ring: zero copy and files */
+
+/* Contiguous free bytes at tx_prod, up to `want`: they end at the first of the peer's consumer
+ * cursor (validated as in smc_tx_write: the cached one is a lower bound, reloaded only when it
+ * does not prove enough room) and the end of our block. *off = their offset in our current
+ * block, so [*off, *off + n) lies inside the block whatever the peer wrote. Records n as the
+ * reservation (none when n is 0); writes, a ring switch and another reserve are refused until
+ * smc_tx_commit or smc_tx_cancel ends it. */
+int64_t smc_tx_reserve(struct smc_ring *r, uint64_t want, uint64_t *off)
+{
+    if (r->error)
+        return r->error;
+    if (r->my_state || r->tx_resv || !off)
+        return SMC_EINVAL;
+    uint64_t idx = r->tx_prod & r->tx_mask;
+    uint64_t contig = r->tx_cap - idx;
+    uint64_t limit = want < contig ? want : contig;
+    uint64_t space = tx_free(r);
+    if (space < limit) {
+        int rc = refresh_tx_cons(r);
+        if (rc)
+            return rc;
+        space = tx_free(r);
+    }
+    uint64_t n = limit < space ? limit : space;
+    *off = idx;
+    r->tx_resv = n;
+    return (int64_t)n;
+}
+
+/* Publish the first n bytes of the reservation exactly as smc_tx_write publishes a copy (the
+ * caller's stores into the reserved bytes happen before the release store of prod), then end
+ * the reservation. EINVAL (nothing changed): n > the reservation, nothing reserved, or a state
+ * bit (EOF, CLOSED, ABORT) was published since. */
+int64_t smc_tx_commit(struct smc_ring *r, uint64_t n)
+{
+    if (r->error)
+        return r->error;
+    if (r->my_state || r->tx_resv == 0 || n > r->tx_resv)
+        return SMC_EINVAL;
+    r->tx_resv = 0;
+    if (n == 0)
+        return 0;
+    publish_prod(r, n);
+    notify_data(r);
+    return (int64_t)n;
+}
+
+void smc_tx_cancel(struct smc_ring *r)
+{
+    r->tx_resv = 0;
+}
+
+/* Contiguous readable bytes at rx_cons, up to `want`, validated as smc_rx_read validates: the
+ * peer's prod (and a ring switch) are reloaded when the cached count does not cover `want`, and
+ * the bytes end at the first of the validated prod, a pending switch's sw_pos and the end of
+ * the current block. *off = their offset in the current rx block (which this call may have
+ * switched to: a completed switch changes rx_base/rx_switches), so [*off, *off + n) lies inside
+ * the validated block. Records rx_cons + n as the limit of smc_rx_consume. */
+int64_t smc_rx_peek(struct smc_ring *r, uint64_t want, uint64_t *off)
+{
+    if (r->error)
+        return r->error;
+    if (!off)
+        return SMC_EINVAL;
+    uint64_t avail = r->rx_prod - r->rx_cons;
+    if (avail < want) {
+        int rc = refresh_rx_prod(r);
+        if (rc)
+            return rc;
+        avail = r->rx_prod - r->rx_cons;
+    }
+    if (unlikely(r->rx_sw_pending)) {
+        uint64_t in_old = r->rx_sw_pos - r->rx_cons;
+        if (in_old == 0)
+            complete_rx_switch(r);  /* everything before sw_pos consumed (not reached otherwise) */
+        else if (avail > in_old)
+            avail = in_old;         /* the old block's rest first: a view never spans two blocks */
+    }
+    uint64_t idx = r->rx_cons & r->rx_mask;
+    uint64_t contig = r->rx_cap - idx;
+    uint64_t n = want < avail ? want : avail;
+    if (n > contig)
+        n = contig;
+    *off = idx;
+    r->rx_peek_end = r->rx_cons + n;
+    return (int64_t)n;
+}
+
+/* Consume n bytes of the last peek, exactly as smc_rx_read publishes a consumption (release
+ * store of cons_peer after the caller's reads, then the same space notification). n may not
+ * pass the peek's end nor the validated prod (so a read that went past the peek makes it
+ * EINVAL). A peek never spans a switch, so n reaches sw_pos only by ending exactly there. */
+int64_t smc_rx_consume(struct smc_ring *r, uint64_t n)
+{
+    if (r->error)
+        return r->error;
+    uint64_t left = r->rx_peek_end - r->rx_cons;
+    if (left > r->rx_prod - r->rx_cons || n > left)
+        return SMC_EINVAL;
+    if (n == 0)
+        return 0;
+    if (unlikely(r->rx_sw_pending) && n >= r->rx_sw_pos - r->rx_cons)
+        complete_rx_switch(r);
+    r->rx_cons += n;
+    r->stat_rx_bytes += n;
+    /* release: our reads of the ring happen before the producer may overwrite those bytes */
+    atomic_store_explicit(my_u64(r, SMC_OFF_CONS_PEER), r->rx_cons, memory_order_release);
+    notify_space(r, n);
+    return (int64_t)n;
+}
+
+/* pread(2) up to len bytes at file offset `offset` into dst, retrying EINTR and short reads;
+ * stops at EOF. Returns the bytes read; on an error *err = errno (the bytes before it count). */
+static uint64_t pread_full(int fd, uint8_t *dst, uint64_t len, uint64_t offset, int32_t *err)
+{
+    uint64_t got = 0;
+    while (got < len) {
+        ssize_t k = pread(fd, dst + got, (size_t)(len - got), (off_t)(offset + got));
+        if (k > 0) {
+            got += (uint64_t)k;
+        } else if (k == 0) {
+            break;                  /* EOF */
+        } else if (errno != EINTR) {
+            *err = errno;
+            break;
+        }
+    }
+    return got;
+}
+
+/* Read up to `count` bytes of file `fd` from `offset` straight into the free space of our ring
+ * (at most two pread targets when it wraps) and publish what was read exactly as smc_tx_write
+ * publishes a copy. Returns the bytes published: 0 when the ring is full, count is 0 or the file
+ * ends at `offset`. SMC_EREAD when the first read fails (*err = its errno, nothing published);
+ * a failure after some bytes publishes those bytes (the next call reports it). Only bytes that
+ * pread returned are published. The free space is validated as in smc_tx_write, and every
+ * target range lies inside our current block. */
+int64_t smc_tx_write_fd(struct smc_ring *r, int fd, uint64_t offset, uint64_t count, int32_t *err)
+{
+    if (r->error)
+        return r->error;
+    if (r->my_state || r->tx_resv || !err || offset > (uint64_t)INT64_MAX)
+        return SMC_EINVAL;
+    *err = 0;
+    if (count > (uint64_t)INT64_MAX - offset)
+        count = (uint64_t)INT64_MAX - offset;  /* off_t ends there */
+    uint64_t space = tx_free(r);
+    if (space < count) {
+        int rc = refresh_tx_cons(r);
+        if (rc)
+            return rc;
+        space = tx_free(r);
+    }
+    uint64_t total = count < space ? count : space;
+    if (total == 0)
+        return 0;
+    uint64_t idx = r->tx_prod & r->tx_mask;
+    uint64_t first = r->tx_cap - idx;
+    if (first > total)
+        first = total;
+    uint64_t got = pread_full(fd, r->tx_base + idx, first, offset, err);
+    if (got == first && first < total && *err == 0)
+        got += pread_full(fd, r->tx_base, total - first, offset + first, err);
+    if (got == 0)
+        return *err ? SMC_EREAD : 0;
+    publish_prod(r, got);
+    notify_data(r);
+    return (int64_t)got;
 }
 
 int smc_rx_status(struct smc_ring *r)
@@ -955,8 +1128,8 @@ int smc_tx_switch(struct smc_ring *r, uint8_t *new_base, uint64_t new_cap, uint3
     if (r->error)
         return r->error;
     if (!r->group || !new_base || !is_pow2_cap(new_cap) || ext >= SMC_MAX_EXTENTS ||
-        (off & (new_cap - 1)) != 0)
-        return SMC_EINVAL;
+        (off & (new_cap - 1)) != 0 || r->tx_resv)
+        return SMC_EINVAL;  /* (an outstanding reservation lies in the current block) */
     if (overlaps(new_base, new_cap, r->my_hdr, SMC_HEADER_SIZE))
         return SMC_EINVAL;
     if (overlaps(new_base, new_cap, r->tx_base, r->tx_cap)) {

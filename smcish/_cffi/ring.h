@@ -95,6 +95,7 @@
 #define SMC_EGROUP -7   /* peer's notification queue (or its cursors) invalid (sticky on the group) */
 #define SMC_EBUSY -8    /* a ring switch is still pending (not sticky) */
 #define SMC_EFULL -9    /* claim table window full (not sticky) */
+#define SMC_EREAD -10   /* smc_tx_write_fd: the read failed before any byte (errno in *err; not sticky) */
 
 /* What exactly a sticky error saw (err_detail; values in err_seen/err_lo/err_hi). */
 #define SMC_DETAIL_PROD_RANGE 1      /* prod not in [last prod seen .. rx_cons + bound] */
@@ -193,6 +194,9 @@ struct smc_ring {
     uint64_t stat_tx_bytes, stat_rx_bytes;
     uint64_t stat_spin_hits, stat_spin_misses;        /* smc_rx_spin */
     uint64_t stat_tx_spin_hits, stat_tx_spin_misses;  /* smc_tx_spin */
+    /* zero copy (smc_tx_reserve/smc_tx_commit, smc_rx_peek/smc_rx_consume) */
+    uint64_t tx_resv;             /* bytes reserved at tx_prod, not yet committed (0 = none) */
+    uint64_t rx_peek_end;         /* rx cursor where the last peek ended (consume stops there) */
 };
 
 /* A set-up record (slot header line 3), as written by its owner or as a snapshot of the peer's. */
@@ -225,6 +229,12 @@ int64_t smc_tx_write(struct smc_ring *r, const char *buf, uint64_t len);
 int64_t smc_tx_writev(struct smc_ring *r, const char *const *bufs, const uint64_t *lens, uint32_t n);
 int64_t smc_rx_avail(struct smc_ring *r);
 int64_t smc_rx_read(struct smc_ring *r, char *dst, uint64_t len);
+int64_t smc_tx_reserve(struct smc_ring *r, uint64_t want, uint64_t *off);
+int64_t smc_tx_commit(struct smc_ring *r, uint64_t n);
+void    smc_tx_cancel(struct smc_ring *r);
+int64_t smc_rx_peek(struct smc_ring *r, uint64_t want, uint64_t *off);
+int64_t smc_rx_consume(struct smc_ring *r, uint64_t n);
+int64_t smc_tx_write_fd(struct smc_ring *r, int fd, uint64_t offset, uint64_t count, int32_t *err);
 int     smc_rx_status(struct smc_ring *r);
 int     smc_rx_prepare_sleep(struct smc_ring *r);
 int     smc_tx_prepare_sleep(struct smc_ring *r);
