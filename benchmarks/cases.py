@@ -23,11 +23,12 @@ class Timing:
     scale_idle_s: float = 3.0  # scale cases: how long the N connections sit idle before the idle measurement
 
 
-# --quick: about 0.1 s per measurement, so all 384 measurements (15 cases, 10 configurations, 3 rounds;
-# smcish-nopoll runs only the 4 latency cases) fit in a minute with process start-up.
+# --quick: about 0.1 s per measurement, so all 420 measurements (18 cases, 10 configurations, 3 rounds;
+# smcish-nopoll runs only the 4 latency cases, the 3 TLS cases run on tcp and smcish only) fit in about a minute
+# with process start-up.
 QUICK = Timing(warmup_s=0.015, duration_s=0.07, max_ops=50_000, max_conns=2_000, max_bytes=4 * GiB,
                scale_idle_s=1.5)
-# Default: about 1.25 s per measurement, about 8 minutes for everything.
+# Default: about 1.25 s per measurement, about 9 minutes for everything (the TLS cases: about 45 s of it).
 FULL = Timing(warmup_s=0.2, duration_s=1.0, max_ops=1_000_000, max_conns=20_000, max_bytes=64 * GiB)
 
 
@@ -50,6 +51,7 @@ class Case:
     title: str = ""
     opt_in: bool = False  # run only when selected by name, prefix or glob (not by default)
     transports: tuple[str, ...] | None = None  # transports it runs on unless named in --transports (None: all)
+    tls: bool = False  # over TLS: the server's TLS listener, the client verifying its certificate (tls.* cases)
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
@@ -74,6 +76,7 @@ class Case:
             "max_conns": timing.max_conns,
             "max_bytes": timing.max_bytes,
             "verify": verify,
+            "tls": self.tls,
         }
 
     def timeout_s(self, timing: Timing) -> float:
@@ -149,8 +152,29 @@ def _build_cases() -> list[Case]:
                           title=f"64 B request/response, {conns} concurrent connection(s), streams"))
     cases.append(Case("setup.64B", "setup", "streams", 64,
                       title="connect + one 64 B request/response + close, sequential, streams"))
+    cases += tls_cases()
     cases += [scale_case(conns) for conns in SCALE_CONNS]
     return cases
+
+
+# The transports the TLS cases run on unless others are named in --transports: TLS over shared memory against
+# the loop's own TLS over TCP (the issue's comparison). Any transport can carry them (`--transports unix`...).
+TLS_TRANSPORTS = ("tcp", "smcish")
+
+
+def tls_cases() -> list[Case]:
+    """`tls.*`: the same workloads over TLS (streams API; the server's certificate is verified by the client).
+
+    No target: the issue asks for the comparison, not for a ratio (cases.TARGETS has none for them).
+    """
+    return [
+        Case("tls.latency.64B.streams", "latency", "streams", 64, transports=TLS_TRANSPORTS, tls=True,
+             title="TLS round trip, 64B, streams (write + readexactly)"),
+        Case("tls.throughput.64KiB.streams", "throughput", "streams", 64 * KiB, transports=TLS_TRANSPORTS, tls=True,
+             title="TLS streaming 64KiB writes, StreamWriter.write+drain -> StreamReader.read"),
+        Case("tls.throughput.1MiB.streams", "throughput", "streams", MiB, transports=TLS_TRANSPORTS, tls=True,
+             title="TLS streaming 1MiB writes, StreamWriter.write+drain -> StreamReader.read"),
+    ]
 
 
 SCALE_CONNS = (2_000, 10_000)

@@ -17,15 +17,17 @@ import json
 import os
 import platform
 import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
 from . import report, workloads
 from .cases import CASES, FULL, QUICK, Case, Timing, select_cases
-from .transports import DEFAULT_NOPOLL_ENV, LOOPS, Transport, build_transports
+from .transports import DEFAULT_NOPOLL_ENV, LOOPS, Transport, build_transports, write_tls_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = "smcish-bench/1"
@@ -300,7 +302,7 @@ class Progress:
         else:
             shown = f"{record['status'].upper()}: {record['error'][:100]}"
         elapsed = time.monotonic() - self.start
-        print(f"[{self.done:>4}/{self.total} {elapsed:6.1f}s] {case.name:<26} r{rnd + 1}/{repeat} {config:<22} {shown}",
+        print(f"[{self.done:>4}/{self.total} {elapsed:6.1f}s] {case.name:<28} r{rnd + 1}/{repeat} {config:<22} {shown}",
               file=sys.stderr, flush=True)
 
 
@@ -346,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for case in CASES:
             note = "  [opt-in: --cases scale]" if case.opt_in else ""
-            print(f"{case.name:<28} {case.title}{note}")
+            print(f"{case.name:<30} {case.title}{note}")
         print()
         for t in all_transports.values():
-            print(f"{t.name:<28} {t.description}")
+            print(f"{t.name:<30} {t.description}")
         return 0
     try:
         cases = select_cases(args.cases)
@@ -391,10 +393,25 @@ def main(argv: list[str] | None = None) -> int:
         return kinds is None or case.kind in kinds
 
     plan = [(case, config) for case in cases for config in configs if runs_case(config, case)]
-    runnable = sum(1 for _, c in plan if not c.unavailable)
-    estimate = (sum(case.estimate_s(timing) for case, c in plan if not c.unavailable) * args.repeat
-                + 0.6 * len(configs))
+    # TLS cases: one CA and server certificate per run, made here and handed to the peers by path
+    tls_dir, tls_settings, tls_error = None, None, None
+    if any(case.tls and not config.unavailable for case, config in plan):
+        tls_dir = tempfile.mkdtemp(prefix="smcish-bench-tls-")
+        try:
+            tls_settings = write_tls_files(tls_dir)
+        except ImportError as exc:
+            tls_error = f"TLS cases need trustme (pip install trustme, or -e '.[bench]'): {exc}"
+            shutil.rmtree(tls_dir, ignore_errors=True)
+            tls_dir = None
+    runs = [(case, c) for case, c in plan if not c.unavailable and not (case.tls and tls_error)]
+    runnable = len(runs)
+    estimate = sum(case.estimate_s(timing) for case, _ in runs) * args.repeat + 0.6 * len(configs)
     _print_header(machine, configs, probes, cases, args, timing, out_dir, estimate)
+    if tls_error:
+        print(f"  TLS cases unavailable: {tls_error}\n", file=sys.stderr, flush=True)
+    elif tls_settings:
+        print(f"  TLS cases: certificate for {tls_settings['server_hostname']!r} ({tls_settings['key_type']}, "
+              f"{tls_settings['generator']}, in {tls_dir}), verified by the client\n", file=sys.stderr, flush=True)
 
     doc = {
         "schema": SCHEMA,
@@ -405,10 +422,11 @@ def main(argv: list[str] | None = None) -> int:
                      "timing": dataclasses.asdict(timing),
                      "workload": dict(workloads.SETTINGS), "loops": loops, "transports": names,
                      "malloc": {"mode": args.malloc, "env": malloc},
+                     "tls": tls_settings or ({"unavailable": tls_error} if tls_error else None),
                      "order": "for each case: for each round: every configuration in turn (A B C ... A B C)"},
         "transports": {t.name: {"description": t.description, "env": t.env, "expect_mode": t.expect_mode,
                                 "probe": probes.get(t.name)} for t in chosen},
-        "cases": [{"name": c.name, "kind": c.kind, "api": c.api, "size": c.size, "conns": c.conns,
+        "cases": [{"name": c.name, "kind": c.kind, "api": c.api, "size": c.size, "conns": c.conns, "tls": c.tls,
                    "title": c.title, "metrics": [m.key for m in c.metrics],
                    "primary": c.primary.key, "higher_is_better": c.primary.higher_is_better} for c in cases],
         "measurements": [],
@@ -424,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 for config in configs:
                     if not runs_case(config, case):
                         continue
-                    record = _measure(case, config, rnd, params, timing, pairs, log_dir, nopoll_env, malloc)
+                    record = _measure(case, config, rnd, params, timing, pairs, log_dir, nopoll_env, malloc,
+                                      tls_dir, tls_error)
                     if record is None:
                         continue
                     doc["measurements"].append(record)
@@ -440,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for pair in pairs.values():
             pair.stop()
+        if tls_dir:
+            shutil.rmtree(tls_dir, ignore_errors=True)
 
     doc["interrupted"] = interrupted
     doc["duration_s"] = round(time.monotonic() - started, 1)
@@ -470,13 +491,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure(case: Case, config: Config, rnd: int, params: dict, timing: Timing, pairs: dict,
-             log_dir: str, nopoll_env: dict, malloc: dict[str, str] | None = None) -> dict | None:
+             log_dir: str, nopoll_env: dict, malloc: dict[str, str] | None = None, tls_dir: str | None = None,
+             tls_error: str | None = None) -> dict | None:
     record = {"case": case.name, "config": config.name, "loop": config.loop, "transport": config.transport.name,
               "round": rnd, "status": "ok", "error": None, "metrics": {}}
-    if config.unavailable:
+    unavailable = config.unavailable or (tls_error if case.tls else None)
+    if unavailable:
         if rnd:
             return None  # one "unavailable" entry per case is enough
-        record.update(status="unavailable", error=config.unavailable)
+        record.update(status="unavailable", error=unavailable)
         return record
     if config.dead:
         record.update(status="failed", error=f"not run: this configuration kept failing ({config.dead[:80]})")
@@ -495,7 +518,8 @@ def _measure(case: Case, config: Config, rnd: int, params: dict, timing: Timing,
         else:
             pair = pairs.get(config.name)
             if pair is None:
-                pair = pairs[config.name] = PeerPair(config, log_dir, nopoll_env, malloc)
+                pair = pairs[config.name] = PeerPair(config, log_dir, nopoll_env, malloc,
+                                                     extra_args=("--tls-dir", tls_dir) if tls_dir else ())
                 pair.start()
             result = pair.run(params, case.timeout_s(timing))
         record.update(result)

@@ -44,7 +44,7 @@ def _emit(out, message: dict) -> None:
 SCALE_BACKLOG = 4096  # listen backlog of a --scale server (capped by net.core.somaxconn)
 
 
-async def _serve(transport: transports.Transport, out, scale: bool = False) -> None:
+async def _serve(transport: transports.Transport, out, scale: bool = False, tls_dir: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     state = workloads.ServerState()
 
@@ -64,9 +64,19 @@ async def _serve(transport: transports.Transport, out, scale: bool = False) -> N
                                            *transports.bind_args(transport, tmpdir, "protocol"))
         bufproto = await api.create_server(lambda: workloads.SinkProtocol(state),
                                            *transports.bind_args(transport, tmpdir, "bufproto"))
+        servers = [streams, protocol, bufproto]
+        addrs = {"streams": transports.connect_args(transport, streams),
+                 "protocol": transports.connect_args(transport, protocol),
+                 "bufproto": transports.connect_args(transport, bufproto)}
+        if tls_dir:  # the tls.* cases: the same streams server behind the transport's own TLS
+            streams_tls = await api.start_server(functools.partial(workloads.serve_streams, state),
+                                                 *transports.bind_args(transport, tmpdir, "streams-tls"),
+                                                 ssl=transports.server_ssl_context(tls_dir))
+            servers.append(streams_tls)
+            addrs["streams" + workloads.TLS_ROLE_SUFFIX] = transports.connect_args(transport, streams_tls)
         ctrl_path = os.path.join(tmpdir, "ctrl.sock")
         ctrl = await asyncio.start_unix_server(functools.partial(workloads.serve_ctrl, state), ctrl_path)
-        servers = [streams, protocol, bufproto, ctrl]
+        servers.append(ctrl)
         stop = asyncio.Event()
 
         def wait_for_stdin_eof():
@@ -75,9 +85,7 @@ async def _serve(transport: transports.Transport, out, scale: bool = False) -> N
 
         threading.Thread(target=wait_for_stdin_eof, daemon=True).start()
         _emit(out, {"ready": True, "pid": os.getpid(), "loop": workloads.loop_name(), "ctrl": ctrl_path,
-                    "addrs": {"streams": transports.connect_args(transport, streams),
-                              "protocol": transports.connect_args(transport, protocol),
-                              "bufproto": transports.connect_args(transport, bufproto)}})
+                    "addrs": addrs})
         await stop.wait()
     finally:
         for server in servers:
@@ -102,7 +110,7 @@ def server_main(args, out) -> int:
     try:
         _scale_setup(args)
         with asyncio.Runner(loop_factory=transports.loop_factory(args.loop)) as runner:
-            runner.run(_serve(transport, out, args.scale))
+            runner.run(_serve(transport, out, args.scale, args.tls_dir))
     except BaseException as exc:
         _emit(out, {"ready": False, "error": workloads.format_exception(exc)})
         return 1
@@ -111,8 +119,11 @@ def server_main(args, out) -> int:
 
 # --- client ----------------------------------------------------------------------------------------------
 
-async def _client_start(transport: transports.Transport, server: dict) -> workloads.ClientContext:
+async def _client_start(transport: transports.Transport, server: dict,
+                        tls_dir: str | None = None) -> workloads.ClientContext:
     ctx = workloads.ClientContext(transport.api(), server["addrs"], transport, server["ctrl"])
+    if tls_dir:
+        ctx.client_ssl = transports.client_ssl_context(tls_dir)
     await ctx.start()
     return ctx
 
@@ -123,7 +134,7 @@ def client_main(args, out) -> int:
     _scale_setup(args)
     with asyncio.Runner(loop_factory=transports.loop_factory(args.loop)) as runner:
         try:
-            ctx = runner.run(_client_start(transport, server))
+            ctx = runner.run(_client_start(transport, server, args.tls_dir))
         except BaseException as exc:
             _emit(out, {"ready": False, "error": workloads.format_exception(exc)})
             return 1
@@ -217,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", help="client: the server's ready message (JSON)")
     parser.add_argument("--scale", action="store_true",
                         help="a scale-case peer: RLIMIT_NOFILE raised to the hard limit, deep listen backlog")
+    parser.add_argument("--tls-dir", help="the run's TLS files (transports.write_tls_files): the server adds a TLS "
+                                          "streams listener, the client trusts the CA in it (tls.* cases)")
     args = parser.parse_args(argv)
     out = _protocol_stream()
     return {"server": server_main, "client": client_main, "probe": probe_main}[args.role](args, out)

@@ -365,6 +365,16 @@ def markdown(doc: dict, plots: list[str]) -> str:
                 _md_table(["config"] + other,
                           [[c] + [_cell(summary, n, c, CASES_BY_NAME[n].primary.key, CASES_BY_NAME[n].metrics[1].key)
                                   for n in other] for c in _configs(summary, other)]), ""]
+    tls = [n for n in names if CASES_BY_NAME[n].tls]
+    if tls:
+        out += ["## TLS: round trip p50 us (p99), streaming MB/s (CPU seconds per GiB, both processes), [min-max]",
+                "",
+                "tcp: the loop's own TLS (asyncio's `SSLProtocol`, uvloop's own TLS); smcish: asyncio's `SSLProtocol` "
+                "over the shared-memory transport, on both loops. The client verifies the server's certificate. "
+                "No target applies.", "",
+                _md_table(["config"] + tls,
+                          [[c] + [_cell(summary, n, c, CASES_BY_NAME[n].primary.key, CASES_BY_NAME[n].metrics[1].key)
+                                  for n in tls] for c in _configs(summary, tls)]), ""]
     scale = [n for n in names if n.startswith("scale.")]
     for name in scale:
         case = CASES_BY_NAME[name]
@@ -449,6 +459,10 @@ def _where(where: dict[str, list[str]]) -> str:
 
 # --- plots -----------------------------------------------------------------------------------------------
 
+# throughput.png and cpu_per_gib.png: one panel per (case name prefix, API) that the run measured
+THROUGHPUT_PANELS = (("throughput.", "streams", "StreamReader.read"), ("throughput.", "bufproto", "BufferedProtocol"),
+                     ("tls.throughput.", "streams", "TLS, StreamReader.read"))
+
 def plots(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
     """Write latency.png, throughput.png and cpu_per_gib.png; (files, None) or ([], why skipped)."""
     try:
@@ -469,7 +483,7 @@ def plots(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
     if doc["settings"]["quick"]:
         subtitle += " (quick run)"
 
-    lat = [n for n in names if n.startswith("latency.")]
+    lat = [n for n in names if n.startswith(("latency.", "tls.latency."))]
     if lat:
         ncols = 2 if len(lat) > 1 else 1
         nrows = (len(lat) + ncols - 1) // ncols
@@ -510,13 +524,13 @@ def plots(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
             ("MBps", "MB/s (log)", "throughput.png", "Streaming throughput by write size, higher is better"),
             ("cpu_s_per_GiB", "CPU s per GiB, both processes (log)", "cpu_per_gib.png",
              "CPU per GiB streamed, lower is better")):
-        apis = [api for api in ("streams", "bufproto")
-                if any(n.startswith("throughput.") and n.endswith("." + api) for n in names)]
-        if not apis:
+        panels = [(prefix, api, panel_title) for prefix, api, panel_title in THROUGHPUT_PANELS
+                  if any(n.startswith(prefix) and n.endswith("." + api) for n in names)]
+        if not panels:
             continue
-        fig, axes = plt.subplots(1, len(apis), figsize=(7 * len(apis), 5), squeeze=False)
-        for ax, api in zip(axes.flat, apis):
-            cases = [CASES_BY_NAME[n] for n in names if n.startswith("throughput.") and n.endswith("." + api)]
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+        for ax, (prefix, api, panel_title) in zip(axes.flat, panels):
+            cases = [CASES_BY_NAME[n] for n in names if n.startswith(prefix) and n.endswith("." + api)]
             configs = _configs(summary, [c.name for c in cases])
             drawn = 0
             for config in configs:
@@ -539,7 +553,7 @@ def plots(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
             ax.set_xticks(sizes, [size_label(s) for s in sizes])
             ax.set_xlabel("write size")
             ax.set_ylabel(label)
-            ax.set_title("StreamReader.read" if api == "streams" else "BufferedProtocol")
+            ax.set_title(panel_title)
             ax.grid(True, which="both", alpha=0.3)
             if drawn:
                 ax.legend(fontsize="small")

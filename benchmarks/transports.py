@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import enum
 import os
+import ssl
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
@@ -105,6 +106,52 @@ def connect_args(transport: Transport, server: asyncio.AbstractServer) -> list:
     if transport.family == "unix":
         return [name]
     return [name[0], name[1]]
+
+
+# --- TLS (the tls.* cases) ---------------------------------------------------------------------------------
+
+TLS_HOSTNAME = "localhost"  # the name in the server's certificate; the client verifies it (server_hostname)
+TLS_CA_FILE = "ca.pem"  # the test CA's certificate: what the client trusts
+TLS_SERVER_FILE = "server.pem"  # the server's private key and certificate chain
+
+
+def write_tls_files(directory: str) -> dict:
+    """A throw-away CA and a certificate for `TLS_HOSTNAME` (and 127.0.0.1) signed by it, written to `directory`
+    (the harness does it once per run; the peers load the files by path). Returns what was made (for the JSON).
+
+    Raises:
+        ImportError: trustme is not installed (pip install trustme, in the bench extra).
+    """
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(TLS_HOSTNAME, "127.0.0.1")
+    ca.cert_pem.write_to_path(os.path.join(directory, TLS_CA_FILE))
+    cert.private_key_and_cert_chain_pem.write_to_path(os.path.join(directory, TLS_SERVER_FILE))
+    return {"generator": f"trustme {getattr(trustme, '__version__', '?')}", "server_hostname": TLS_HOSTNAME,
+            "key_type": "ECDSA (trustme default)", "client_verifies": True}
+
+
+def server_ssl_context(directory: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(os.path.join(directory, TLS_SERVER_FILE))
+    return context
+
+
+def client_ssl_context(directory: str) -> ssl.SSLContext:
+    """Verifies the server's certificate against the run's CA and its name against `TLS_HOSTNAME`."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=os.path.join(directory, TLS_CA_FILE))
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    return context
+
+
+def tls_of(obj: Any) -> dict | None:
+    """{"version", "cipher"} of a TLS StreamWriter or transport, None when it is not TLS."""
+    ssl_object = obj.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    return {"version": ssl_object.version(), "cipher": cipher[0] if cipher else None}
 
 
 # --- smcish connection info ------------------------------------------------------------------------------

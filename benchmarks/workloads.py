@@ -9,6 +9,8 @@ Wire format (after the transport's own handshake): the client opens every data c
 - KIND_HOLD: one message echoed, then the server holds the connection idle until the control channel says
   `release`, and closes it first (scale cases: the TIME_WAIT remnants stay on the server's port, not on
   the client's ephemeral ports).
+TLS cases (`tls.*`) run the same wire format inside TLS, on a second streams listener of the server (addrs
+"streams_tls") that only the harness's --tls-dir starts; the client verifies the server's certificate.
 Stream byte i is `i % PERIOD`. The receiver checks the first, middle and last byte of every chunk it
 receives against that (or, with verify "full", every byte), and counts bytes; the client fails the case
 unless the final count equals what it sent and nothing mismatched, so a transport that drops, repeats,
@@ -32,6 +34,7 @@ HEADER = struct.Struct("!4sBBxxI")  # magic, kind, flags, size
 MAGIC = b"SBnc"
 KIND_ECHO, KIND_SETUP, KIND_STREAM, KIND_HOLD = 1, 2, 3, 4
 FLAG_FULL_VERIFY = 1
+TLS_ROLE_SUFFIX = "_tls"  # addrs[role + TLS_ROLE_SUFFIX]: the server's TLS listener for `role`
 SEGMENT = struct.Struct("!Q")
 
 PERIOD = 251  # prime, so the pattern never lines up with power-of-two writes, reads or ring sizes
@@ -52,6 +55,10 @@ SETTINGS = {
 
 class ModeMismatch(RuntimeError):
     """An smcish connection did not get the mode the case requires: its figure would be a lie."""
+
+
+class TlsMismatch(RuntimeError):
+    """A TLS case's connection is not TLS on both sides (or a plain case's is): its figure would be a lie."""
 
 
 class DataMismatch(RuntimeError):
@@ -118,6 +125,7 @@ class ServerState:
     def __init__(self):
         self.modes: Counter[str] = Counter()
         self.info: dict | None = None
+        self.tls: Counter[str] = Counter()  # "TLSv1.3 TLS_AES_256_GCM_SHA384": connections; "none": plain
         self.errors: list[str] = []
         self.held = 0  # KIND_HOLD connections waiting for `release`
         self._release: asyncio.Event | None = None
@@ -141,6 +149,7 @@ class ServerState:
         self.modes[mode] += 1
         if self.info is None and mode != "none":
             self.info = transports.describe_info(obj)
+        self.tls[_tls_key(transports.tls_of(obj))] += 1
 
     def error(self, what: str) -> None:
         if len(self.errors) < 20:
@@ -149,12 +158,17 @@ class ServerState:
     def snapshot(self, reset: bool) -> dict:
         user, sys_ = cpu_now()
         snap = {"cpu": [user, sys_], "modes": dict(self.modes), "info": self.info, "errors": list(self.errors),
-                "loop": loop_name(), "smcish_stats": transports.smcish_stats()}
+                "tls": dict(self.tls), "loop": loop_name(), "smcish_stats": transports.smcish_stats()}
         if reset:
             self.modes.clear()
             self.info = None
+            self.tls.clear()
             self.errors.clear()
         return snap
+
+
+def _tls_key(tls: dict | None) -> str:
+    return f"{tls['version']} {tls['cipher']}" if tls else "none"
 
 
 async def serve_ctrl(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -354,6 +368,8 @@ class ClientContext:
         self.ctrl_reader = self.ctrl_writer = None
         self.modes: Counter[str] = Counter()
         self.info: dict | None = None
+        self.tls: Counter[str] = Counter()  # as ServerState.tls
+        self.client_ssl = None  # ssl.SSLContext for the tls.* cases (peers.py, from --tls-dir)
         self.loop_errors: list[str] = []
 
     async def start(self) -> None:
@@ -375,12 +391,23 @@ class ClientContext:
     def addr(self, role: str) -> list:
         return self.addrs[role]
 
+    def endpoint(self, role: str, p: dict) -> tuple[list, dict]:
+        """(addr, keywords) to connect to the server's `role` listener for case `p`: for a TLS case its TLS
+        listener, with the client's context (CA of the run) and the name its certificate must carry."""
+        if not p.get("tls"):
+            return self.addrs[role], {}
+        if self.client_ssl is None or role + TLS_ROLE_SUFFIX not in self.addrs:
+            raise TlsMismatch(f"a TLS case, but the peers have no TLS {role!r} listener (started without --tls-dir)")
+        return self.addrs[role + TLS_ROLE_SUFFIX], {"ssl": self.client_ssl,
+                                                    "server_hostname": transports.TLS_HOSTNAME}
+
     def note(self, obj) -> None:
         """Record a connection's mode; a smcish connection in the wrong mode fails the case at once."""
         mode, reason = transports.mode_of(obj)
         self.modes[mode] += 1
         if self.info is None and mode != "none":
             self.info = transports.describe_info(obj)
+        self.tls[_tls_key(transports.tls_of(obj))] += 1
         expect = self.transport.expect_mode
         if expect is not None and mode != expect:
             what = "the TCP fallback" if mode == "tcp" else f"mode {mode!r}"
@@ -444,6 +471,7 @@ async def run_case(ctx: ClientContext, p: dict) -> dict:
         raise RuntimeError("unhandled errors after the previous measurement finished:\n" + "\n".join(leftover))
     ctx.modes.clear()
     ctx.info = None
+    ctx.tls.clear()
     workload = WORKLOADS[p["kind"], p["api"]]
     result = await workload(ctx, p)
     await asyncio.sleep(0.002)  # let both sides finish closing, so their errors land in this measurement
@@ -463,12 +491,20 @@ async def run_case(ctx: ClientContext, p: dict) -> dict:
                 result.setdefault("warnings", []).append(
                     "could not verify that busy-poll is off: neither smcish.Config.from_env() nor "
                     "get_extra_info('smcish') has a *poll* field")
+    for side, seen in (("client", dict(ctx.tls)), ("server", server.get("tls", {}))):
+        plain = seen.get("none", 0)
+        if p.get("tls") and (plain or not seen):
+            raise TlsMismatch(f"TLS case, but the {side} saw {plain} plain connection(s) ({seen})")
+        if not p.get("tls") and len(seen) > plain:
+            raise TlsMismatch(f"a plain case, but the {side} saw TLS connections ({seen})")
     errors = ctx.loop_errors + server["errors"]
     ctx.loop_errors.clear()
     if errors:
         raise RuntimeError("unhandled errors during the case (client loop, then server):\n" + "\n".join(errors))
     result["modes"] = {"client": dict(ctx.modes), "server": server["modes"]}
     result["smcish_info"] = {"client": ctx.info, "server": server["info"]}
+    if p.get("tls"):
+        result["tls"] = {"client": dict(ctx.tls), "server": server["tls"]}  # "version cipher": connections
     result["loop_class"] = {"client": loop_name(), "server": server["loop"]}
     config = transports.smcish_config()
     if config is not None:
@@ -510,7 +546,8 @@ def log_histogram(sorted_ns: list[int], growth: float = 1.02) -> list[list[int]]
 async def latency_streams(ctx: ClientContext, p: dict) -> dict:
     size = p["size"]
     msg = bytes(PATTERN[:size])
-    reader, writer = await ctx.api.open_connection(*ctx.addr("streams"))
+    addr, kw = ctx.endpoint("streams", p)
+    reader, writer = await ctx.api.open_connection(*addr, **kw)
     try:
         ctx.note(writer)
         writer.write(_header(KIND_ECHO, size))
@@ -707,8 +744,9 @@ class _StreamsSender:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, ctx: ClientContext) -> "_StreamsSender":
-        reader, writer = await ctx.api.open_connection(*ctx.addr(cls.role))
+    async def open(cls, ctx: ClientContext, p: dict) -> "_StreamsSender":
+        addr, kw = ctx.endpoint(cls.role, p)
+        reader, writer = await ctx.api.open_connection(*addr, **kw)
         ctx.note(writer)
         return cls(reader, writer)
 
@@ -775,8 +813,9 @@ class _ProtocolSender:
         self.transport, self.proto = transport, proto
 
     @classmethod
-    async def open(cls, ctx: ClientContext) -> "_ProtocolSender":
-        transport, proto = await ctx.api.create_connection(_SendProtocol, *ctx.addr(cls.role))
+    async def open(cls, ctx: ClientContext, p: dict) -> "_ProtocolSender":
+        addr, kw = ctx.endpoint(cls.role, p)
+        transport, proto = await ctx.api.create_connection(_SendProtocol, *addr, **kw)
         ctx.note(transport)
         return cls(transport, proto)
 
@@ -821,7 +860,7 @@ async def _throughput(ctx: ClientContext, p: dict, sender_cls) -> dict:
     """Probe, warm-up and measured segments; each sized from the previous one's rate to fit its time budget."""
     size = p["size"]
     flags = FLAG_FULL_VERIFY if p["verify"] == "full" else 0
-    sender = await sender_cls.open(ctx)
+    sender = await sender_cls.open(ctx, p)
     sent = 0
     segments = []
 

@@ -6,19 +6,22 @@ never in a timed unit test.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
 
 import pytest
 
-from benchmarks import harness, peers, report, scale, workloads
-from benchmarks.cases import CASES, select_cases
+from benchmarks import harness, peers, report, scale, transports, workloads
+from benchmarks.cases import CASES, TARGETS, select_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_CASES = "latency.64B.streams,throughput.64KiB.bufproto"
+TLS_CASES = ["tls.latency.64B.streams", "tls.throughput.64KiB.streams", "tls.throughput.1MiB.streams"]
 
 
 def run_harness(out_dir, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, dict, float]:
@@ -140,6 +143,85 @@ def test_smcish_missing_is_unavailable_not_fatal(monkeypatch, tmp_path):
     assert doc["summary"]["latency.64B.protocol"]["asyncio/smcish"]["status"] == "unavailable"
 
 
+# --- TLS cases: tcp on both loops, and smcish where it negotiates shared memory --------------------------
+
+@pytest.mark.timeout(120)
+def test_quick_tls_run(tmp_path):
+    pytest.importorskip("trustme")
+    probe = _smcish_probe()
+    smcish_ok = probe.get("available") and probe.get("mode") == "ism"
+    chosen = ["tcp", "smcish"] if smcish_ok else ["tcp"]
+    proc, doc, _ = run_harness(tmp_path, "--cases", "tls", "--transports", ",".join(chosen),
+                               "--loops", "asyncio,uvloop", "--repeat", "1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert [c["name"] for c in doc["cases"]] == TLS_CASES and all(c["tls"] for c in doc["cases"])
+    assert doc["settings"]["tls"]["server_hostname"] == "localhost" and doc["settings"]["tls"]["client_verifies"]
+    ms = doc["measurements"]
+    assert len(ms) == len(TLS_CASES) * 2 * len(chosen)
+    expect_mode = {"tcp": "none", "smcish": "ism"}
+    for m in ms:
+        assert m["status"] == "ok", m["error"]
+        for side in ("client", "server"):
+            assert set(m["modes"][side]) == {expect_mode[m["transport"]]}, m["modes"]
+            assert m["tls"][side] and all(k.startswith("TLS") for k in m["tls"][side]), m["tls"]
+        assert m["metrics"][report.CASES_BY_NAME[m["case"]].primary.key] > 0
+        if m["case"].startswith("tls.throughput."):
+            assert m["raw"]["segments"][-1]["phase"] == "measured"
+    md = (tmp_path / "summary.md").read_text()
+    assert "## TLS" in md and all(name in md for name in TLS_CASES)
+    assert all(name in proc.stdout for name in TLS_CASES)
+    # no target for TLS (the issue asks for the comparison only)
+    assert not any(t.case.startswith("tls.") for t in TARGETS)
+    assert not any(str(v.get("case", "")).startswith("tls.") for v in doc["targets"])
+
+
+def test_tls_without_trustme_is_unavailable_not_fatal(monkeypatch, tmp_path):
+    def no_trustme(directory):
+        raise ImportError("No module named 'trustme'")
+
+    monkeypatch.setattr(harness, "write_tls_files", no_trustme)
+    status = harness.main(["--quick", "--no-plots", "-q", "--cases", "tls.latency.64B.streams", "--repeat", "1",
+                           "--transports", "tcp", "--loops", "asyncio", "--out", str(tmp_path)])
+    assert status == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    (m,) = doc["measurements"]
+    assert m["status"] == "unavailable" and "trustme" in m["error"]
+    assert "trustme" in doc["settings"]["tls"]["unavailable"]
+
+
+def test_tls_client_verifies_the_server_certificate(tmp_path):
+    pytest.importorskip("trustme")
+    run, other = tmp_path / "run", tmp_path / "other"
+    run.mkdir()
+    other.mkdir()
+    transports.write_tls_files(str(run))
+    transports.write_tls_files(str(other))  # another CA: its certificate must not be trusted
+
+    async def main():
+        async def echo(reader, writer):
+            try:
+                writer.write(await reader.readexactly(2))
+                await writer.drain()
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=transports.server_ssl_context(str(run)))
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=transports.client_ssl_context(str(run)), server_hostname=transports.TLS_HOSTNAME)
+            writer.write(b"hi")
+            assert await reader.readexactly(2) == b"hi"
+            assert transports.tls_of(writer)["version"].startswith("TLS")
+            writer.close()
+            for directory, hostname in ((other, transports.TLS_HOSTNAME), (run, "not-" + transports.TLS_HOSTNAME)):
+                with pytest.raises(ssl.SSLCertVerificationError):
+                    await asyncio.open_connection("127.0.0.1", port, ssl=transports.client_ssl_context(str(directory)),
+                                                  server_hostname=hostname)
+
+    asyncio.run(main())
+
+
 # --- the pieces that make a wrong figure impossible (no sockets) ---------------------------------------
 
 def _stream(offset: int, n: int) -> bytes:
@@ -220,6 +302,9 @@ def test_case_selection():
     assert [c.name for c in select_cases("latency.64B")] == ["latency.64B.streams", "latency.64B.protocol"]
     assert {c.kind for c in select_cases("throughput.*KiB.bufproto")} == {"throughput"}
     assert len(select_cases("throughput.*KiB.bufproto")) == 2
+    assert [c.name for c in select_cases("tls")] == TLS_CASES
+    assert not any(c.tls for c in select_cases("latency,throughput,rate,setup"))
+    assert all(c.transports == ("tcp", "smcish") for c in select_cases("tls"))
     with pytest.raises(ValueError):
         select_cases("no-such-case")
 

@@ -1,0 +1,555 @@
+"""Zero-copy against the copy path, 64 KiB to 16 MiB messages (a stand-alone benchmark).
+
+    python -m benchmarks.zerocopy                          # 64K,1M,16M; asyncio and uvloop; 3 rounds of 1.5 s
+    python -m benchmarks.zerocopy --sizes 64K --loops uvloop --duration 0.3 --rounds 1   # a quick look
+    python -m benchmarks.zerocopy --out results.json       # default: bench-results/zerocopy-<UTC time>.json
+
+One sender process streams messages of one size to one receiver process for a fixed time; every
+configuration runs on the default asyncio loop and on uvloop:
+
+- ``smcish-copy``: smcish over shared memory; the sender ``transport.write(message)`` (honouring
+  pause_writing/resume_writing, yielding to the loop every MiB), the receiver an
+  ``asyncio.BufferedProtocol`` copying into a preallocated 256 KiB buffer (get_buffer/buffer_updated);
+- ``smcish-zc``: smcish over shared memory; the sender fills ring space with
+  ``transport.reserve(n)`` / ``commit(k)`` from a preallocated source buffer (one memoryview slice
+  assignment: the single copy a producer makes anyway; the loop and flow control of
+  ``smcish.send_buffer``), the receiver an ``smcish.ZeroCopyProtocol`` that samples three bytes of each
+  view, counts it and ``release_view()``s it;
+- ``tcp-copy``: plain TCP on 127.0.0.1 (``loop.create_connection`` / ``create_server``), as smcish-copy.
+
+A measurement is one fresh connection of the configuration after a warm-up connection (0.3 s): the
+sender records ``getrusage`` and the time once connected, sends for ``--duration`` seconds, half-closes,
+and stops the clock when the receiver's report arrives (bytes, checks, mismatches and its own
+``getrusage`` from connection_made to EOF). Byte ``i`` of every stream is ``i % 251``; the receiver checks
+the first, middle and last byte of every buffer or view and the total count: any mismatch, a wrong
+count, or a connection in the wrong mode (smcish: ``ism`` on both sides) fails the run. MB/s is 10^6
+bytes/s; CPU is sender + receiver user+sys seconds per GiB moved. Rounds are interleaved (every
+configuration of a size once per round, the order rotating between rounds); figures are the median
+[min-max] over rounds. ``smcish-zc`` also reports the share of bytes that ``reserve()`` had to hand out
+as a private buffer (ring full, or bytes still queued) and ``commit()`` then copied like a write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+PERIOD = 251                    # byte i of a stream is i % PERIOD
+RECV_BUFFER = 256 * 1024        # the BufferedProtocol receivers' preallocated buffer
+YIELD_EVERY = 1 << 20           # senders yield to the loop after this many bytes when never paused
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}  # as the harness
+CONFIGS = {                     # name: (transport, sender, receiver)
+    "tcp-copy": ("tcp", "write", "buffered"),
+    "smcish-copy": ("smcish", "write", "buffered"),
+    "smcish-zc": ("smcish", "reserve", "zerocopy"),
+}
+LOOPS = ("asyncio", "uvloop")
+
+
+# --- shared by benchmarks.sendfile -------------------------------------------------------------------------
+
+def cpu_now() -> float:
+    """User + sys CPU seconds of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def loop_factory(name: str):
+    if name == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def emit(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text.rstrip("KMG")) * scale)
+
+
+def size_name(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def mode_of(transport) -> str:
+    info = transport.get_extra_info("smcish")
+    return "plain" if info is None else str(info.mode)
+
+
+class Peer:
+    """A child process speaking JSON lines on stdin/stdout (stderr passes through)."""
+
+    def __init__(self, module: str, spec: dict):
+        env = dict(os.environ)
+        for key, value in MALLOC_ENV.items():
+            env.setdefault(key, value)
+        env.update(spec.get("env", {}))
+        self.spec = spec
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "--child", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.ready = self.read()
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"peer {self.spec} exited (status {self.proc.poll()})")
+        message = json.loads(line)
+        if message.get("ok") is False or message.get("ready") is False:
+            raise RuntimeError(f"peer {self.spec} failed:\n{message.get('error')}")
+        return message
+
+    def ask(self, command: dict) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def summary(values: list[float], digits: int = 0) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt(s: dict | None, digits: int = 0) -> str:
+    if not s:
+        return "-"
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def environment() -> dict:
+    env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+           "loadavg_start": os.getloadavg(), "malloc_env": MALLOC_ENV,
+           "smcish_env": {k: v for k, v in os.environ.items() if k.startswith("SMCISH_")}}
+    try:
+        import uvloop
+        env["uvloop"] = uvloop.__version__
+    except ImportError:
+        env["uvloop"] = None
+    try:
+        import smcish
+        env["smcish"] = smcish.__version__
+        env["smcish_config"] = {k: v for k, v in vars(smcish.Config.from_env()).items()}
+    except Exception as exc:  # noqa: BLE001 - recorded, the run fails later if it matters
+        env["smcish"] = repr(exc)
+    return env
+
+
+def default_out(name: str) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return os.path.join("bench-results", f"{name}-{stamp}.json")
+
+
+def write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+
+
+# --- receiver ------------------------------------------------------------------------------------------------
+
+class _Check:
+    """Count and sampled pattern check of the received stream."""
+
+    __slots__ = ("offset", "checks", "mismatches", "first_bad", "cpu0", "transport")
+
+    def __init__(self):
+        self.offset = self.checks = self.mismatches = 0
+        self.first_bad = None
+        self.cpu0 = 0.0
+        self.transport = None
+
+    def start(self, transport) -> None:
+        self.transport = transport
+        self.cpu0 = cpu_now()
+
+    def span(self, buf, n: int) -> None:
+        offset, last, mid = self.offset, n - 1, n >> 1
+        if not (buf[0] == offset % PERIOD and buf[mid] == (offset + mid) % PERIOD
+                and buf[last] == (offset + last) % PERIOD):
+            self.mismatches += 1
+            if self.first_bad is None:
+                self.first_bad = offset
+        self.checks += 1
+        self.offset = offset + n
+
+    def report(self) -> None:
+        cpu = cpu_now() - self.cpu0
+        transport = self.transport
+        transport.write(json.dumps({"bytes": self.offset, "checks": self.checks, "mismatches": self.mismatches,
+                                    "first_bad": self.first_bad, "cpu": cpu,
+                                    "mode": mode_of(transport)}).encode() + b"\n")
+
+
+class BufferedReceiver(asyncio.BufferedProtocol):
+    def __init__(self):
+        self.buf = bytearray(RECV_BUFFER)
+        self.view = memoryview(self.buf)
+        self.check = _Check()
+
+    def connection_made(self, transport):
+        self.check.start(transport)
+
+    def get_buffer(self, sizehint):
+        return self.view
+
+    def buffer_updated(self, nbytes):
+        self.check.span(self.buf, nbytes)
+
+    def eof_received(self):
+        self.check.report()
+        return False                    # close once the report is written
+
+
+def _zerocopy_receiver():
+    import smcish
+
+    class ZeroCopyReceiver(smcish.ZeroCopyProtocol):
+        def __init__(self):
+            self.check = _Check()
+
+        def connection_made(self, transport):
+            self.check.start(transport)
+
+        def view_received(self, view):
+            self.check.span(view, len(view))
+            self.release_view()
+
+        def view_eof_received(self):
+            self.check.report()
+            return None
+
+    return ZeroCopyReceiver
+
+
+async def _receive(spec: dict) -> None:
+    loop = asyncio.get_running_loop()
+    factory = _zerocopy_receiver() if spec["receiver"] == "zerocopy" else BufferedReceiver
+    if spec["transport"] == "tcp":
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+    else:
+        import smcish
+        server = await smcish.create_server(factory, "127.0.0.1", 0, **spec.get("smcish", {}))
+    emit({"ready": True, "port": server.sockets[0].getsockname()[1], "pid": os.getpid()})
+    await loop.run_in_executor(None, sys.stdin.read)        # until the parent closes our stdin
+    server.close()
+
+
+# --- sender --------------------------------------------------------------------------------------------------
+
+class SenderProtocol(asyncio.Protocol):
+    """Flow control (pause/resume_writing) and the receiver's one-line report."""
+
+    def __init__(self):
+        loop = asyncio.get_running_loop()
+        self.paused = False
+        self.resume_waiter = None
+        self.inbox = bytearray()
+        self.reply = loop.create_future()
+        self.lost = loop.create_future()
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        waiter, self.resume_waiter = self.resume_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_writable(self):
+        if self.paused:
+            self.resume_waiter = asyncio.get_running_loop().create_future()
+            await self.resume_waiter
+
+    def data_received(self, data):
+        self.inbox += data
+        if b"\n" in self.inbox and not self.reply.done():
+            self.reply.set_result(json.loads(self.inbox[:self.inbox.index(b"\n")]))
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        for fut in (self.resume_waiter, self.reply):
+            if fut is not None and not fut.done():
+                fut.set_exception(exc or ConnectionError("connection closed before the receiver's report"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+async def connect(spec: dict, port: int, factory=SenderProtocol):
+    loop = asyncio.get_running_loop()
+    if spec["transport"] == "tcp":
+        return await loop.create_connection(factory, "127.0.0.1", port)
+    import smcish
+    return await smcish.create_connection(factory, "127.0.0.1", port, **spec.get("smcish", {}))
+
+
+def expected_mode(spec: dict) -> str:
+    return spec.get("expect_mode") or ("plain" if spec["transport"] == "tcp" else "ism")
+
+
+def check_mode(spec: dict, transport, side: str, mode: str | None = None) -> None:
+    mode = mode_of(transport) if mode is None else mode
+    if mode != expected_mode(spec):
+        info = transport.get_extra_info("smcish") if transport is not None else None
+        raise RuntimeError(f"{side} connection is in mode {mode!r}, not {expected_mode(spec)!r} "
+                           f"(reason {getattr(info, 'reason', None)!r})")
+
+
+async def _send_write(transport, proto, src: memoryview, size: int, deadline: float, stats: dict) -> int:
+    write, clock, loop = transport.write, time.perf_counter, asyncio.get_running_loop()
+    offset = unyielded = 0
+    while clock() < deadline:
+        phase = offset % PERIOD
+        write(src[phase:phase + size])
+        offset += size
+        if proto.paused:
+            await proto.wait_writable()
+            unyielded = 0
+        else:
+            unyielded += size
+            if unyielded >= YIELD_EVERY:
+                unyielded = 0
+                await asyncio.sleep(0)
+    return offset
+
+
+async def _send_reserve(transport, proto, src: memoryview, size: int, deadline: float, stats: dict) -> int:
+    """smcish.send_buffer's loop (reserve, one slice copy, commit; wait while paused), with counters."""
+    reserve, commit, buffered = transport.reserve, transport.commit, transport.get_write_buffer_size
+    clock = time.perf_counter
+    offset = unyielded = private = reserves = 0
+    while clock() < deadline:
+        phase = offset % PERIOD
+        msg = src[phase:phase + size]
+        pos = 0
+        while pos < size:
+            view = reserve(size - pos)
+            n = len(view)
+            if isinstance(view.obj, bytearray):     # not ring space: commit() copies it like a write
+                private += n
+            view[:] = msg[pos:pos + n]
+            commit(n)
+            reserves += 1
+            pos += n
+            if buffered() and proto.paused:
+                await proto.wait_writable()
+                unyielded = 0
+        offset += size
+        unyielded += size
+        if unyielded >= YIELD_EVERY:
+            unyielded = 0
+            await asyncio.sleep(0)
+    stats["private_bytes"] = private
+    stats["reserves"] = reserves
+    return offset
+
+
+async def _measure(spec: dict, port: int, size: int, duration: float, src: memoryview, mismatch: bool) -> dict:
+    transport, proto = await connect(spec, port)
+    check_mode(spec, transport, "sender")
+    send = _send_reserve if spec["sender"] == "reserve" else _send_write
+    stats: dict = {}
+    if mismatch:                 # check the check: every message one byte off the pattern
+        src = src[1:]
+    cpu0, t0 = cpu_now(), time.perf_counter()
+    try:
+        sent = await send(transport, proto, src, size, t0 + duration, stats)
+        ring = getattr(transport, "_ring", None)
+        stats["tx_ring_capacity"] = getattr(ring, "tx_capacity", None) if ring is not None else None
+        transport.write_eof()
+        report = await proto.reply
+        seconds = time.perf_counter() - t0
+        cpu = cpu_now() - cpu0
+    finally:
+        transport.close()
+    await proto.lost
+    check_mode(spec, transport, "receiver", report["mode"])
+    if report["bytes"] != sent or report["mismatches"]:
+        raise RuntimeError(f"receiver saw {report['bytes']} bytes with {report['mismatches']} mismatching "
+                           f"buffers (first at stream offset {report['first_bad']}); sender wrote {sent}")
+    return {"bytes": sent, "seconds": seconds, "cpu_sender": cpu, "cpu_receiver": report["cpu"],
+            "receiver_checks": report["checks"], **stats}
+
+
+def _child(spec: dict) -> None:
+    runner = asyncio.Runner(loop_factory=loop_factory(spec["loop"]))
+    with runner:
+        if spec["role"] == "receiver":
+            runner.run(_receive(spec))
+            return
+        src = memoryview(bytes(range(PERIOD)) * ((spec["max_size"] + PERIOD) // PERIOD + 1))
+        emit({"ready": True, "pid": os.getpid()})
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            try:
+                runner.run(asyncio.wait_for(_measure(spec, spec["port"], cmd["size"], cmd["warmup"], src, False),
+                                            cmd["warmup"] + 60))
+                result = runner.run(asyncio.wait_for(
+                    _measure(spec, spec["port"], cmd["size"], cmd["duration"], src, cmd.get("mismatch", False)),
+                    cmd["duration"] + 60))
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent, which stops the run
+                emit({"ok": False, "error": "".join(traceback.format_exception(exc))})
+            else:
+                emit({"ok": True, "result": result})
+
+
+# --- parent --------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        _child(json.loads(argv[1]))
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.zerocopy", description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="64K,1M,16M", help="message sizes (default 64K,1M,16M)")
+    ap.add_argument("--loops", default=",".join(LOOPS))
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"from {','.join(CONFIGS)}")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=1.5, help="seconds of sending per measurement")
+    ap.add_argument("--warmup", type=float, default=0.3, help="seconds of the warm-up connection before each")
+    ap.add_argument("--out", help="JSON file (default bench-results/zerocopy-<UTC time>.json)")
+    ap.add_argument("--inject-mismatch", action="store_true",
+                    help="send one message off-pattern in every measurement: the run must fail (checks the check)")
+    args = ap.parse_args(argv)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    loops = args.loops.split(",")
+    configs = args.configs.split(",")
+    for name in configs:
+        if name not in CONFIGS:
+            ap.error(f"unknown configuration {name!r}")
+    out = args.out or default_out("zerocopy")
+    pairs = [(c, lp) for c in configs for lp in loops]
+    data = {"benchmark": "zerocopy", "argv": sys.argv, "environment": environment(),
+            "settings": {"sizes": sizes, "rounds": args.rounds, "duration_s": args.duration,
+                         "warmup_s": args.warmup, "recv_buffer": RECV_BUFFER, "pattern_period": PERIOD,
+                         "configs": {c: dict(zip(("transport", "sender", "receiver"), CONFIGS[c]))
+                                     for c in configs}},
+            "measurements": []}
+    peers: dict = {}
+    try:
+        for config, loop in pairs:
+            transport, sender, receiver = CONFIGS[config]
+            spec = {"loop": loop, "transport": transport, "sender": sender, "receiver": receiver,
+                    "max_size": max(sizes)}
+            recv = Peer("benchmarks.zerocopy", {**spec, "role": "receiver"})
+            peers[config, loop] = (recv, None)
+            send = Peer("benchmarks.zerocopy", {**spec, "role": "sender", "port": recv.ready["port"]})
+            peers[config, loop] = (recv, send)
+        for rnd in range(args.rounds):
+            for size in sizes:
+                shift = rnd % len(pairs)
+                for config, loop in pairs[shift:] + pairs[:shift]:
+                    answer = peers[config, loop][1].ask({"size": size, "duration": args.duration,
+                                                         "warmup": args.warmup,
+                                                         "mismatch": args.inject_mismatch})
+                    r = answer["result"]
+                    r.update(round=rnd, size=size, config=config, loop=loop)
+                    data["measurements"].append(r)
+                    mbs = r["bytes"] / r["seconds"] / 1e6
+                    cpu = (r["cpu_sender"] + r["cpu_receiver"]) / (r["bytes"] / (1 << 30))
+                    print(f"  round {rnd + 1} {size_name(size):>7} {loop:8} {config:12} {mbs:8.0f} MB/s "
+                          f"{cpu:6.2f} CPU s/GiB", file=sys.stderr, flush=True)
+    except RuntimeError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        data["error"] = str(exc)
+        write_json(out, data)
+        return 1
+    finally:
+        for recv, send in peers.values():
+            for peer in (send, recv):
+                if peer is not None:
+                    peer.stop()
+    data["environment"]["loadavg_end"] = os.getloadavg()
+    data["summary"] = _summarise(data["measurements"], sizes, pairs)
+    write_json(out, data)
+    _print(data["summary"], sizes, pairs, args)
+    print(f"\nJSON: {out}")
+    return 0
+
+
+def _summarise(ms: list[dict], sizes: list[int], pairs: list) -> dict:
+    out: dict = {}
+    for size in sizes:
+        for config, loop in pairs:
+            rows = [m for m in ms if m["size"] == size and m["config"] == config and m["loop"] == loop]
+            gib = [m["bytes"] / (1 << 30) for m in rows]
+            entry = {
+                "mb_s": summary([m["bytes"] / m["seconds"] / 1e6 for m in rows]),
+                "cpu_s_per_gib": summary([(m["cpu_sender"] + m["cpu_receiver"]) / g for m, g in zip(rows, gib)]),
+                "cpu_sender_s_per_gib": summary([m["cpu_sender"] / g for m, g in zip(rows, gib)]),
+                "cpu_receiver_s_per_gib": summary([m["cpu_receiver"] / g for m, g in zip(rows, gib)]),
+                "bytes_per_receive": summary([m["bytes"] / max(1, m["receiver_checks"]) for m in rows]),
+            }
+            if all("private_bytes" in m for m in rows):
+                entry["private_pct"] = summary([100 * m["private_bytes"] / m["bytes"] for m in rows])
+            out[f"{size}/{loop}/{config}"] = entry
+        for loop in {lp for _, lp in pairs}:
+            for a, b in (("smcish-zc", "smcish-copy"), ("smcish-copy", "tcp-copy"), ("smcish-zc", "tcp-copy")):
+                ra = sorted((m for m in ms if m["size"] == size and m["loop"] == loop and m["config"] == a),
+                            key=lambda m: m["round"])
+                rb = sorted((m for m in ms if m["size"] == size and m["loop"] == loop and m["config"] == b),
+                            key=lambda m: m["round"])
+                if ra and len(ra) == len(rb):
+                    out[f"{size}/{loop}/{a}:{b}"] = {
+                        "mb_s_ratio": summary([(x["bytes"] / x["seconds"]) / (y["bytes"] / y["seconds"])
+                                               for x, y in zip(ra, rb)]),
+                        "cpu_ratio": summary([((x["cpu_sender"] + x["cpu_receiver"]) / x["bytes"])
+                                              / ((y["cpu_sender"] + y["cpu_receiver"]) / y["bytes"])
+                                              for x, y in zip(ra, rb)])}
+    return out
+
+
+def _print(s: dict, sizes: list[int], pairs: list, args) -> None:
+    print(f"\nzero-copy against the copy path: {args.rounds} interleaved rounds x {args.duration} s per measurement; "
+          f"median [min-max] over rounds. MB/s = 10^6 B/s; CPU = user+sys seconds per GiB (sender + receiver).")
+    print(f"{'size':>7} {'loop':8} {'config':12} {'MB/s':>20} {'CPU s/GiB':>18} {'sender':>7} {'recv':>6}"
+          f" {'B/recv':>8} {'private %':>10}")
+    for size in sizes:
+        for config, loop in sorted(pairs, key=lambda p: (p[1], list(CONFIGS).index(p[0]))):
+            e = s[f"{size}/{loop}/{config}"]
+            print(f"{size_name(size):>7} {loop:8} {config:12} {fmt(e['mb_s']):>20} {fmt(e['cpu_s_per_gib'], 2):>18} "
+                  f"{e['cpu_sender_s_per_gib']['median']:7.2f} {e['cpu_receiver_s_per_gib']['median']:6.2f} "
+                  f"{e['bytes_per_receive']['median'] / 1024:7.0f}K "
+                  f"{fmt(e.get('private_pct'), 1) if 'private_pct' in e else '':>10}")
+    print("\nratios per round (median [min-max]): throughput, CPU per GiB")
+    for size in sizes:
+        for loop in sorted({lp for _, lp in pairs}):
+            for key in ("smcish-zc:smcish-copy", "smcish-copy:tcp-copy", "smcish-zc:tcp-copy"):
+                e = s.get(f"{size}/{loop}/{key}")
+                if e:
+                    print(f"{size_name(size):>7} {loop:8} {key.replace(':', ' / '):26} "
+                          f"{fmt(e['mb_s_ratio'], 2):>18} x   CPU {fmt(e['cpu_ratio'], 2):>18} x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
