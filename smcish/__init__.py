@@ -12,10 +12,11 @@ from .loop import create_connection, create_server, install, loop_factory
 from .stats import stats
 from .streams import open_connection, start_server
 from .transport import SmcInfo, SmcTransport
+from .zerocopy import ZeroCopyProtocol, send_buffer
 
 __all__ = [
     "Config", "DeclineReason", "HandshakeError", "PeerReset", "SmcError", "SmcInfo", "SmcTransport",
     "create_connection", "create_server", "install", "loop_factory", "open_connection",
-    "start_server", "stats",
+    "start_server", "stats", "ZeroCopyProtocol", "send_buffer",
 ]
 __version__ = "0.1.0"

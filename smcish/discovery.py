@@ -261,17 +261,34 @@ def advertise(server: Any, hub: Hub) -> Any:
     """
     device = hub.device
     entries = []
-    for sock in server.sockets:
-        try:
-            handle = device.advertise(sock, hub.id)
-        except Exception as exc:  # noqa: BLE001 - no advertisement: clients just stay TCP
-            log.debug("smcish: advertising %r failed: %r", sock, exc)
-            continue
-        inode = sockets.socket_inode(sock)
-        hub.add_listener(inode)
-        entries.append((handle, inode))
+    waiting: list = []              # not listening yet (start_serving=False): at start_serving()
+    closed = False
+
+    def advertise_all(socks: Any) -> None:
+        for sock in socks:
+            try:
+                handle = device.advertise(sock, hub.id)
+            except Exception as exc:  # noqa: BLE001 - no advertisement: clients just stay TCP
+                log.debug("smcish: advertising %r failed: %r", sock, exc)
+                if not _listening(sock):
+                    waiting.append(sock)
+                continue
+            inode = sockets.socket_inode(sock)
+            hub.add_listener(inode)
+            entries.append((handle, inode))
+
+    def serving() -> None:
+        if waiting and not closed:
+            socks = list(waiting)
+            waiting.clear()
+            advertise_all(socks)
+
+    advertise_all(server.sockets)
 
     def withdraw() -> None:
+        nonlocal closed
+        closed = True
+        waiting.clear()
         while entries:
             handle, inode = entries.pop()
             hub.remove_listener(inode)
@@ -281,16 +298,37 @@ def advertise(server: Any, hub: Hub) -> Any:
                 log.debug("smcish: withdraw failed: %r", exc)
 
     orig_close = server.close
+    orig_start = server.start_serving
+    orig_forever = server.serve_forever
 
     def close() -> None:
         withdraw()
         orig_close()
 
+    async def start_serving() -> None:
+        await orig_start()
+        serving()
+
+    async def serve_forever() -> None:
+        if waiting:
+            # serve_forever() starts listening before its first await: advertise right after.
+            server.get_loop().call_soon(serving)
+        await orig_forever()
+
     try:
         server.close = close
+        server.start_serving = start_serving
+        server.serve_forever = serve_forever
         return server
     except (AttributeError, TypeError):
-        return ServerProxy(server, withdraw)
+        return ServerProxy(server, withdraw, serving, bool(waiting))
+
+
+def _listening(sock: Any) -> bool:
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
 
 
 class ServerProxy(asyncio.AbstractServer):
@@ -299,9 +337,11 @@ class ServerProxy(asyncio.AbstractServer):
     Every attribute and method not defined here is the wrapped server's.
     """
 
-    def __init__(self, server: Any, withdraw: Any) -> None:
+    def __init__(self, server: Any, withdraw: Any, serving: Any = None, waiting: bool = False) -> None:
         self._server = server
         self._withdraw = withdraw
+        self._serving = serving
+        self._waiting = waiting
 
     def close(self) -> None:
         self._withdraw()
@@ -315,12 +355,19 @@ class ServerProxy(asyncio.AbstractServer):
 
     async def start_serving(self) -> None:
         await self._server.start_serving()
+        if self._serving is not None:
+            self._serving()
 
     async def serve_forever(self) -> None:
+        if self._serving is not None and self._waiting:
+            self._server.get_loop().call_soon(self._serving)
         try:
             await self._server.serve_forever()
         finally:
-            self._withdraw()
+            # A second serve_forever() fails at once and leaves the server serving: keep the
+            # advertisement then; withdraw when serving ended (cancelled, closed).
+            if not self._server.is_serving():
+                self._withdraw()
 
     async def wait_closed(self) -> None:
         await self._server.wait_closed()

@@ -21,14 +21,17 @@ import ism_backend
 from . import clc
 from . import discovery
 from . import stats as _stats
+from . import tls
 from .config import Config
 from .linkgroup import GroupUnavailable, Hub, device_pool, error_reason, sweep_hubs
 from .protocol import ClientSetup, HandshakeProtocol
+from .transport import SmcTransport
 
 log = logging.getLogger("smcish")
 R = clc.DeclineReason
 
 _PATCHED = "_smcish_originals"
+_EXTRAS = "_smcish_extras"
 # Set-ups claimed by a patched loop.sock_connect() before connecting a caller's socket (aiohttp's
 # connector connects its own sockets), waiting for create_connection(sock=...) to pick them up.
 # Keyed by id(socket object): the entry holds the socket, so the id cannot be reused meanwhile.
@@ -117,16 +120,20 @@ async def create_connection(protocol_factory: Any, host: Any = None, port: Any =
         OSError: as ``loop.create_connection`` would.
     """
     loop = loop or asyncio.get_running_loop()
+    patch_loop(loop)
+    ssl = kwargs.pop("ssl", None)
+    opts = tls.check_client_args(ssl, host, kwargs)
+    if ssl:
+        # Shared memory (or TCP) first, then asyncio's TLS over it (docs/design.md section 7).
+        waiter = loop.create_future()
+        factory = tls.client_factory(loop, protocol_factory, ssl, opts, waiter)
+        transport, protocol = await create_connection(factory, host, port, config=config, loop=loop,
+                                                      **kwargs)
+        return await tls.finish_client(transport, protocol, waiter)
     orig_connect, _, _ = _originals(loop)
     cfg = _config(config, kwargs)
     sock = kwargs.pop("sock", None)
     pre = _preclaims.pop(id(sock), None) if sock is not None else None
-    if kwargs.get("ssl"):
-        if pre is not None:
-            pre[1].abandon(R.DISABLED_BY_POLICY)
-        if sock is not None:
-            kwargs["sock"] = sock
-        return await orig_connect(protocol_factory, host, port, **kwargs)
     device, skip = _device_for(cfg)
     if sock is not None:
         for key in _CONNECT_ONLY:
@@ -299,10 +306,14 @@ async def create_server(protocol_factory: Any, host: Any = None, port: Any = Non
         withdraws the advertisement before closing).
     """
     loop = loop or asyncio.get_running_loop()
+    patch_loop(loop)
+    ssl = kwargs.pop("ssl", None)
+    opts = tls.check_server_args(ssl, kwargs)
+    if ssl is not None:
+        # Each accepted connection: shared memory (or TCP) first, then asyncio's TLS over it.
+        protocol_factory = tls.server_factory(loop, protocol_factory, ssl, opts)
     _, orig_serve, _ = _originals(loop)
     cfg = _config(config, kwargs)
-    if kwargs.get("ssl"):
-        return await orig_serve(protocol_factory, host, port, **kwargs)
     device, skip = _device_for(cfg)
     hub = None
     if device is not None:
@@ -389,6 +400,53 @@ def _finalise_preclaim(sock: Any) -> None:
         setup.discard()
 
 
+def patch_loop(loop: Any) -> None:
+    """Make ``loop.start_tls`` (and ``loop.sendfile``) accept smcish transports, once per loop.
+
+    uvloop's ``start_tls`` accepts only its own transports, and asyncio's would put TLS on our
+    fallen-back transport instead of the TCP transport underneath; both are wrapped here. Any
+    other transport goes to the loop's own method unchanged.
+    """
+    if getattr(loop, _EXTRAS, False):
+        return
+    orig_tls, orig_sendfile = loop.start_tls, loop.sendfile
+    setattr(loop, _EXTRAS, True)
+    loop.start_tls = functools.partial(tls.start_tls, loop, orig_tls)
+    loop.sendfile = functools.partial(_sendfile, orig_sendfile)
+
+
+async def _sendfile(orig: Any, transport: Any, file: Any, offset: int = 0, count: int | None = None,
+                    *, fallback: bool = True) -> int:
+    """``loop.sendfile``: a fallen-back connection gets the loop's own (the kernel's sendfile(2)
+    on asyncio's loop), a shared-memory one reads the file into its ring in C."""
+    if not isinstance(transport, SmcTransport):
+        return await orig(transport, file, offset, count, fallback=fallback)
+    if transport._info.mode == "tcp":
+        return await orig(transport._tcp, file, offset, count, fallback=fallback)
+    try:
+        file.fileno()
+    except (AttributeError, OSError, ValueError):
+        return await orig(transport, file, offset, count, fallback=fallback)
+    if "b" not in getattr(file, "mode", "b"):
+        raise ValueError("file should be opened in binary mode")
+    if count is not None:
+        if not isinstance(count, int):
+            raise TypeError(f"count must be a positive integer (got {count!r})")
+        if count <= 0:
+            raise ValueError(f"count must be a positive integer (got {count!r})")
+    if not isinstance(offset, int):
+        raise TypeError(f"offset must be a non-negative integer (got {offset!r})")
+    if offset < 0:
+        raise ValueError(f"offset must be a non-negative integer (got {offset!r})")
+    if transport.is_closing():
+        raise RuntimeError("Transport is closing")
+    sent = await transport._sendfile_ism(file, offset, count)
+    if transport._info.mode == "tcp" and (count is None or sent < count):
+        rest = None if count is None else count - sent
+        sent += await orig(transport._tcp, file, offset + sent, rest, fallback=fallback)
+    return sent
+
+
 def install(loop: Any = None, config: Config | None = None) -> Any:
     """Patch one loop so its create_connection/create_server go through smcish.
 
@@ -436,6 +494,7 @@ def install(loop: Any = None, config: Config | None = None) -> Any:
         setattr(loop, name, patched)
 
     setattr(loop, _PATCHED, originals)
+    patch_loop(loop)
     loop.create_connection = patched_connection
     loop.create_server = patched_server
     loop.sock_connect = patched_sock_connect

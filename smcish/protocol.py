@@ -710,7 +710,8 @@ class HandshakeProtocol(asyncio.Protocol):
             self._tcp.resume_reading()
         _stats.count_fallback(reason)
         smc = self._smc
-        self._app = self._app_factory()
+        # A factory may build its protocol differently for TCP (TLS: the loop's own SSLProtocol).
+        self._app = getattr(self._app_factory, "for_tcp", self._app_factory)()
         smc.set_protocol(self._app)
         smc._become_tcp(reason, by_peer)
         self._app.connection_made(smc)
@@ -751,7 +752,7 @@ class HandshakeProtocol(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_exception(exc)
         elif self._app is not None and self._smc is not None:
-            self._smc._force_close(exc)
+            self._smc._force_close(exc, False)
 
     # ------------------------------------------------------------ timer (server)
     def _arm_timer(self) -> None:

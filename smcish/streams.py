@@ -26,6 +26,9 @@ class SmcStreamReaderProtocol(asyncio.StreamReaderProtocol):
         reader = self._stream_reader
         if reader is None:                 # the reader was garbage-collected: discard, as stock
             return len(ring.read(avail))
+        if reader._eof:                    # as StreamReader.feed_data (after the kernel's recv)
+            ring.read(avail)
+            raise AssertionError("feed_data after feed_eof")
         buf = reader._buffer
         if avail <= _SMALL_FEED:           # small messages: an append costs less than the set-up
             buf += ring.read(avail)

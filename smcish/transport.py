@@ -22,6 +22,7 @@ from typing import Any
 
 from . import ring as _ring
 from . import stats as _stats
+from . import zerocopy as _zerocopy
 from .clc import DeclineReason
 from .errors import PeerReset
 
@@ -38,6 +39,7 @@ _DELEGATED = (
     "write", "writelines", "write_eof", "can_write_eof", "close", "abort", "is_closing",
     "pause_reading", "resume_reading", "is_reading", "get_write_buffer_size",
     "get_write_buffer_limits", "set_write_buffer_limits", "set_protocol", "get_protocol",
+    "_force_close",     # asyncio's SSLProtocol aborts its transport with this on a TLS failure
 )
 
 
@@ -93,6 +95,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._ring: Any = None
         self._closing = False
         self._conn_lost = 0
+        self._reserved: Any = None       # the ring (ism) or private buffer of reserve()
 
     def _init_ism(self, poll_us: float) -> None:
         """The state of the shared-memory data path."""
@@ -125,12 +128,15 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._read_scheduled = False
         self._poll_us = float(poll_us)
         self._tx_level = self._tx_skip = 0
+        self._space_waiter: Any = None   # sendfile waits here for room in the ring
 
     # ----------------------------------------------------------------- set-up
     def set_protocol(self, protocol: Any) -> None:
         self._protocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
         self._feed = getattr(protocol, "_smc_feed", None)      # streams: ring -> reader, one copy
+        if isinstance(protocol, _zerocopy.ZeroCopyProtocol):
+            protocol.transport = self
 
     def get_protocol(self) -> Any:
         return self._protocol
@@ -301,6 +307,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             self._free_old_block()
         if self._pending_size:
             self._flush()
+        elif self._space_waiter is not None:
+            self._wake_space_waiter()
         if not self._read_scheduled:
             self._read_ready()
 
@@ -372,9 +380,16 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 if self._feed is not None:
                     got = self._feed(ring, avail)
                 elif self._buffered:
-                    buf = protocol.get_buffer(avail)
-                    if not len(buf):
-                        raise RuntimeError("get_buffer() returned an empty buffer")
+                    try:
+                        buf = protocol.get_buffer(avail)
+                        if not len(buf):
+                            raise RuntimeError("get_buffer() returned an empty buffer")
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.",
+                                          self._nothing_unread())
+                        return
                     got = ring.read_into(buf)
                     protocol.buffer_updated(got)
                 else:
@@ -415,7 +430,9 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         except _ring.RingCorrupted as exc:
             self._fatal_error(exc, "smcish: peer corrupted the shared ring")
         except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol data callback failed.")
+            self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed."
+                              if self._buffered else "Fatal error: protocol.data_received() call failed.",
+                              self._nothing_unread())
 
     def _hot_arm(self) -> bool:
         """The group poll is about to sleep: arm our ring (see _read_ready). True if news came."""
@@ -443,7 +460,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:
-                self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+                self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.",
+                                  self._nothing_unread())
                 return
             if not keep_open:
                 self.close()
@@ -485,8 +503,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:
-        for data in list_of_data:
-            self.write(data)
+        # As asyncio's: one write of the joined data (a bad item raises before any is sent).
+        self.write(b"".join(list_of_data))
 
     def _wait_space(self) -> None:
         """Our ring is full: grow it if the flow is bulk, poll briefly for room, else sleep."""
@@ -518,7 +536,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
 
     def _switch(self, capacity: int) -> bool:
         """Move our tx ring to a new block of ``capacity`` (grow or shrink). True if switched."""
-        if self._growing or self._old_block is not None or self._group.dying:
+        if (self._growing or self._old_block is not None or self._group.dying
+                or self._ring.reservation):
             return False
         got = self._group.alloc_block(capacity)
         if got is None:
@@ -555,6 +574,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     def _flush(self) -> None:
         ring = self._ring
         if ring is None or self._conn_lost or not self._pending_size:
+            if self._space_waiter is not None:
+                self._wake_space_waiter()
             return
         pending = self._pending
         try:
@@ -651,6 +672,125 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         except _ring.RingCorrupted as exc:
             self._fatal_error(exc, "smcish: peer corrupted the shared ring")
 
+    # ----------------------------------------------------------------- zero copy (zerocopy.py)
+    def reserve(self, nbytes: int) -> memoryview:
+        """A writable memoryview of 1..``nbytes`` bytes to fill, then ``commit(k)`` the first k.
+
+        On shared memory with room in the ring (nothing else buffered, set-up confirmed) the
+        view is ring space: the bytes are written once, by the caller. Otherwise (ring full,
+        TCP) it is a private buffer of up to 1 MiB that ``commit`` writes (one copy). The view
+        is invalid after ``commit``. Do not ``write()`` between the two: on ring space it raises
+        ValueError, on a private buffer the written bytes would go before the committed ones.
+        """
+        if nbytes <= 0:
+            raise ValueError(f"nbytes must be positive, got {nbytes!r}")
+        if self._reserved is not None:
+            raise RuntimeError("a reservation is outstanding: commit() it first")
+        ring = self._ring
+        if (ring is not None and self._info.mode == "ism" and not self._pending_size
+                and self._setup is None and not self._conn_lost and not self._closing
+                and not self._eof_requested):
+            try:
+                view = ring.reserve(nbytes)
+            except _ring.RingCorrupted as exc:
+                self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+                raise
+            if len(view):
+                self._reserved = ring
+                return view
+        buf = memoryview(bytearray(min(nbytes, 1 << 20)))
+        self._reserved = buf
+        return buf
+
+    def commit(self, nbytes: int) -> None:
+        """Send the first ``nbytes`` of the view ``reserve()`` returned (0: send nothing)."""
+        reserved = self._reserved
+        if reserved is None:
+            raise RuntimeError("commit() without reserve()")
+        if isinstance(reserved, memoryview):
+            if not 0 <= nbytes <= len(reserved):
+                raise ValueError(f"nbytes must be between 0 and {len(reserved)}, got {nbytes!r}")
+            self._reserved = None
+            if nbytes:
+                self.write(reserved[:nbytes].tobytes())
+            reserved.release()
+            return
+        if reserved is not self._ring or reserved.closed:
+            self._reserved = None        # the connection ended meanwhile: nothing to send
+            return
+        if self._conn_lost or self._closing:
+            self._reserved = None
+            reserved.cancel_reservation()
+            return
+        if self._eof_requested:
+            self._reserved = None
+            reserved.cancel_reservation()
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if not 0 <= nbytes <= reserved.reservation:
+            raise ValueError(f"nbytes must be between 0 and {reserved.reservation}, got {nbytes!r}")
+        self._reserved = None
+        try:
+            reserved.commit(nbytes)
+        except _ring.RingCorrupted as exc:
+            self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+            return
+        except ValueError:
+            reserved.cancel_reservation()     # EOF published meanwhile
+            raise
+        if nbytes and self._poll_us and not self._group._poll_scheduled:
+            self._group.schedule_poll(wake=True)
+
+    # ----------------------------------------------------------------- sendfile
+    def _wake_space_waiter(self) -> None:
+        waiter, self._space_waiter = self._space_waiter, None
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def _space(self) -> Any:
+        """A future resolved when the ring may have room again (or the connection ended)."""
+        waiter = self._space_waiter = self._loop.create_future()
+        self._wait_space()
+        return waiter
+
+    async def _sendfile_ism(self, file: Any, offset: int, count: int | None) -> int:
+        """``loop.sendfile()`` on shared memory: pread(2) in C from the file straight into the
+        ring (no Python chunk loop, no intermediate bytes). As asyncio's native sendfile: what was
+        written before goes first, reading is paused meanwhile, the file position ends after the
+        last byte sent. Returns the number of bytes sent; returns early (fewer bytes) only if an
+        optimistic set-up fell through to TCP meanwhile (the caller sends the rest there)."""
+        fd = file.fileno()
+        total = 0
+        resume = self.is_reading()
+        self.pause_reading()
+        try:
+            while count is None or total < count:
+                if self._info.mode == "tcp":
+                    break                        # migrated to TCP: the caller goes on there
+                ring = self._ring
+                if self._conn_lost or self._closing or ring is None:
+                    raise ConnectionError("Connection closed by peer")
+                if self._pending_size:           # earlier writes first
+                    await self._space()
+                    continue
+                want = count - total if count is not None else 1 << 30
+                try:
+                    n = ring.write_from_fd(fd, offset + total, want)
+                except _ring.RingCorrupted as exc:
+                    self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+                    raise
+                if n:
+                    total += n
+                    continue
+                if ring.tx_space():
+                    break                        # end of file
+                await self._space()
+            return total
+        finally:
+            if total:
+                file.seek(offset + total)
+            if resume and not self.is_closing():
+                self.resume_reading()
+
     # ----------------------------------------------------------------- closing
     def is_closing(self) -> bool:
         return self._closing
@@ -684,20 +824,37 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._loop.call_soon(self._call_connection_lost, None)
 
     def abort(self) -> None:
+        # As a TCP socket's close(): FIN (the peer reads what was sent, then EOF) unless data we
+        # never read is left, then RST (ABORT). What our buffer still holds is dropped either way.
         self._force_close(None)
 
-    def _fatal_error(self, exc: BaseException, message: str = "Fatal error on smcish transport") -> None:
+    def _nothing_unread(self) -> bool:
+        """No byte of the peer's is left unread (a closing TCP socket would send FIN, not RST)."""
+        ring = self._ring
+        if ring is None or self._setup is not None or self._conn_lost:
+            return False
+        try:
+            return not ring.readable()
+        except (_ring.RingCorrupted, ValueError):
+            return False
+
+    def _fatal_error(self, exc: BaseException, message: str = "Fatal error on smcish transport",
+                     graceful: bool = False) -> None:
         if isinstance(exc, OSError):
             if self._loop.get_debug():
                 log.debug("%r: %s", self, message, exc_info=True)
         else:
             self._loop.call_exception_handler({
                 "message": message, "exception": exc, "transport": self, "protocol": self._protocol})
-        self._force_close(exc)
+        self._force_close(exc, graceful)
 
-    def _force_close(self, exc: BaseException | None) -> None:
+    def _force_close(self, exc: BaseException | None, graceful: bool | None = None) -> None:
+        """Close now, dropping what is buffered. ``graceful`` (default, as a TCP socket's close:
+        nothing left unread): the peer reads what was published, then EOF; else ABORT."""
         if self._conn_lost:
             return
+        if graceful is None:
+            graceful = self._nothing_unread()
         self._closing = True
         setup = self._setup
         if setup is not None:             # aborted while optimistic: the set-up lets go
@@ -715,7 +872,10 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             except (_ring.RingCorrupted, ValueError):
                 peer_closed = 0
             try:
-                ring.set_abort(quiet=not peer_closed)   # else the TCP reset below wakes the peer
+                if graceful:
+                    ring.set_closed(quiet=not peer_closed)
+                else:
+                    ring.set_abort(quiet=not peer_closed)   # else the TCP reset wakes the peer
             except (_ring.RingCorrupted, ValueError):
                 pass
             self._group.lingering.add(self._slot)
@@ -724,10 +884,13 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
+        if self._ring is not None and self._space_waiter is not None:
+            self._wake_space_waiter()
         try:
             if self._protocol is not None:
                 self._protocol.connection_lost(exc)
         finally:
+            self._protocol = self._feed = None     # as asyncio: get_protocol() is None now
             self._stats_final()
             self._try_release()
 
@@ -772,6 +935,10 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         group.drop_hot(self)
         ring.close()
         group.tickers.discard(self)
+        if self._reserved is ring:
+            # The application still holds a view of our tx block (reserve() never committed):
+            # the block is never reused, so a late write into it cannot reach another connection.
+            self._block = None
         for block in (self._block, self._old_block):
             if block is not None:
                 group.free_block(block)

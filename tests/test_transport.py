@@ -184,12 +184,42 @@ def test_abort_resets_peer(env):
             transport.abort()
             assert transport.is_closing()
             exc = await asyncio.wait_for(lost, 5)
-            if env.path == "ism":
-                # ISM: abort publishes ABORT and resets TCP; the peer gets a reset.
-                assert isinstance(exc, ConnectionResetError), exc
-            else:
-                # The loop's own TCP abort() closes the socket (FIN unless data was unread).
-                assert exc is None or isinstance(exc, ConnectionResetError), exc
+            # As a TCP socket's close() (asyncio's abort()): FIN when nothing is left unread.
+            assert exc is None, exc
+
+    env.run(main())
+
+
+def test_abort_with_unread_data_resets_peer(env):
+    """abort() with bytes we never read: the peer sees a reset (ISM: ABORT; TCP: RST)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        lost = loop.create_future()
+        made = loop.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport):
+                made.set_result(transport)
+
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        class Client(asyncio.Protocol):
+            def connection_made(self, transport):
+                transport.pause_reading()
+
+        server = await smcish.create_server(Server, HOST, 0, **env.kw)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            transport, _ = await smcish.create_connection(Client, HOST, port, **env.kw)
+            peer = await asyncio.wait_for(made, 5)
+            peer.write(b"y" * 1000)                 # never read by the paused client
+            await asyncio.sleep(0.05)
+            transport.abort()
+            peer.write(b"z")                        # TCP: the RST is seen on the next send/recv
+            exc = await asyncio.wait_for(lost, 5)
+            assert isinstance(exc, ConnectionResetError), exc
+            assert transport.get_extra_info("smcish").mode == env.expected_mode
 
     env.run(main())
 

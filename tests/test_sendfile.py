@@ -1,0 +1,175 @@
+"""loop.sendfile() on smcish transports: the kernel's sendfile(2) on a fallen-back connection (as
+plain asyncio), pread straight into the ring on shared memory; every byte checked by sha256."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+import smcish
+
+_SIZE = 48 * 1024 * 1024 + 12345          # not a multiple of any ring size
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sendfile") / "payload.bin"
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = _SIZE
+        seed = os.urandom(1 << 20)
+        i = 0
+        while left:
+            chunk = hashlib.sha256(i.to_bytes(8, "little")).digest() * 32 + seed
+            chunk = chunk[:min(left, len(chunk))]
+            f.write(chunk)
+            h.update(chunk)
+            left -= len(chunk)
+            i += 1
+    return path, h.hexdigest()
+
+
+class _Sink(asyncio.Protocol):
+    def __init__(self, done: asyncio.Future) -> None:
+        self.h = hashlib.sha256()
+        self.n = 0
+        self.done = done
+
+    def data_received(self, data: bytes) -> None:
+        self.h.update(data)
+        self.n += len(data)
+
+    def eof_received(self):
+        if not self.done.done():
+            self.done.set_result((self.n, self.h.hexdigest()))
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_exception(exc or ConnectionError("lost before EOF"))
+
+
+async def _transfer(env, path, offset=0, count=None, head=b""):
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    server = await smcish.create_server(lambda: _Sink(done), "127.0.0.1", 0, **env.kw)
+    port = server.sockets[0].getsockname()[1]
+    transport, _ = await smcish.create_connection(asyncio.Protocol, "127.0.0.1", port, **env.kw)
+    assert transport.get_extra_info("smcish").mode == env.expected_mode
+    with open(path, "rb") as f:
+        if head:
+            transport.write(head)          # written before: must arrive before the file
+        sent = await loop.sendfile(transport, f, offset, count)
+        position = f.tell()
+    transport.write_eof()
+    n, digest = await asyncio.wait_for(done, 60)
+    transport.close()
+    server.close()
+    await server.wait_closed()
+    return sent, position, n, digest
+
+
+def test_sendfile_whole_file(env, big_file):
+    path, digest = big_file
+    if env.loop_kind == "uvloop" and env.path == "tcp":
+        # uvloop has no loop.sendfile: smcish's fallback is exactly as uvloop (NotImplementedError).
+        async def main():
+            loop = asyncio.get_running_loop()
+            server = await smcish.create_server(asyncio.Protocol, "127.0.0.1", 0, **env.kw)
+            port = server.sockets[0].getsockname()[1]
+            transport, _ = await smcish.create_connection(asyncio.Protocol, "127.0.0.1", port, **env.kw)
+            with open(path, "rb") as f, pytest.raises(NotImplementedError):
+                await loop.sendfile(transport, f)
+            transport.close()
+            server.close()
+        env.run(main())
+        return
+    sent, position, n, got = env.run(_transfer(env, path), timeout=120)
+    assert (sent, position, n) == (_SIZE, _SIZE, _SIZE)
+    assert got == digest
+
+
+def test_sendfile_offset_count_after_write(env, big_file):
+    """offset/count honoured, file position after the last byte sent, earlier writes first."""
+    if env.loop_kind == "uvloop" and env.path == "tcp":
+        pytest.skip("uvloop has no loop.sendfile (checked in test_sendfile_whole_file)")
+    path, _ = big_file
+    offset, count = 777, 5 * 1024 * 1024 + 3
+    head = b"head-" * 1000
+    sent, position, n, got = env.run(_transfer(env, path, offset, count, head), timeout=120)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        want = hashlib.sha256(head + f.read(count)).hexdigest()
+    assert (sent, position, n) == (count, offset + count, len(head) + count)
+    assert got == want
+
+
+def test_sendfile_fallback_uses_kernel_sendfile(big_file, monkeypatch):
+    """On the default loop a fallen-back connection takes the kernel path (os.sendfile), as
+    plain asyncio does, not asyncio's Python read/write loop."""
+    path, digest = big_file
+    calls = []
+    real = os.sendfile
+
+    def counting(*args, **kwargs):
+        calls.append(args[3] if len(args) > 3 else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, "sendfile", counting)
+
+    class E:
+        kw = {"device": "none"}
+        expected_mode = "tcp"
+
+    loop = asyncio.new_event_loop()
+    try:
+        sent, _, n, got = loop.run_until_complete(asyncio.wait_for(_transfer(E(), path), 120))
+    finally:
+        loop.close()
+    assert calls, "os.sendfile was never called"
+    assert (sent, n, got) == (_SIZE, _SIZE, digest)
+
+
+def test_sendfile_non_file_falls_back_to_copies(env):
+    """A file object without fileno(): asyncio's own chunk loop on the default loop."""
+    import io
+
+    if env.loop_kind == "uvloop":
+        pytest.skip("uvloop has no loop.sendfile")
+    data = os.urandom(3 * 1024 * 1024 + 5)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        server = await smcish.create_server(lambda: _Sink(done), "127.0.0.1", 0, **env.kw)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await smcish.create_connection(asyncio.Protocol, "127.0.0.1", port, **env.kw)
+        sent = await loop.sendfile(transport, io.BytesIO(data))
+        transport.write_eof()
+        result = await asyncio.wait_for(done, 30)
+        transport.close()
+        server.close()
+        return sent, result
+
+    sent, (n, got) = env.run(main())
+    assert (sent, n, got) == (len(data), len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_sendfile_closed_transport_raises(env, big_file):
+    if env.loop_kind == "uvloop" and env.path == "tcp":
+        pytest.skip("uvloop has no loop.sendfile")
+    path, _ = big_file
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await smcish.create_server(asyncio.Protocol, "127.0.0.1", 0, **env.kw)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await smcish.create_connection(asyncio.Protocol, "127.0.0.1", port, **env.kw)
+        transport.close()
+        with open(path, "rb") as f, pytest.raises(RuntimeError, match="closing"):
+            await loop.sendfile(transport, f)
+        server.close()
+
+    env.run(main())
