@@ -982,7 +982,9 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             self._schedule_read()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        if not self._conn_lost and self._info.mode == "ism":
+        # Collected after its loop closed: the loop's TCP transport underneath warns itself, as
+        # in plain asyncio; one warning per connection, not two.
+        if not self._conn_lost and self._info.mode == "ism" and not self._loop.is_closed():
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             try:
                 self._tcp.abort()

@@ -1499,15 +1499,6 @@ def _warnings_after_loop_close(env, api) -> dict:
 
 
 def test_unclosed_connection_collected_after_loop_close(env, request):
-    xfail_if(request, env.path == "ism",
-             "collected only after the loop closed, each side of an ism connection warns "
-             "'unclosed transport <SmcTransport ism open>' on top of the warnings of the loop's "
-             "TCP transport and socket underneath (asyncio: 'unclosed transport' + 'unclosed "
-             "<socket.socket' + the StreamWriter's 'loop is closed' per side; uvloop: 'unclosed "
-             "resource <TCPTransport' + 'loop is closed'): one ResourceWarning more per side; "
-             "SmcTransport.__del__ warns by design (tests/test_transparent.py "
-             "test_unclosed_transport_warns) and may call only warn/abort (tests/hardening/"
-             "test_finalizers.py), so it cannot tell the TCP transport's own warning apart")
     plain = _warnings_after_loop_close(env, Plain(env))
     smc_api = Smc(env)
     smc = _warnings_after_loop_close(env, smc_api)

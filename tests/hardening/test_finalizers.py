@@ -325,6 +325,7 @@ ALLOWED_CALLS = {
     "_warn", "warn",                  # warnings.warn(ResourceWarning)
     "abort",                          # self._tcp.abort(): the loop's transport, no lock, no device
     "repr", "isinstance", "getattr", "len",
+    "is_closed",                      # loop.is_closed(): reads a flag
 }
 FORBIDDEN_WORDS = ("lock", "mutex", "acquire", "device", "peer_request", "claim", "detach",
                    "free", "attach", "alloc", "withdraw", "release_", "flock", "_request")
