@@ -12,6 +12,7 @@ import errno
 import functools
 import ipaddress
 import logging
+import os
 import select
 import socket
 from typing import Any
@@ -412,11 +413,11 @@ def patch_loop(loop: Any) -> None:
     orig_tls, orig_sendfile = loop.start_tls, loop.sendfile
     setattr(loop, _EXTRAS, True)
     loop.start_tls = functools.partial(tls.start_tls, loop, orig_tls)
-    loop.sendfile = functools.partial(_sendfile, orig_sendfile)
+    loop.sendfile = functools.partial(_sendfile, loop, orig_sendfile)
 
 
-async def _sendfile(orig: Any, transport: Any, file: Any, offset: int = 0, count: int | None = None,
-                    *, fallback: bool = True) -> int:
+async def _sendfile(loop: Any, orig: Any, transport: Any, file: Any, offset: int = 0,
+                    count: int | None = None, *, fallback: bool = True) -> int:
     """``loop.sendfile``: a fallen-back connection gets the loop's own (the kernel's sendfile(2)
     on asyncio's loop), a shared-memory one reads the file into its ring in C."""
     if not isinstance(transport, SmcTransport):
@@ -442,9 +443,40 @@ async def _sendfile(orig: Any, transport: Any, file: Any, offset: int = 0, count
         raise RuntimeError("Transport is closing")
     sent = await transport._sendfile_ism(file, offset, count)
     if transport._info.mode == "tcp" and (count is None or sent < count):
+        # An optimistic set-up fell through to TCP midway: the rest goes over TCP, from where the
+        # ring stopped (the ring's bytes were resent there first).
         rest = None if count is None else count - sent
-        sent += await orig(transport._tcp, file, offset + sent, rest, fallback=fallback)
+        try:
+            sent += await orig(transport._tcp, file, offset + sent, rest, fallback=fallback)
+        except NotImplementedError:
+            # uvloop has no loop.sendfile; the caller must not start over (part of the file is
+            # sent): copy the rest ourselves.
+            sent += await _copy_file(loop, transport, file, offset + sent, rest)
     return sent
+
+
+async def _copy_file(loop: Any, transport: Any, file: Any, offset: int, count: int | None) -> int:
+    """asyncio's sendfile fallback loop, writing immutable chunks (uvloop's transport keeps a
+    reference to what it could not send at once, so a reused buffer would be overwritten)."""
+    from asyncio.base_events import _SendfileFallbackProtocol
+
+    fd = file.fileno()
+    total = 0
+    proto = _SendfileFallbackProtocol(transport)
+    try:
+        while count is None or total < count:
+            size = 256 * 1024 if count is None else min(256 * 1024, count - total)
+            data = await loop.run_in_executor(None, os.pread, fd, size, offset + total)
+            if not data:
+                break
+            await proto.drain()
+            transport.write(data)
+            total += len(data)
+        return total
+    finally:
+        if total:
+            file.seek(offset + total)
+        await proto.restore()
 
 
 def install(loop: Any = None, config: Config | None = None) -> Any:

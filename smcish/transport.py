@@ -188,6 +188,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         """The optimistic claim was accepted: our ring is complete; read, and finish a close."""
         self._setup = None
         self._info.peer_ring_size = self._ring.rx_capacity
+        if self._space_waiter is not None:
+            self._wake_space_waiter()
         _stats.count("connections_ism")
         _stats.track(self)
         if self._conn_lost:
@@ -207,6 +209,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._setup = None
         self._ring = None                 # closed and freed by the set-up
         self._block = None
+        if self._space_waiter is not None:    # a sendfile goes on over TCP (loop._sendfile)
+            self._wake_space_waiter()
         if self._close_deferred:          # closed by the application meanwhile: send, then FIN
             if sent:
                 self._tcp.write(sent)
@@ -242,6 +246,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._setup = None
         self._ring = None
         self._block = None
+        if self._space_waiter is not None:
+            self._wake_space_waiter()
         self._pending.clear()
         self._pending_size = 0
         if self._conn_lost:              # closed by the application meanwhile

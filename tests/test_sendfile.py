@@ -173,3 +173,42 @@ def test_sendfile_closed_transport_raises(env, big_file):
         server.close()
 
     env.run(main())
+
+
+def test_sendfile_while_optimistic_set_up_falls_through(loop_kind, big_file):
+    """sendfile right after connect, the server's loop stalled past the set-up timeout: the
+    file fills the send-only ring, the claim is withdrawn, the connection moves to TCP with the
+    ring's bytes resent, and the rest of the file follows over TCP: every byte once, in order."""
+    from test_optimistic import ThreadServer, sha_echo
+
+    from conftest import Env
+
+    path, digest = big_file
+    srv = ThreadServer(loop_kind, sha_echo)
+    try:
+        async def main():
+            loop = asyncio.get_running_loop()
+            reader, writer = await smcish.open_connection("127.0.0.1", srv.port)
+            writer.write_eof()                           # opens the link group
+            await reader.read()
+            writer.close()
+            srv.stall(1.5)
+            await asyncio.sleep(0.05)
+            reader, writer = await smcish.open_connection("127.0.0.1", srv.port,
+                                                          handshake_timeout=0.3)
+            assert writer.get_extra_info("smcish").mode == "ism"    # optimistic
+            with open(path, "rb") as f:
+                sent = await asyncio.wait_for(loop.sendfile(writer.transport, f), 60)
+                assert f.tell() == _SIZE
+            info = writer.get_extra_info("smcish")
+            assert info.mode == "tcp", info
+            writer.write_eof()
+            got = await asyncio.wait_for(reader.read(), 60)
+            writer.close()
+            return sent, got
+
+        sent, got = Env(loop_kind, "ism").run(main(), timeout=120)
+        assert sent == _SIZE
+        assert got == b"%d %s\n" % (_SIZE, digest.encode())
+    finally:
+        srv.close()
