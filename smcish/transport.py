@@ -596,11 +596,15 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 n -= len(head)
                 pending.popleft()
             else:
-                pending[0] = head[n:]
+                # A view, not a copy: a large write is flushed in many steps.
+                # A view, not a copy: a large write is flushed in many steps.
+                pending[0] = (head if isinstance(head, memoryview) else memoryview(head))[n:]
                 n = 0
         if self._pending_size:
             self._wait_space()
             return
+        if self._space_waiter is not None:
+            self._wake_space_waiter()
         self._maybe_resume_protocol()
         if self._closing:
             self._finish_close()
@@ -746,6 +750,23 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if nbytes and self._poll_us and not self._group._poll_scheduled:
             self._group.schedule_poll(wake=True)
 
+    async def wait_reservable(self) -> None:
+        """Wait until ``reserve()`` can hand out ring space (shared memory: room in the ring and
+        nothing buffered before it); returns at once where it cannot (TCP, a set-up not
+        confirmed yet, a closing connection): ``reserve()`` then gives a private buffer."""
+        while True:
+            ring = self._ring
+            if (ring is None or self._info.mode != "ism" or self._setup is not None
+                    or self._conn_lost or self._closing):
+                return
+            try:
+                if not self._pending_size and ring.tx_space():
+                    return
+            except _ring.RingCorrupted as exc:
+                self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+                return
+            await self._space()
+
     # ----------------------------------------------------------------- sendfile
     def _wake_space_waiter(self) -> None:
         waiter, self._space_waiter = self._space_waiter, None
@@ -780,6 +801,9 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                     continue
                 want = count - total if count is not None else 1 << 30
                 try:
+                    # Room seen before the call is still there in it (only we fill the ring):
+                    # then nothing read means the end of the file, not a full ring.
+                    room = ring.tx_space()
                     n = ring.write_from_fd(fd, offset + total, want)
                 except _ring.RingCorrupted as exc:
                     self._fatal_error(exc, "smcish: peer corrupted the shared ring")
@@ -787,7 +811,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 if n:
                     total += n
                     continue
-                if ring.tx_space():
+                if room:
                     break                        # end of file
                 await self._space()
             return total

@@ -130,8 +130,9 @@ class ZeroCopyProtocol(asyncio.Protocol):
 
 async def send_buffer(writer: Any, data: Any) -> None:
     """Send a bytes-like object (a pickle protocol 5 ``PickleBuffer``, a numpy array...) through
-    ``writer.transport.reserve/commit``: one copy, from ``data`` straight into ring space, with
-    the writer's flow control (``await writer.drain()`` whenever the transport buffers).
+    ``writer.transport.reserve/commit``: one copy, from ``data`` straight into ring space
+    (waiting for ring space with ``transport.wait_reservable()``), with the writer's flow
+    control (``await writer.drain()`` whenever the transport buffers).
 
     Args:
         writer: an ``asyncio.StreamWriter`` on an smcish connection (any mode).
@@ -139,8 +140,13 @@ async def send_buffer(writer: Any, data: Any) -> None:
     """
     transport = writer.transport
     src = memoryview(data).cast("B")
+    if not hasattr(transport, "reserve"):     # not an smcish transport (TLS on top, ...)
+        writer.write(src)
+        await writer.drain()
+        return
     pos = 0
     while pos < len(src):
+        await transport.wait_reservable()       # ring space rather than a private buffer
         view = transport.reserve(len(src) - pos)
         n = len(view)
         view[:] = src[pos:pos + n]
