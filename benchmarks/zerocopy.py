@@ -18,7 +18,8 @@ configuration runs on the default asyncio loop and on uvloop:
 - ``tcp-copy``: plain TCP on 127.0.0.1 (``loop.create_connection`` / ``create_server``), as smcish-copy.
 
 A measurement is one fresh connection of the configuration after a warm-up connection (0.3 s): the
-sender records ``getrusage`` and the time once connected, sends for ``--duration`` seconds, half-closes,
+sender records ``getrusage`` and the time once the receiver's greeting line arrived (so the set-up is
+complete on both sides), sends for ``--duration`` seconds, half-closes,
 and stops the clock when the receiver's report arrives (bytes, checks, mismatches and its own
 ``getrusage`` from connection_made to EOF). Byte ``i`` of every stream is ``i % 251``; the receiver checks
 the first, middle and last byte of every buffer or view and the total count: any mismatch, a wrong
@@ -54,6 +55,7 @@ CONFIGS = {                     # name: (transport, sender, receiver)
     "smcish-zc": ("smcish", "reserve", "zerocopy"),
 }
 LOOPS = ("asyncio", "uvloop")
+GREETING = b"ready\n"           # the receiver's first line: the sender starts the clock once it has it
 
 
 # --- shared by benchmarks.sendfile -------------------------------------------------------------------------
@@ -133,7 +135,7 @@ class Peer:
             self.proc.wait()
 
 
-def summary(values: list[float], digits: int = 0) -> dict:
+def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
@@ -189,6 +191,7 @@ class _Check:
     def start(self, transport) -> None:
         self.transport = transport
         self.cpu0 = cpu_now()
+        transport.write(GREETING)
 
     def span(self, buf, n: int) -> None:
         offset, last, mid = self.offset, n - 1, n >> 1
@@ -265,13 +268,14 @@ async def _receive(spec: dict) -> None:
 # --- sender --------------------------------------------------------------------------------------------------
 
 class SenderProtocol(asyncio.Protocol):
-    """Flow control (pause/resume_writing) and the receiver's one-line report."""
+    """Flow control (pause/resume_writing), the receiver's greeting line and its one-line report."""
 
     def __init__(self):
         loop = asyncio.get_running_loop()
         self.paused = False
         self.resume_waiter = None
         self.inbox = bytearray()
+        self.greeting = loop.create_future()
         self.reply = loop.create_future()
         self.lost = loop.create_future()
 
@@ -291,14 +295,20 @@ class SenderProtocol(asyncio.Protocol):
 
     def data_received(self, data):
         self.inbox += data
-        if b"\n" in self.inbox and not self.reply.done():
-            self.reply.set_result(json.loads(self.inbox[:self.inbox.index(b"\n")]))
+        while b"\n" in self.inbox:
+            end = self.inbox.index(b"\n") + 1
+            line = bytes(self.inbox[:end])
+            del self.inbox[:end]
+            if not self.greeting.done():
+                self.greeting.set_result(line)
+            elif not self.reply.done():
+                self.reply.set_result(json.loads(line))
 
     def eof_received(self):
         return False
 
     def connection_lost(self, exc):
-        for fut in (self.resume_waiter, self.reply):
+        for fut in (self.resume_waiter, self.greeting, self.reply):
             if fut is not None and not fut.done():
                 fut.set_exception(exc or ConnectionError("connection closed before the receiver's report"))
         if not self.lost.done():
@@ -344,8 +354,10 @@ async def _send_write(transport, proto, src: memoryview, size: int, deadline: fl
 
 
 async def _send_reserve(transport, proto, src: memoryview, size: int, deadline: float, stats: dict) -> int:
-    """smcish.send_buffer's loop (reserve, one slice copy, commit; wait while paused), with counters."""
+    """smcish.send_buffer's loop (wait for ring space, reserve, one slice copy, commit; wait while
+    paused), with counters."""
     reserve, commit, buffered = transport.reserve, transport.commit, transport.get_write_buffer_size
+    wait_reservable = transport.wait_reservable
     clock = time.perf_counter
     offset = unyielded = private = reserves = 0
     while clock() < deadline:
@@ -353,6 +365,7 @@ async def _send_reserve(transport, proto, src: memoryview, size: int, deadline: 
         msg = src[phase:phase + size]
         pos = 0
         while pos < size:
+            await wait_reservable()
             view = reserve(size - pos)
             n = len(view)
             if isinstance(view.obj, bytearray):     # not ring space: commit() copies it like a write
@@ -377,6 +390,7 @@ async def _send_reserve(transport, proto, src: memoryview, size: int, deadline: 
 async def _measure(spec: dict, port: int, size: int, duration: float, src: memoryview, mismatch: bool) -> dict:
     transport, proto = await connect(spec, port)
     check_mode(spec, transport, "sender")
+    await proto.greeting         # the receiver has the connection (smcish: the set-up is confirmed)
     send = _send_reserve if spec["sender"] == "reserve" else _send_write
     stats: dict = {}
     if mismatch:                 # check the check: every message one byte off the pattern
@@ -439,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=0.3, help="seconds of the warm-up connection before each")
     ap.add_argument("--out", help="JSON file (default bench-results/zerocopy-<UTC time>.json)")
     ap.add_argument("--inject-mismatch", action="store_true",
-                    help="send one message off-pattern in every measurement: the run must fail (checks the check)")
+                    help="send every message one byte off the pattern: the run must fail (checks the check)")
     args = ap.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     loops = args.loops.split(",")

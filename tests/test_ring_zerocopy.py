@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from slot_helpers import GroupPair
 from smcish import ring
+from smcish._ring import ffi as _ffi
 from smcish.ring import ST_DATA, ST_SPACE, Ring, RingCorrupted, drain_doorbell
 from test_ring import Pair, payload
 from test_ring_group_hostile import Victim as GroupVictim
@@ -375,6 +376,317 @@ def test_write_from_fd_matches_the_file_byte_for_byte(datafile, cap, start, step
             assert got == bytes(queue[:len(got)])
             del queue[:len(got)]
             assert p.a.tx_space() == cap - len(queue)
+        assert p.b.read() == bytes(queue)
+        assert p.ra.get_u64(ring.OFF_PROD) == (start + p.a.tx_bytes) % U64
+
+
+# ------------------------------------------------------------- write_from_fd's bounce buffer
+# When the ring address of a segment is 1..31 bytes ahead of the file offset modulo 4096 (the
+# kernel's copy is ~4x slower there on AMD Zen 3), write_from_fd reads through a per-thread bounce
+# buffer of 128 KiB and copies into the ring (FD_ALIAS_WINDOW, FD_BOUNCE_SIZE in ring.c);
+# struct smc_ring's stat_tx_fd_bounced counts the bytes that went that way, so the tests can tell
+# the two paths apart.
+
+PAGE = 4096
+WINDOW = 32             # ring.c FD_ALIAS_WINDOW
+BOUNCE = 128 * 1024     # ring.c FD_BOUNCE_SIZE
+
+
+def tx_addr(r):
+    """Address of the byte the next write_from_fd's pread fills first."""
+    rr = r._r
+    return int(_ffi.cast("uintptr_t", rr.tx_base)) + (rr.tx_prod & rr.tx_mask)
+
+
+def bounced(r):
+    return r._r.stat_tx_fd_bounced
+
+
+def in_window(dist):
+    return 0 < dist % PAGE < WINDOW
+
+
+def offset_for(r, dist, near):
+    """The smallest file offset >= near such that the next write_from_fd's first target lies
+    `dist` bytes after it modulo 4096."""
+    return near + (tx_addr(r) - dist - near) % PAGE
+
+
+def place(p, idx):
+    """Move A's ring (empty before and after) to ring index idx, through filler bytes."""
+    a, b = p.a, p.b
+    cap = a.tx_capacity
+    step = (idx - (a._r.tx_prod & (cap - 1))) % cap
+    while step:
+        n = a.write(bytes(min(step, cap)))
+        assert b.read() == bytes(n)
+        step -= n
+
+
+def index_with_page_offset(r, page_off, lo):
+    """The smallest ring index >= lo whose address lies at `page_off` modulo 4096."""
+    base = int(_ffi.cast("uintptr_t", r._r.tx_base))
+    return lo + (page_off - base - lo) % PAGE
+
+
+@pytest.mark.parametrize("mis", [1, 8, 63])
+def test_write_from_fd_bounces_exactly_in_the_alias_window(datafile, mis):
+    # file offsets at page offset `mis`; ring targets at every distance around the window
+    fd, data = datafile
+    with Pair(1 << 16, 4096) as p:
+        a, b = p.a, p.b
+        dists = list(range(-3, 70)) + [127, 128, 2048, 4000, 4064, 4095]
+        for i, dist in enumerate(dists):
+            off = (i * 37 % 200) * PAGE + mis
+            place(p, index_with_page_offset(a, off + dist, (i * 1237) % 50000))
+            assert (tx_addr(a) - off) % PAGE == dist % PAGE
+            before, tx = bounced(a), a.tx_bytes
+            n = a.write_from_fd(fd, off, 5000 + i)
+            assert n == 5000 + i and a.tx_bytes == tx + n
+            assert bounced(a) - before == (n if in_window(dist) else 0), dist
+            assert b.read() == data[off:off + n]
+
+
+@pytest.mark.parametrize("mis", [1, 8, 63])
+@pytest.mark.parametrize("dist", [1, 8, 31])
+def test_write_from_fd_bounced_across_the_wrap(datafile, mis, dist):
+    fd, data = datafile
+    cap = 1 << 16
+    with Pair(cap, 4096) as p:
+        a, b = p.a, p.b
+        off = 12 * PAGE + mis
+        idx = index_with_page_offset(a, off + dist, cap - 3 * PAGE)   # 8..12 KiB before the end
+        place(p, idx)
+        n = a.write_from_fd(fd, off, cap)                              # fills the whole ring
+        assert n == cap and bounced(a) == cap and a.tx_space() == 0
+        assert p.ra.get_u64(ring.OFF_PROD) == a.tx_bytes
+        with b.peek(cap) as v:                                         # the part before the end
+            assert len(v) == cap - idx and v == data[off:off + cap - idx]
+            b.consume(len(v))
+        assert b.read() == data[off + cap - idx:off + cap]
+        # the same with the ring partly full: bounded by the free space, both segments
+        assert a.write(payload(1000, 3)) == 1000
+        off2 = offset_for(a, dist, 300000 + mis)
+        assert a.write_from_fd(fd, off2, cap) == cap - 1000
+        assert bounced(a) == 2 * cap - 1000
+        assert b.read() == payload(1000, 3) + data[off2:off2 + cap - 1000]
+
+
+@pytest.mark.parametrize("dist", [1, 8, 63 - 32, 63])
+def test_write_from_fd_bounced_larger_than_the_bounce_buffer(datafile, dist):
+    fd, data = datafile
+    cap = 1 << 20
+    assert cap > 5 * BOUNCE
+    with Pair(cap, 4096) as p:
+        a, b = p.a, p.b
+        for first in (BOUNCE // 3, BOUNCE + 1000, 3 * BOUNCE + 5):    # bytes before the wrap
+            place(p, index_with_page_offset(a, 0, cap - first - PAGE))
+            off = offset_for(a, dist, 8 + 1)
+            count = len(data) - off - 5000
+            before = bounced(a)
+            n = a.write_from_fd(fd, off, count)
+            assert n == min(count, cap)
+            assert bounced(a) - before == (n if in_window(dist) else 0)
+            got = bytearray()
+            while len(got) < n:
+                with b.peek(n) as v:
+                    got += v
+                    b.consume(len(v))
+            assert got == data[off:off + n]
+
+
+@pytest.mark.parametrize("dist", [1, 8, 31, 0, 40])
+def test_write_from_fd_bounced_stops_at_eof_mid_piece_and_mid_segment(datafile, dist):
+    fd, data = datafile
+    size = len(data)
+    with Pair(1 << 20, 4096) as p:
+        a, b = p.a, p.b
+        # in the middle of the first segment (and of its second bounce piece), no wrap
+        off = offset_for(a, dist, size - BOUNCE - 777 - PAGE)
+        before = bounced(a)
+        assert a.write_from_fd(fd, off, 1 << 20) == size - off
+        assert bounced(a) - before == (size - off if in_window(dist) else 0)
+        assert b.read() == data[off:]
+        assert a.write_from_fd(fd, size, 100) == 0 and a.write_from_fd(fd, size + 7, 100) == 0
+        # the file ends in the second segment, after the wrap
+        cap = a.tx_capacity
+        place(p, index_with_page_offset(a, 123, cap - 2 * PAGE))
+        off = offset_for(a, dist, size - 2 * PAGE - 5000)
+        first = cap - (a._r.tx_prod & (cap - 1))
+        assert size - off > first
+        before = bounced(a)
+        assert a.write_from_fd(fd, off, 1 << 20) == size - off
+        assert bounced(a) - before == (size - off if in_window(dist) else 0)
+        assert b.read() == data[off:]
+        # the file ends exactly at the end of the first segment: the second read sees EOF. The
+        # distance is then (block address - file size) mod 4096: cut the file to fit.
+        base = int(_ffi.cast("uintptr_t", a._r.tx_base))
+        end = size - PAGE + (base - dist - (size - PAGE)) % PAGE
+        with tempfile.TemporaryFile() as f:
+            f.write(data[:end])
+            f.flush()
+            place(p, cap - 2 * PAGE - 99)
+            first = 2 * PAGE + 99
+            off = end - first
+            assert (tx_addr(a) - off) % PAGE == dist % PAGE
+            before = bounced(a)
+            assert a.write_from_fd(f.fileno(), off, 1 << 20) == first
+            assert bounced(a) - before == (first if in_window(dist) else 0)
+            assert b.read() == data[off:end]
+
+
+@pytest.mark.parametrize("dist", [8, 0])
+def test_write_from_fd_bounced_read_errors(datafile, tmp_path, dist):
+    # errors before any byte: nothing published, the same errno as the direct path
+    fd, data = datafile
+    with Pair(1 << 16, 4096) as p:
+        a = p.a
+        a.write(b"head")
+        r, w = os.pipe()
+        dirfd = os.open(tmp_path, os.O_RDONLY)
+        wronly = os.open(tmp_path / "w", os.O_WRONLY | os.O_CREAT)
+        try:
+            for bad, code in ((1 << 20, errno.EBADF), (r, errno.ESPIPE), (dirfd, errno.EISDIR),
+                              (wronly, errno.EBADF)):
+                with pytest.raises(OSError) as info:
+                    a.write_from_fd(bad, offset_for(a, dist, 4096 + 8), 1 << 16)
+                assert info.value.errno == code
+        finally:
+            for x in (r, w, dirfd, wronly):
+                os.close(x)
+        assert a.tx_bytes == 4 and p.ra.get_u64(ring.OFF_PROD) == 4 and bounced(a) == 0
+        assert p.b.read() == b"head"
+        off = offset_for(a, dist, 8)
+        assert a.write_from_fd(fd, off, 10) == 10 and p.b.read() == data[off:off + 10]
+
+
+class HoleyMemory:
+    """`pages` readable pages of `content` followed by a page beyond the end of their memfd:
+    pread of /proc/self/mem returns the readable bytes short, then fails with EIO."""
+
+    def __init__(self, content, pages):
+        import ctypes
+        import mmap as _mmap
+        self.libc = libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self.memfd = os.memfd_create("smcish-holey", os.MFD_CLOEXEC)
+        os.write(self.memfd, content[:pages * PAGE].ljust(pages * PAGE, b"\0"))
+        self.length = (pages + 1) * PAGE
+        addr = libc.mmap(None, self.length, _mmap.PROT_READ, _mmap.MAP_SHARED, self.memfd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            os.close(self.memfd)
+            raise OSError(ctypes.get_errno(), "mmap")
+        self.addr = addr
+        self.end = addr + pages * PAGE
+        try:
+            self.fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.close()
+            pytest.skip(f"/proc/self/mem: {exc}")
+
+    def close(self):
+        self.libc.munmap(self.addr, self.length)
+        os.close(self.memfd)
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@pytest.mark.parametrize("dist", [1, 8, 31, 0, 2048])
+def test_write_from_fd_bounced_error_after_some_bytes_publishes_them(dist):
+    # 40 readable pages (more than the bounce buffer) at a page offset of the file (here
+    # /proc/self/mem, whose offsets are addresses), then a hole: the read fails with EIO after
+    # a short read. The bytes before it are published; the next call reports the error.
+    content = payload(40 * PAGE, 5)
+    mem = HoleyMemory(content, 40)
+    try:
+        with Pair(1 << 20, 4096) as p:
+            a, b = p.a, p.b
+            for skip in (8, 1, 63, 40 * PAGE - 100):
+                off = offset_for(a, dist, mem.addr + skip)
+                if off >= mem.end:
+                    continue
+                before = bounced(a)
+                n = a.write_from_fd(mem.fd, off, 1 << 20)
+                assert n == mem.end - off > 0
+                assert bounced(a) - before == (n if in_window(dist) else 0)
+                assert b.read() == content[off - mem.addr:]
+                tx = a.tx_bytes
+                with pytest.raises(OSError) as info:
+                    a.write_from_fd(mem.fd, mem.end, 1 << 20)
+                assert info.value.errno == errno.EIO
+                assert a.tx_bytes == tx and b.readable() == 0
+            # across the wrap: the first segment is read whole, the second fails after a part
+            cap = a.tx_capacity
+            place(p, index_with_page_offset(a, 0, cap - 10 * PAGE))
+            off = offset_for(a, dist, mem.addr + 8)
+            n = a.write_from_fd(mem.fd, off, 1 << 20)
+            assert n == mem.end - off and n > cap - (a._r.tx_prod - n) % cap
+            assert b.read() == content[off - mem.addr:]
+    finally:
+        mem.close()
+
+
+def test_write_from_fd_bounces_in_several_threads_at_once(datafile):
+    # each thread has its own bounce buffer; the reads run without the GIL
+    fd, data = datafile
+    errors = []
+
+    def worker(k):
+        try:
+            with Pair(1 << 18, 4096) as p:
+                a, b = p.a, p.b
+                rng = random.Random(k)
+                total = 0
+                for _ in range(60):
+                    dist = rng.choice([1, 8, 17, 31, 0, 32, 63])
+                    off = offset_for(a, dist, rng.randrange(0, len(data) - 300000))
+                    count = rng.randrange(1, 300000)
+                    n = a.write_from_fd(fd, off, count)
+                    assert n == min(count, a.tx_capacity)
+                    got = bytearray()
+                    while len(got) < n:
+                        got += b.read()
+                    assert got == data[off:off + n]
+                    total += n if in_window(dist) else 0
+                assert bounced(a) == total > 0
+        except BaseException as exc:   # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+@given(st.sampled_from([4096, 8192, 65536, 1 << 20]),
+       st.one_of(st.just(0), st.integers(0, U64 - 1), st.integers(U64 - 70000, U64 - 1)),
+       st.booleans(),
+       st.lists(st.tuples(st.one_of(st.integers(1, WINDOW - 1), st.integers(0, PAGE - 1)),
+                          st.integers(0, (1 << 20) + 900), st.integers(0, 300000),
+                          st.integers(0, 300000)), min_size=1, max_size=10))
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+def test_write_from_fd_bounced_matches_the_file_byte_for_byte(datafile, cap, start, heap, steps):
+    # heap=True: exact-size malloc'd regions, so AddressSanitizer checks every bounce memcpy
+    fd, data = datafile
+    with Pair(cap, 4096, start_a=start, heap=heap) as p:
+        queue = bytearray()
+        for dist, near, count, drain in steps:
+            offset = offset_for(p.a, dist, near)
+            before = bounced(p.a)
+            n = p.a.write_from_fd(fd, offset, count)
+            assert n == max(0, min(count, cap - len(queue), len(data) - offset))
+            assert bounced(p.a) - before == (n if in_window(dist) else 0)
+            queue += data[offset:offset + n]
+            got = p.b.read(drain)
+            assert got == bytes(queue[:len(got)])
+            del queue[:len(got)]
         assert p.b.read() == bytes(queue)
         assert p.ra.get_u64(ring.OFF_PROD) == (start + p.a.tx_bytes) % U64
 

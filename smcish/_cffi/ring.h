@@ -197,6 +197,7 @@ struct smc_ring {
     /* zero copy (smc_tx_reserve/smc_tx_commit, smc_rx_peek/smc_rx_consume) */
     uint64_t tx_resv;             /* bytes reserved at tx_prod, not yet committed (0 = none) */
     uint64_t rx_peek_end;         /* rx cursor where the last peek ended (consume stops there) */
+    uint64_t stat_tx_fd_bounced;  /* smc_tx_write_fd: bytes read through the bounce buffer */
 };
 
 /* A set-up record (slot header line 3), as written by its owner or as a snapshot of the peer's. */
