@@ -533,10 +533,13 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 else:
                     self._tx_level = min(self._tx_level + 1, _MAX_BACKOFF)
                     self._tx_skip = (1 << self._tx_level) - 1
-            if ring.prepare_sleep_tx():
-                self._loop.call_soon(self._flush)
-            elif self._peer_gone or ring.status() & (_ring.ST_CLOSED | _ring.ST_ABORT):
+            status = ring.prepare_sleep_tx()
+            if (status & (_ring.ST_CLOSED | _ring.ST_ABORT) or self._peer_gone
+                    or (not status and ring.status() & (_ring.ST_CLOSED | _ring.ST_ABORT))):
+                # (As a TCP write to a peer that closed: EPIPE/RST, not a wait that never ends.)
                 self._fatal_error(PeerReset("smcish peer closed; it will not read what we write"))
+            elif status:
+                self._loop.call_soon(self._flush)
         except _ring.RingCorrupted as exc:
             self._fatal_error(exc, "smcish: peer corrupted the shared ring")
 
@@ -596,7 +599,6 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 n -= len(head)
                 pending.popleft()
             else:
-                # A view, not a copy: a large write is flushed in many steps.
                 # A view, not a copy: a large write is flushed in many steps.
                 pending[0] = (head if isinstance(head, memoryview) else memoryview(head))[n:]
                 n = 0
@@ -694,6 +696,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         """
         if nbytes <= 0:
             raise ValueError(f"nbytes must be positive, got {nbytes!r}")
+        if self.__dict__.get("write") == self._write_in_sendfile:
+            raise RuntimeError("unable to write; sendfile is in progress")
         if self._reserved is not None:
             raise RuntimeError("a reservation is outstanding: commit() it first")
         ring = self._ring
@@ -774,7 +778,11 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             waiter.set_result(None)
 
     def _space(self) -> Any:
-        """A future resolved when the ring may have room again (or the connection ended)."""
+        """A future resolved when the ring may have room again (or the connection ended); shared
+        by everyone waiting at the time."""
+        waiter = self._space_waiter
+        if waiter is not None and not waiter.done():
+            return waiter
         waiter = self._space_waiter = self._loop.create_future()
         self._wait_space()
         return waiter
@@ -785,10 +793,15 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         written before goes first, reading is paused meanwhile, the file position ends after the
         last byte sent. Returns the number of bytes sent; returns early (fewer bytes) only if an
         optimistic set-up fell through to TCP meanwhile (the caller sends the rest there)."""
+        if self.__dict__.get("write") == self._write_in_sendfile:
+            raise RuntimeError("unable to write; sendfile is in progress")
         fd = file.fileno()
         total = 0
         resume = self.is_reading()
         self.pause_reading()
+        # As asyncio's transports: no write() while sendfile runs (it would land inside the file's
+        # bytes). An instance attribute, so write() itself gets no check.
+        self.write = self._write_in_sendfile
         try:
             while count is None or total < count:
                 if self._info.mode == "tcp":
@@ -816,10 +829,15 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 await self._space()
             return total
         finally:
+            if self.__dict__.get("write") == self._write_in_sendfile:
+                del self.write
             if total:
                 file.seek(offset + total)
             if resume and not self.is_closing():
                 self.resume_reading()
+
+    def _write_in_sendfile(self, data: Any) -> None:
+        raise RuntimeError("unable to write; sendfile is in progress")
 
     # ----------------------------------------------------------------- closing
     def is_closing(self) -> bool:
@@ -914,7 +932,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
-        if self._ring is not None and self._space_waiter is not None:
+        if getattr(self, "_space_waiter", None) is not None:
             self._wake_space_waiter()
         try:
             if self._protocol is not None:

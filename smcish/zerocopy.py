@@ -152,5 +152,4 @@ async def send_buffer(writer: Any, data: Any) -> None:
         view[:] = src[pos:pos + n]
         transport.commit(n)
         pos += n
-        if transport.get_write_buffer_size():
-            await writer.drain()
+        await writer.drain()      # raises if the connection was lost; waits if paused

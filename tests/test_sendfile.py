@@ -192,7 +192,7 @@ def test_sendfile_while_optimistic_set_up_falls_through(loop_kind, big_file):
             writer.write_eof()                           # opens the link group
             await reader.read()
             writer.close()
-            srv.stall(1.5)
+            srv.stall(3.0)            # well past the 0.3 s set-up timeout, even on a busy machine
             await asyncio.sleep(0.05)
             reader, writer = await smcish.open_connection("127.0.0.1", srv.port,
                                                           handshake_timeout=0.3)
@@ -212,3 +212,85 @@ def test_sendfile_while_optimistic_set_up_falls_through(loop_kind, big_file):
         assert got == b"%d %s\n" % (_SIZE, digest.encode())
     finally:
         srv.close()
+
+
+def test_write_during_sendfile_raises_as_asyncio(env, big_file):
+    """asyncio's transports refuse write() while sendfile runs; so does smcish on shared memory
+    (the bytes would land inside the file's)."""
+    if env.loop_kind == "uvloop" and env.path == "tcp":
+        pytest.skip("uvloop has no loop.sendfile")
+    path, digest = big_file
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        server = await smcish.create_server(lambda: _Sink(done), "127.0.0.1", 0, **env.kw)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await smcish.create_connection(asyncio.Protocol, "127.0.0.1", port, **env.kw)
+        assert transport.get_extra_info("smcish").mode == env.expected_mode
+        with open(path, "rb") as f:
+            task = asyncio.ensure_future(loop.sendfile(transport, f))
+            await asyncio.sleep(0)
+            errors = []
+            for _ in range(50):
+                if task.done():
+                    break
+                try:
+                    transport.write(b"X")
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+                await asyncio.sleep(0)
+            sent = await task
+        transport.write(b"after")                    # allowed again
+        transport.write_eof()
+        n, got = await asyncio.wait_for(done, 60)
+        transport.close()
+        server.close()
+        return sent, errors, n, got
+
+    sent, errors, n, got = env.run(main(), timeout=120)
+    assert errors and all("sendfile is in progress" in e for e in errors), errors
+    assert (sent, n) == (_SIZE, _SIZE + 5)
+    with open(path, "rb") as f:
+        assert got == hashlib.sha256(f.read() + b"after").hexdigest()
+
+
+def test_writer_after_peer_abort_fails_instead_of_spinning(env):
+    """The peer aborts (nothing unread: a clean close) while we have a large write queued: our
+    drain() fails with a connection error, as over TCP (EPIPE), and quickly, without burning CPU."""
+    import time
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        made = loop.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport):
+                transport.pause_reading()           # read nothing: our writes queue up
+                made.set_result(transport)
+
+        server = await smcish.create_server(Server, "127.0.0.1", 0, **env.kw)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await smcish.open_connection("127.0.0.1", port, **env.kw)
+        peer = await asyncio.wait_for(made, 5)
+        writer.write(os.urandom(8 << 20))
+        await asyncio.sleep(0.05)
+        peer.resume_reading()
+        peer.abort()
+        cpu = time.process_time()
+        try:
+            for _ in range(20):
+                writer.write(b"y" * (1 << 20))
+                await asyncio.wait_for(writer.drain(), 5)
+            outcome = "no error"
+        except (ConnectionError, OSError, RuntimeError) as exc:   # uvloop TCP: RuntimeError
+            outcome = type(exc).__name__
+        cpu = time.process_time() - cpu
+        writer.close()
+        server.close()
+        assert writer.get_extra_info("smcish").mode == env.expected_mode
+        return outcome, cpu
+
+    outcome, cpu = env.run(main(), timeout=60)
+    assert outcome != "no error"
+    assert cpu < 2.0, cpu

@@ -998,3 +998,34 @@ def test_pause_reading_after_release_view_holds(env):
             writer.close()
 
     env.run(main())
+
+
+def test_concurrent_send_buffers_both_finish(env):
+    """Two tasks waiting for ring space at once (send_buffer): both are woken, both finish."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        got = bytearray()
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, data):
+                got.extend(data)
+
+            def eof_received(self):
+                done.set_result(None)
+
+        server = await smcish.create_server(Sink, HOST, 0, **env.kw)
+        async with server:
+            reader, writer = await smcish.open_connection(HOST, port_of(server), **env.kw)
+            assert writer.get_extra_info("smcish").mode == env.expected_mode
+            a, b = b"A" * (3 << 20), b"B" * (3 << 20)
+            await asyncio.wait_for(asyncio.gather(smcish.send_buffer(writer, a),
+                                                  smcish.send_buffer(writer, b)), 30)
+            writer.write_eof()
+            await asyncio.wait_for(done, 30)
+            writer.close()
+        return bytes(got)
+
+    data = env.run(main(), timeout=60)
+    assert len(data) == 6 << 20
+    assert data.count(b"A") == 3 << 20 and data.count(b"B") == 3 << 20
