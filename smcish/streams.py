@@ -26,6 +26,16 @@ class SmcStreamReaderProtocol(asyncio.StreamReaderProtocol):
         reader = self._stream_reader
         if reader is None:                 # the reader was garbage-collected: discard, as stock
             return len(ring.read(avail))
+        if reader._smc_want and reader._waiter is not None and not reader._eof:
+            # A read() waits with an empty buffer: it takes the bytes from the ring itself (one
+            # copy, ring -> its result). Reading pauses meanwhile: the ring holds the data.
+            reader._smc_ring = ring
+            reader._smc_owner = self
+            if not reader._paused:
+                reader._paused = True
+                self._transport.pause_reading()
+            reader._wakeup_waiter()
+            return 0
         if reader._eof:                    # as StreamReader.feed_data (after the kernel's recv)
             ring.read(avail)
             raise AssertionError("feed_data after feed_eof")
@@ -56,6 +66,68 @@ class SmcStreamReaderProtocol(asyncio.StreamReaderProtocol):
         return got
 
 
+class SmcStreamReader(asyncio.StreamReader):
+    """The stock StreamReader, with a ``read(n)`` that copies once where 3.11's copies twice, and
+    on shared memory takes bytes straight from the ring when its buffer is empty (one copy
+    instead of three). Every other method and every semantic is the stock one."""
+
+    _smc_want = False        # read() waits for data it will take from the ring itself
+    _smc_ring = None         # the ring of the connection (set by the feed when it handed over)
+    _smc_owner = None        # the protocol that set it (still the transport's protocol?)
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._exception is not None:
+            raise self._exception
+        if n == 0:
+            return b""
+        if n < 0:
+            return await super().read(n)
+        if not self._buffer and not self._eof:
+            ring = self._smc_ring
+            if ring is not None:
+                data = self._smc_take(ring, n)
+                if data:
+                    return data
+            self._smc_want = True
+            try:
+                await self._wait_for_data("read")
+            finally:
+                self._smc_want = False
+            if not self._buffer and not self._eof and self._smc_ring is not None:
+                data = self._smc_take(self._smc_ring, n)
+                if data:
+                    return data
+                if self._exception is not None:
+                    raise self._exception
+        data = bytes(memoryview(self._buffer)[:n])
+        del self._buffer[:n]
+        self._maybe_resume_transport()
+        return data
+
+    def _smc_take(self, ring, n: int) -> bytes:
+        """Up to ``n`` bytes straight from the ring, if our protocol still owns the transport
+        (not after start_tls or a protocol switch) and the ring has some."""
+        transport = self._transport
+        if (transport is None or transport.get_protocol() is not self._smc_owner
+                or ring.closed):
+            self._smc_ring = None
+            return b""
+        try:
+            avail = ring.readable()
+            if not avail:
+                return b""
+            data = ring.read(avail if avail < n else n)
+            if avail <= n and self._paused:
+                # Drained: reading resumes, so EOF and what comes next are seen as with the
+                # stock reader (the next read() waiting takes the next bytes from the ring again).
+                self._paused = False
+                transport.resume_reading()
+        except Exception as exc:          # a corrupted ring: the transport fails the connection
+            transport._fatal_error(exc, "smcish: peer corrupted the shared ring")
+            return b""
+        return data
+
+
 async def open_connection(host=None, port=None, *, limit=_DEFAULT_LIMIT, **kwds):
     """Like ``asyncio.open_connection``; shared memory when the server is an smcish listener.
 
@@ -66,7 +138,7 @@ async def open_connection(host=None, port=None, *, limit=_DEFAULT_LIMIT, **kwds)
         ``(StreamReader, StreamWriter)``, the stock asyncio classes.
     """
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    reader = SmcStreamReader(limit=limit, loop=loop)
     protocol = SmcStreamReaderProtocol(reader, loop=loop)
     transport, _ = await create_connection(lambda: protocol, host, port, **kwds)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -78,7 +150,7 @@ async def start_server(client_connected_cb, host=None, port=None, *, limit=_DEFA
     loop = asyncio.get_running_loop()
 
     def factory():
-        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        reader = SmcStreamReader(limit=limit, loop=loop)
         return SmcStreamReaderProtocol(reader, client_connected_cb, loop=loop)
 
     return await create_server(factory, host, port, **kwds)
