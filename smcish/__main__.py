@@ -7,6 +7,56 @@ import json
 import sys
 
 
+def _readable(stats) -> dict | None:
+    """metrics_json() of another process's stats(), or None if they are not all numbers."""
+    from .metrics import metrics_json
+
+    if not isinstance(stats, dict):
+        return None
+    try:
+        metrics = metrics_json(stats)
+    except (TypeError, ValueError):
+        return None
+    leaves = [v for value in metrics.values()
+              for v in (value.values() if isinstance(value, dict) else [value])]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in leaves):
+        return metrics
+    return None
+
+
+def _processes(device) -> list[dict]:
+    """Every process on the device: pid, its metrics (None if it does not report them: no
+    smcish connection yet, or an older version) and its connection rows."""
+    out = []
+    for proc in device.peers_info():
+        if "pid" not in proc or proc.get("kind") == "ismd":
+            if "error" in proc:
+                out.append({"pid": None, "endpoint_id": proc.get("endpoint_id"),
+                            "error": proc["error"]})
+            continue
+        record, rows = None, []
+        for item in proc.get("connections", []):
+            if item.get("kind") == "process":
+                record = item
+            else:
+                rows.append({"pid": proc["pid"], **item})
+        if record is None and proc.get("self") and not rows:
+            continue                   # this command's own endpoint
+        entry = {"pid": proc["pid"], "endpoint_id": proc.get("endpoint_id"),
+                 "metrics": None, "connections": rows}
+        metrics = _readable(record.get("stats")) if record is not None else None
+        if metrics is not None:
+            entry["metrics"] = metrics
+            entry["stats"] = record["stats"]
+            shown, total = len(rows), record.get("connections", len(rows))
+            if isinstance(total, int) and total > shown:
+                entry["connections_not_shown"] = total - shown   # the reply's size limit
+        elif record is not None:
+            entry["error"] = str(record.get("error", "counters not understood"))
+        out.append(entry)
+    return out
+
+
 def _stat(args) -> int:
     import ism_backend
 
@@ -14,12 +64,20 @@ def _stat(args) -> int:
     if not device.available:
         print(f"no ISM device ({device.kind}): set SMCISH_DEVICE or start ismd", file=sys.stderr)
         return 1
-    rows = []
-    for proc in device.peers_info():
-        for conn in proc.get("connections", []):
-            rows.append({"pid": proc.get("pid"), **conn})
+    procs = _processes(device)
+    if args.prometheus:
+        from .metrics import render_text
+
+        sys.stdout.write(render_text([({"pid": str(p["pid"])}, p["stats"]) for p in procs
+                                      if p.get("stats") is not None]))
+        return 0
+    rows = [row for p in procs for row in p.get("connections", [])]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        if args.connections:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(json.dumps([{k: v for k, v in p.items() if k != "stats"} for p in procs],
+                             indent=2))
         return 0
     cols = ("pid", "role", "mode", "local", "peer", "bytes_sent", "bytes_received", "reason")
     print("  ".join(f"{c:>14}" for c in cols))
@@ -39,9 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m smcish")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="run an unchanged asyncio program accelerated: run script.py [args]")
-    p_stat = sub.add_parser("stat", help="list live smcish connections of processes on the device")
+    p_stat = sub.add_parser("stat", help="live smcish connections and metrics of the processes "
+                                         "on the device")
     p_stat.add_argument("--device", default=None, help="device spec (default: SMCISH_DEVICE or embedded)")
-    p_stat.add_argument("--json", action="store_true")
+    fmt = p_stat.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true",
+                     help="per process: pid, metrics (as smcish.metrics_json()) and connections")
+    fmt.add_argument("--prometheus", action="store_true",
+                     help="every process's metrics in Prometheus text format, with a pid label")
+    p_stat.add_argument("--connections", action="store_true",
+                        help="with --json: one flat row per connection (the format before metrics)")
     p_demo = sub.add_parser("demo", help="smcish vs plain TCP, two processes, side by side")
     p_demo.add_argument("--quick", action="store_true", help="shorter run")
     args, rest = parser.parse_known_args(argv)

@@ -39,6 +39,7 @@ from ism_backend import sockets
 
 from . import clc
 from . import ring as _ring
+from . import stats as _stats
 from .alloc import Block, BuddyAllocator
 
 log = logging.getLogger("smcish")
@@ -1132,6 +1133,7 @@ class LinkGroup:
         self.destroyed = True
         self.dying = True
         self.hub.forget(self)
+        _stats.group_closed(self.group)    # its doorbell/poll counts outlive it
         with _reg_lock:
             if _groups.get((self.id, self.role)) is self:
                 del _groups[(self.id, self.role)]

@@ -708,7 +708,8 @@ class HandshakeProtocol(asyncio.Protocol):
         if self._held_paused:             # (before delivering: the application may pause it)
             self._held_paused = False
             self._tcp.resume_reading()
-        _stats.count_fallback(reason)
+        _stats.count_fallback(reason, peer=self._tcp.get_extra_info("peername"),
+                              server=self._role == "server")
         smc = self._smc
         # A factory may build its protocol differently for TCP (TLS: the loop's own SSLProtocol).
         self._app = getattr(self._app_factory, "for_tcp", self._app_factory)()

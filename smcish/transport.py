@@ -27,6 +27,7 @@ from .clc import DeclineReason
 from .errors import PeerReset
 
 log = logging.getLogger("smcish")
+_asyncio_log = logging.getLogger("asyncio")
 
 _MAX_READ = 256 * 1024          # largest chunk handed to data_received at once
 _READS_PER_CALLBACK = 16        # deliveries before yielding to the loop (fairness)
@@ -223,7 +224,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._pending_size = 0
         closing, eof, paused = self._closing, self._eof_requested, self._write_paused
         self._closing = self._eof_requested = self._write_paused = False
-        _stats.count_fallback(reason)
+        _stats.count_fallback(reason, peer=self._tcp.get_extra_info("peername"))
         _stats.count("migrations")
         _stats.count("migrated_bytes", len(sent))
         self._become_tcp(reason, by_peer)
@@ -484,7 +485,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             return
         if self._conn_lost:
             if self._conn_lost >= _aconst.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
-                log.warning("socket.send() raised exception.")
+                _asyncio_log.warning("socket.send() raised exception.")   # as asyncio's
             self._conn_lost += 1
             return
         ring = self._ring
@@ -514,6 +515,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
 
     def _wait_space(self) -> None:
         """Our ring is full: grow it if the flow is bulk, poll briefly for room, else sleep."""
+        _stats.count("ring_full")
         ring = self._ring
         try:
             self._full_count += 1

@@ -221,7 +221,7 @@ def test_stat_command_lists_other_processes(tmp_path):
         line = proc.stdout.readline()
         assert line.startswith("ready"), line
         port = int(line.split()[1])
-        out = subprocess.run([PYTHON, "-m", "smcish", "stat", "--json"], env=python_env(),
+        out = subprocess.run([PYTHON, "-m", "smcish", "stat", "--json", "--connections"], env=python_env(),
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         rows = [r for r in json.loads(out.stdout) if r.get("pid") == proc.pid]
