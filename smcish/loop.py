@@ -42,6 +42,7 @@ _described: set[int] = set()          # ids of devices that know our info provid
 _CONNECT_ONLY = ("family", "proto", "flags", "local_addr", "happy_eyeballs_delay", "interleave",
                  "all_errors")
 _CONNECT_TRIES = 3            # fresh client ports tried when the kernel refuses a recycled 4-tuple
+_NO_TLS_KEYS = frozenset(("server_hostname", "ssl_handshake_timeout", "ssl_shutdown_timeout"))
 _CONFIG_KEYS = ("device", "negotiate", "ring_size", "max_ring_size", "poll_us", "handshake_timeout")
 
 
@@ -123,7 +124,8 @@ async def create_connection(protocol_factory: Any, host: Any = None, port: Any =
     loop = loop or asyncio.get_running_loop()
     patch_loop(loop)
     ssl = kwargs.pop("ssl", None)
-    opts = tls.check_client_args(ssl, host, kwargs)
+    if ssl is not None or not _NO_TLS_KEYS.isdisjoint(kwargs):
+        opts = tls.check_client_args(ssl, host, kwargs)
     if ssl:
         # Shared memory (or TCP) first, then asyncio's TLS over it (docs/design.md section 7).
         waiter = loop.create_future()

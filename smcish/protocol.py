@@ -20,6 +20,7 @@ from . import ring as _ring
 from . import stats as _stats
 from .errors import HandshakeError
 from .linkgroup import Hub, LinkGroup, addr_bytes, device_pool, in_pool
+from .tls import TlsFactory
 from .transport import SmcInfo, SmcTransport
 
 log = logging.getLogger("smcish")
@@ -708,11 +709,12 @@ class HandshakeProtocol(asyncio.Protocol):
         if self._held_paused:             # (before delivering: the application may pause it)
             self._held_paused = False
             self._tcp.resume_reading()
-        _stats.count_fallback(reason, peer=self._tcp.get_extra_info("peername"),
-                              server=self._role == "server")
+        _stats.count_fallback(reason, peer=self._tcp, server=self._role == "server")
         smc = self._smc
-        # A factory may build its protocol differently for TCP (TLS: the loop's own SSLProtocol).
-        self._app = getattr(self._app_factory, "for_tcp", self._app_factory)()
+        factory = self._app_factory
+        # A TLS factory builds the loop's own SSLProtocol for TCP (tls.py); isinstance, not a
+        # getattr that fails for every other factory (this is the fallback set-up path).
+        self._app = factory.for_tcp() if isinstance(factory, TlsFactory) else factory()
         smc.set_protocol(self._app)
         smc._become_tcp(reason, by_peer)
         self._app.connection_made(smc)

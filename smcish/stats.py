@@ -65,7 +65,8 @@ def count(name: str, n: int = 1) -> None:
 def count_fallback(reason, peer=None, server: bool = False) -> None:
     """A connection went (or stays) TCP for ``reason``.
 
-    ``peer``: the other end's address, ``(host, port)`` or a string, or None; ``server``: we
+    ``peer``: the other end's address, ``(host, port)`` or a string, or a transport (its
+    ``peername``, looked up only when logging), or None; ``server``: we
     are the accepting side (the client's port is ephemeral, so only its host names it in the
     log). Logs one INFO line per (reason, peer) per ``LOG_WINDOW`` seconds (``log_fallback``).
     """
@@ -77,6 +78,10 @@ def count_fallback(reason, peer=None, server: bool = False) -> None:
 def _peer_text(peer, server: bool) -> str | None:
     if peer is None:
         return None
+    if hasattr(peer, "get_extra_info"):      # a transport: its peer's address, looked up only now
+        peer = peer.get_extra_info("peername")
+        if peer is None:
+            return None
     if isinstance(peer, (tuple, list)) and peer:
         host = str(peer[0])
         if server or len(peer) < 2:

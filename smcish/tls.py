@@ -57,17 +57,17 @@ def client_factory(loop: Any, protocol_factory: Callable[[], Any], ssl: Any, opt
     """The protocol factory of a TLS client connection: asyncio's ``SSLProtocol`` around the
     application's protocol; ``waiter`` resolves when the TLS handshake is done."""
     context = None if isinstance(ssl, bool) else ssl
-    return _Factory(loop, protocol_factory, context, waiter, False, opts["server_hostname"], opts)
+    return TlsFactory(loop, protocol_factory, context, waiter, False, opts["server_hostname"], opts)
 
 
 def server_factory(loop: Any, protocol_factory: Callable[[], Any], context: Any,
                    opts: dict) -> Callable[[], Any]:
     """The protocol factory of an accepted TLS connection (as asyncio's accept path builds it:
     a failed handshake closes the connection, reported only in debug mode)."""
-    return _Factory(loop, protocol_factory, context, None, True, None, opts)
+    return TlsFactory(loop, protocol_factory, context, None, True, None, opts)
 
 
-class _Factory:
+class TlsFactory:
     """Builds the SSLProtocol of one connection: asyncio's over shared memory (any loop), the
     loop's own on a fallen-back connection (uvloop's native one on uvloop), so that TLS over TCP
     is exactly what the loop itself would have run."""

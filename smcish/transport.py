@@ -224,7 +224,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._pending_size = 0
         closing, eof, paused = self._closing, self._eof_requested, self._write_paused
         self._closing = self._eof_requested = self._write_paused = False
-        _stats.count_fallback(reason, peer=self._tcp.get_extra_info("peername"))
+        _stats.count_fallback(reason, peer=self._tcp)
         _stats.count("migrations")
         _stats.count("migrated_bytes", len(sent))
         self._become_tcp(reason, by_peer)
