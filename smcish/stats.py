@@ -79,7 +79,10 @@ def _peer_text(peer, server: bool) -> str | None:
     if peer is None:
         return None
     if hasattr(peer, "get_extra_info"):      # a transport: its peer's address, looked up only now
-        peer = peer.get_extra_info("peername")
+        try:
+            peer = peer.get_extra_info("peername")
+        except Exception:                     # a closed uvloop handle: no address to name
+            return None
         if peer is None:
             return None
     if isinstance(peer, (tuple, list)) and peer:

@@ -26,7 +26,7 @@ class SmcStreamReaderProtocol(asyncio.StreamReaderProtocol):
         reader = self._stream_reader
         if reader is None:                 # the reader was garbage-collected: discard, as stock
             return len(ring.read(avail))
-        if reader._smc_want and reader._waiter is not None and not reader._eof:
+        if getattr(reader, "_smc_want", False) and reader._waiter is not None and not reader._eof:
             # A read() waits with an empty buffer: it takes the bytes from the ring itself (one
             # copy, ring -> its result). Reading pauses meanwhile: the ring holds the data.
             reader._smc_ring = ring
@@ -124,7 +124,8 @@ class SmcStreamReader(asyncio.StreamReader):
                 transport.resume_reading()
         except Exception as exc:          # a corrupted ring: the transport fails the connection
             transport._fatal_error(exc, "smcish: peer corrupted the shared ring")
-            return b""
+            self.set_exception(exc)       # and this read raises (not b"", which would look like EOF)
+            raise
         return data
 
 

@@ -771,7 +771,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             except _ring.RingCorrupted as exc:
                 self._fatal_error(exc, "smcish: peer corrupted the shared ring")
                 return
-            await self._space()
+            await asyncio.shield(self._space())   # shared: never cancel it for all
 
     # ----------------------------------------------------------------- sendfile
     def _wake_space_waiter(self) -> None:
@@ -812,7 +812,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 if self._conn_lost or self._closing or ring is None:
                     raise ConnectionError("Connection closed by peer")
                 if self._pending_size:           # earlier writes first
-                    await self._space()
+                    await asyncio.shield(self._space())   # shared: never cancel it for all
                     continue
                 want = count - total if count is not None else 1 << 30
                 try:
@@ -828,7 +828,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                     continue
                 if room:
                     break                        # end of file
-                await self._space()
+                await asyncio.shield(self._space())   # shared: never cancel it for all
             return total
         finally:
             if self.__dict__.get("write") == self._write_in_sendfile:

@@ -1029,3 +1029,45 @@ def test_concurrent_send_buffers_both_finish(env):
     data = env.run(main(), timeout=60)
     assert len(data) == 6 << 20
     assert data.count(b"A") == 3 << 20 and data.count(b"B") == 3 << 20
+
+
+def test_cancelling_one_waiter_leaves_the_other(env):
+    """Two send_buffer tasks wait for ring space at once; cancelling one must not cancel the
+    other (they share one space future inside the transport)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        made = loop.create_future()
+        got = bytearray()
+
+        class Sink(asyncio.Protocol):
+            def connection_made(self, transport):
+                transport.pause_reading()           # the ring fills: both senders wait
+                made.set_result(transport)
+
+            def data_received(self, data):
+                got.extend(data)
+
+            def eof_received(self):
+                done.set_result(None)
+
+        server = await smcish.create_server(Sink, HOST, 0, **env.kw)
+        async with server:
+            reader, writer = await smcish.open_connection(HOST, port_of(server), **env.kw)
+            assert writer.get_extra_info("smcish").mode == env.expected_mode
+            peer = await asyncio.wait_for(made, 5)
+            a = asyncio.ensure_future(smcish.send_buffer(writer, b"A" * (8 << 20)))
+            b = asyncio.ensure_future(smcish.send_buffer(writer, b"B" * (1 << 20)))
+            await asyncio.sleep(0.1)
+            a.cancel()
+            await asyncio.sleep(0.05)
+            peer.resume_reading()
+            await asyncio.wait_for(b, 30)
+            assert not b.cancelled()
+            writer.write_eof()
+            await asyncio.wait_for(done, 30)
+            writer.close()
+        return bytes(got)
+
+    data = env.run(main(), timeout=60)
+    assert data.count(b"B") == 1 << 20
