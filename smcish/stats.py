@@ -142,9 +142,9 @@ def track(transport) -> None:
 
 
 def _folded(transport) -> bool:
-    # connection_lost ran: the transport's ring counters were added to _counters already
-    # (transport._stats_final), though its ring may linger until the peer is done with it.
-    return bool(getattr(transport, "_conn_lost", 0)) and getattr(transport, "_protocol", 1) is None
+    # The transport's ring counters were added to _counters already (transport._stats_final, at
+    # connection_lost or at the ring's release, whichever came first).
+    return bool(getattr(transport, "_stats_done", False))
 
 
 def stats() -> dict:

@@ -97,6 +97,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._closing = False
         self._conn_lost = 0
         self._reserved: Any = None       # the ring (ism) or private buffer of reserve()
+        self._stats_done = False         # the ring's counters were added to the process totals
 
     def _init_ism(self, poll_us: float) -> None:
         """The state of the shared-memory data path."""
@@ -945,8 +946,11 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             self._try_release()
 
     def _stats_final(self) -> None:
+        """Add our ring's counters to the process totals, once (connection_lost, or the ring's
+        release if that comes first: a link group's death releases before connection_lost)."""
         ring = self._ring
-        if ring is not None and not ring.closed and not self._released:
+        if ring is not None and not ring.closed and not self._stats_done:
+            self._stats_done = True
             for key, value in self._counters().items():
                 _stats.count(key, value)
 
@@ -979,6 +983,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 if armed and self._peer_done():
                     self._try_release()
             return
+        self._stats_final()
         self._released = True
         self._ring = None
         group = self._group
