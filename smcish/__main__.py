@@ -1,4 +1,4 @@
-"""Command line: `python -m smcish run|stat|demo|bench`."""
+"""Command line: `python -m smcish run|stat|demo|doctor|bench`."""
 
 from __future__ import annotations
 
@@ -109,6 +109,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --json: one flat row per connection (the format before metrics)")
     p_demo = sub.add_parser("demo", help="smcish vs plain TCP, two processes, side by side")
     p_demo.add_argument("--quick", action="store_true", help="shorter run")
+    p_doctor = sub.add_parser("doctor", help="would a connection use shared memory? checks the "
+                                             "device, the limits and a target; exit 0 if so")
+    p_doctor.add_argument("target", nargs="?", default=None, metavar="HOST:PORT",
+                          help="a listener to check (never connected to)")
+    p_doctor.add_argument("--device", default=None,
+                          help="device spec (default: SMCISH_DEVICE or embedded)")
+    p_doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    if argv and argv[0] == "doctor":
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:
+            return 2 if exc.code else 0
+        from .doctor import main as doctor_main
+
+        return doctor_main(args)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "stat":
         return _stat(args)

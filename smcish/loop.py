@@ -413,9 +413,14 @@ def patch_loop(loop: Any) -> None:
     if getattr(loop, _EXTRAS, False):
         return
     orig_tls, orig_sendfile = loop.start_tls, loop.sendfile
-    setattr(loop, _EXTRAS, True)
-    loop.start_tls = functools.partial(tls.start_tls, loop, orig_tls)
-    loop.sendfile = functools.partial(_sendfile, loop, orig_sendfile)
+    try:
+        setattr(loop, _EXTRAS, True)
+        loop.start_tls = functools.partial(tls.start_tls, loop, orig_tls)
+        loop.sendfile = functools.partial(_sendfile, loop, orig_sendfile)
+    except (AttributeError, TypeError):
+        # A loop class without instance attributes: its own start_tls/sendfile stay (asyncio's
+        # accept our transport through _start_tls_compatible / the sendfile fallback).
+        log.debug("smcish: cannot wrap start_tls/sendfile on %r", loop)
 
 
 async def _sendfile(loop: Any, orig: Any, transport: Any, file: Any, offset: int = 0,

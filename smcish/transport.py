@@ -83,7 +83,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     """
 
     _sendfile_compatible = _aconst._SendfileMode.FALLBACK
-    _start_tls_compatible = False
+    _start_tls_compatible = True     # asyncio's own start_tls works over us too (tls.py wraps it)
 
     def __init__(self, loop: Any, tcp_transport: Any, info: SmcInfo) -> None:
         # Only what both modes need: a fallen-back connection should cost next to nothing.
