@@ -1,0 +1,203 @@
+"""`python -m smcish doctor`: each verdict against what a real connection actually does."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 20
+
+SMCISH_SERVER = """
+import asyncio, smcish
+async def echo(r, w):
+    while (d := await r.read(65536)):
+        w.write(d)
+    w.close()
+async def main():
+    s = await smcish.start_server(echo, '127.0.0.1', 0)
+    print(s.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+PLAIN_SERVER = SMCISH_SERVER.replace("smcish.start_server", "asyncio.start_server")
+
+CLIENT = """
+import asyncio, smcish, sys
+async def main():
+    r, w = await smcish.open_connection('127.0.0.1', int(sys.argv[1]))
+    w.write(b'ping'); await w.drain()
+    assert await r.readexactly(4) == b'ping'
+    info = w.get_extra_info('smcish')
+    print(info.mode, info.reason.name if info.reason else None, flush=True)
+    w.close()
+asyncio.run(main())
+"""
+
+
+def _env(**changes):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def _low_nofile():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+def doctor(*args, env=None, preexec_fn=None):
+    """Run `python -m smcish doctor --json ARGS`: (exit status, parsed report)."""
+    proc = subprocess.run([sys.executable, "-m", "smcish", "doctor", "--json", *args],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
+                          env=env or _env(), preexec_fn=preexec_fn)
+    report = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return proc.returncode, report
+
+
+def connect(port, env=None, preexec_fn=None):
+    """A real smcish.open_connection from a child: (mode, reason name or None)."""
+    proc = subprocess.run([sys.executable, "-c", CLIENT, str(port)], capture_output=True,
+                          text=True, timeout=TIMEOUT, cwd=ROOT, env=env or _env(),
+                          preexec_fn=preexec_fn)
+    assert proc.returncode == 0, proc.stderr
+    mode, reason = proc.stdout.split()
+    return mode, None if reason == "None" else reason
+
+
+def check(report, name):
+    return [c for c in report["checks"] if c["name"] == name]
+
+
+@pytest.fixture(scope="module")
+def servers():
+    procs, ports = [], {}
+    try:
+        for kind, code in (("smcish", SMCISH_SERVER), ("plain", PLAIN_SERVER)):
+            proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                    text=True, cwd=ROOT, env=_env())
+            procs.append(proc)
+            ports[kind] = int(proc.stdout.readline())
+        yield ports
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+
+
+def test_bad_arguments():
+    assert doctor("not-a-target")[0] == 2
+    assert doctor("127.0.0.1:99999")[0] == 2
+    proc = subprocess.run([sys.executable, "-m", "smcish", "doctor", "--bogus"], cwd=ROOT,
+                          env=_env(), capture_output=True, timeout=TIMEOUT)
+    assert proc.returncode == 2
+
+
+def test_device_ok_no_target():
+    code, report = doctor()
+    assert code == 0, report
+    assert report["verdict"] == {"mode": "ism", "reason": None, "remedy": None}
+    assert check(report, "device")[0]["status"] == "OK"
+
+
+def test_no_device(servers):
+    env = _env(SMCISH_DEVICE="none")
+    code, report = doctor(f"127.0.0.1:{servers['smcish']}", env=env)
+    assert code == 1
+    assert report["verdict"]["mode"] == "tcp"
+    assert report["verdict"]["reason"] == "NO_DEVICE"
+    assert report["verdict"]["remedy"]
+    assert connect(servers["smcish"], env=env) == ("tcp", "NO_DEVICE")
+
+
+@pytest.mark.parametrize("squat", ["group_writable", "foreign_owner"])
+def test_squatted_runtime_dir(servers, squat):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rt")
+        os.mkdir(path, 0o700)
+        if squat == "group_writable":
+            os.chmod(path, 0o770)
+            expected = "accessible by group/others"
+        else:
+            if os.geteuid() != 0:
+                pytest.skip("chown to another uid needs root")
+            os.chown(path, 65534, 65534)
+            expected = "owned by uid 65534"
+        env = _env(SMCISH_RUNTIME_DIR=path)
+        code, report = doctor(f"127.0.0.1:{servers['smcish']}", env=env)
+        assert code == 1
+        (device,) = check(report, "device")
+        assert device["status"] == "FAIL"
+        assert expected in device["detail"]
+        assert device["reason"] == "NO_DEVICE"
+        assert check(report, "runtime dir")[0]["status"] == "WARN"
+        assert report["verdict"]["reason"] == "NO_DEVICE"
+        assert connect(servers["smcish"], env=env) == ("tcp", "NO_DEVICE")
+
+
+def test_ismd_unreachable(servers):
+    env = _env(SMCISH_DEVICE="unix:/nonexistent")
+    code, report = doctor(env=env)
+    assert code == 1
+    (device,) = check(report, "device")
+    assert device["status"] == "FAIL" and "not reachable" in device["detail"]
+    assert report["verdict"]["reason"] == "NO_DEVICE"
+    assert connect(servers["smcish"], env=env) == ("tcp", "NO_DEVICE")
+
+
+def test_smcish_listener(servers):
+    code, report = doctor(f"127.0.0.1:{servers['smcish']}")
+    assert code == 0, report
+    assert report["verdict"]["mode"] == "ism"
+    assert check(report, "listener")[0]["status"] == "OK"
+    assert check(report, "advert")[0]["status"] == "OK"
+    assert connect(servers["smcish"]) == ("ism", None)
+
+
+def test_smcish_listener_text_output(servers):
+    proc = subprocess.run([sys.executable, "-m", "smcish", "doctor",
+                           f"localhost:{servers['smcish']}"], capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=ROOT, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "verdict: shared memory"
+
+
+def test_plain_listener(servers):
+    code, report = doctor(f"127.0.0.1:{servers['plain']}")
+    assert code == 1
+    assert report["verdict"]["reason"] == "PEER_NOT_ADVERTISED"
+    assert check(report, "advert")[0]["status"] == "FAIL"
+    assert connect(servers["plain"]) == ("tcp", "PEER_NOT_ADVERTISED")
+
+
+def test_nothing_listens():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]          # bound, not listening
+        code, report = doctor(f"127.0.0.1:{port}")
+    assert code == 1
+    assert check(report, "listener")[0]["status"] == "FAIL"
+
+
+def test_low_nofile_warns(servers):
+    code, report = doctor(f"127.0.0.1:{servers['smcish']}", preexec_fn=_low_nofile)
+    (limit,) = check(report, "RLIMIT_NOFILE")
+    assert limit["status"] == "WARN", limit
+    assert "soft 64" in limit["detail"]
+    assert limit["remedy"] and "RLIMIT_NOFILE" in limit["remedy"]
+    # a client still has room for a link group: the verdict stays, and a real connection agrees
+    assert code == 0 and report["verdict"]["mode"] == "ism"
+    assert connect(servers["smcish"], preexec_fn=_low_nofile) == ("ism", None)
