@@ -155,8 +155,3 @@ async def start_tls(loop: Any, orig: Any, transport: Any, protocol: Any, sslcont
         resume.cancel()
         raise
     return ssl_protocol._app_transport
-
-
-def is_tls(transport: Any) -> bool:
-    return isinstance(transport, sslproto._SSLProtocolTransport)
-
