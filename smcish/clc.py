@@ -73,6 +73,8 @@ class DeclineReason(enum.IntEnum):
     DISABLED_BY_POLICY = 0x0302, "shared memory is disabled by configuration or policy"
     PEER_NOT_ADVERTISED = 0x0303, "the listener that accepts this connection is not an smcish one on this device"
     GID_MISMATCH = 0x0304, "the peers are on different sharing domains (gid mismatch)"
+    LEARNED_DECLINE = 0x0305, "skipped: set-ups to this destination kept falling back for a reason of the peer's (learned policy)"
+    LEARNED_SHORT_LIVED = 0x0306, "skipped: connections to this destination kept ending within short_lived_ms (learned policy)"
     # 0x04xx peer
     VERSION_MISMATCH = 0x0401, "the peers have no protocol version in common"
     PROTOCOL_ERROR = 0x0402, "the peer broke the set-up protocol"

@@ -253,8 +253,11 @@ async def find_acceptor(loop: Any, hub: Hub, family: int, host: str, port: int,
 
 # --------------------------------------------------------------------------- server side
 
-def advertise(server: Any, hub: Hub) -> Any:
+def advertise(server: Any, hub: Hub, allowed: Any = None) -> Any:
     """Advertise ``server``'s listening sockets on the hub's device until ``server.close()``.
+
+    ``allowed``: the file descriptors of the sockets to advertise (None: all of them; the
+    acceleration policy keeps the others on TCP).
 
     Returns the server itself (asyncio's Server, whose ``close`` is patched on the instance) or,
     for a server class that cannot be patched (uvloop's), a ``ServerProxy`` around it.
@@ -266,6 +269,8 @@ def advertise(server: Any, hub: Hub) -> Any:
 
     def advertise_all(socks: Any) -> None:
         for sock in socks:
+            if allowed is not None and sock.fileno() not in allowed:
+                continue
             try:
                 handle = device.advertise(sock, hub.id)
             except Exception as exc:  # noqa: BLE001 - no advertisement: clients just stay TCP

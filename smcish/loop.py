@@ -21,6 +21,7 @@ import ism_backend
 
 from . import clc
 from . import discovery
+from . import policy
 from . import stats as _stats
 from . import tls
 from .config import Config
@@ -36,7 +37,7 @@ _EXTRAS = "_smcish_extras"
 # Set-ups claimed by a patched loop.sock_connect() before connecting a caller's socket (aiohttp's
 # connector connects its own sockets), waiting for create_connection(sock=...) to pick them up.
 # Keyed by id(socket object): the entry holds the socket, so the id cannot be reused meanwhile.
-_preclaims: dict[int, tuple[Any, ClientSetup]] = {}
+_preclaims: dict[int, tuple[Any, Any]] = {}   # (socket, ClientSetup or the DeclineReason)
 _described: set[int] = set()          # ids of devices that know our info provider
 # Connection-establishment arguments we handle ourselves on the accelerated client path.
 _CONNECT_ONLY = ("family", "proto", "flags", "local_addr", "happy_eyeballs_delay", "interleave",
@@ -142,7 +143,9 @@ async def create_connection(protocol_factory: Any, host: Any = None, port: Any =
         for key in _CONNECT_ONLY:
             kwargs.pop(key, None)
         setup = None
-        if pre is not None:
+        if pre is not None and isinstance(pre[1], R):
+            skip = pre[1]                # the policy said TCP when the socket connected
+        elif pre is not None:
             setup = pre[1]
             setup.release_hold()
             await setup.wait()
@@ -155,12 +158,20 @@ async def create_connection(protocol_factory: Any, host: Any = None, port: Any =
     sweep_hubs()
     hub = Hub.get(loop, device)
     infos = await _resolve(loop, host, port, kwargs.get("family", 0), kwargs.get("flags", 0))
+    skips = [policy.decide("client", addr[0], addr[1]) for _, addr in infos]
+    if skips and all(skips):
+        # The policy keeps every address on TCP: the loop's own create_connection, every
+        # argument as given (happy eyeballs, local_addr, ...).
+        return await _plain(loop, orig_connect, protocol_factory, cfg, host, port, skips[0], kwargs)
     local_addr = kwargs.get("local_addr")
     for key in _CONNECT_ONLY:
         kwargs.pop(key, None)
     errors: list[OSError] = []
-    for family, addr in infos:
+    for (family, addr), skip in zip(infos, skips):
         try:
+            if skip is not None:
+                return await _plain_sock(loop, orig_connect, _originals(loop)[2], protocol_factory,
+                                         cfg, family, addr, skip, kwargs, local_addr)
             return await _connect_one(loop, hub, orig_connect, protocol_factory, cfg, family, addr,
                                       local_addr, kwargs)
         except OSError as exc:
@@ -206,11 +217,14 @@ async def _sock_connect(loop: Any, sock: socket.socket, addr: tuple) -> None:
 
 
 async def _plain_sock(loop: Any, orig_connect: Any, orig_sock_connect: Any, protocol_factory: Any,
-                     cfg: Config, family: int, addr: tuple, reason: R, kwargs: dict) -> Any:
-    """connect() an unbound socket (the kernel picks the port, as plain TCP would): TCP."""
+                     cfg: Config, family: int, addr: tuple, reason: R, kwargs: dict,
+                     local_addr: Any = None) -> Any:
+    """connect() a socket the kernel binds (or bound to ``local_addr``), as plain TCP would: TCP."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
+        if local_addr:
+            sock.bind(local_addr)
         await orig_sock_connect(sock, addr)
     except BaseException:
         sock.close()
@@ -322,13 +336,38 @@ async def create_server(protocol_factory: Any, host: Any = None, port: Any = Non
     if device is not None:
         sweep_hubs()
         hub = Hub.get(loop, device)
+        policy.current()         # a malformed policy raises here, before we listen
     # Without a hub every connection is plain TCP from its first byte: a server parses nothing.
-    factory = functools.partial(HandshakeProtocol, loop, "server", protocol_factory, cfg, hub=hub,
-                                skip_reason=skip)
+    factory = _ServerFactory(loop, protocol_factory, cfg, hub, skip)
     server = await orig_serve(factory, host, port, **kwargs)
-    if hub is not None:
-        return discovery.advertise(server, hub)
-    return server
+    if hub is None:
+        return server
+    # The policy by listening address and port (known only now when port is 0): a socket it
+    # keeps on TCP is not advertised, so no client claims a connection through it.
+    allowed = set()
+    for sock in server.sockets or ():
+        name = sock.getsockname()
+        if not isinstance(name, tuple) or policy.decide("server", name[0], name[1]) is None:
+            allowed.add(sock.fileno())
+    if server.sockets and not allowed:
+        factory.skip = R.DISABLED_BY_POLICY
+        factory.hub = None
+        return server
+    return discovery.advertise(server, hub, allowed)
+
+
+class _ServerFactory:
+    """The listener's protocol factory; the policy may turn it to TCP once the sockets exist."""
+
+    __slots__ = ("loop", "app_factory", "cfg", "hub", "skip")
+
+    def __init__(self, loop: Any, app_factory: Any, cfg: Config, hub: Hub | None,
+                 skip: R | None) -> None:
+        self.loop, self.app_factory, self.cfg, self.hub, self.skip = loop, app_factory, cfg, hub, skip
+
+    def __call__(self) -> HandshakeProtocol:
+        return HandshakeProtocol(self.loop, "server", self.app_factory, self.cfg, hub=self.hub,
+                                 skip_reason=self.skip)
 
 
 # --------------------------------------------------------------------------- transparent mode
@@ -351,6 +390,12 @@ async def _claim_before_connect(loop: Any, sock: Any, address: Any, config: Conf
     host, port = address[0], address[1]
     if not discovery.is_local(host):
         return                      # (the cross-namespace path needs create_connection itself)
+    skip = policy.decide("client", host, port)
+    if skip is not None:
+        # create_connection(sock=) reports the policy's reason rather than "not advertised".
+        _preclaims[id(sock)] = (sock, skip)
+        loop.call_later(cfg.handshake_timeout * 2 + 1.0, _drop_preclaim, id(sock), skip)
+        return
     if sock.getsockname()[1] == 0:
         src = discovery.source_address(sock.family, host)
         if src is None:
@@ -384,10 +429,12 @@ async def _claim_before_connect(loop: Any, sock: Any, address: Any, config: Conf
         loop.call_later(cfg.handshake_timeout * 2 + 1.0, _drop_preclaim, id(sock), setup)
 
 
-def _drop_preclaim(key: int, setup: ClientSetup) -> None:
+def _drop_preclaim(key: int, setup: Any) -> None:
     entry = _preclaims.get(key)
     if entry is not None and entry[1] is setup:
         del _preclaims[key]
+        if isinstance(setup, R):
+            return
         if not setup.machine.done:
             setup.abandon(R.TIMEOUT)
         setup.discard()
@@ -396,7 +443,7 @@ def _drop_preclaim(key: int, setup: ClientSetup) -> None:
 def _finalise_preclaim(sock: Any) -> None:
     """The caller uses its socket directly (sock_sendall, ...): the connection is plain TCP."""
     entry = _preclaims.pop(id(sock), None)
-    if entry is not None:
+    if entry is not None and not isinstance(entry[1], R):
         setup = entry[1]
         if not setup.machine.done:
             setup.abandon(R.DISABLED_BY_POLICY)
@@ -514,11 +561,11 @@ def install(loop: Any = None, config: Config | None = None) -> Any:
             result = await orig_sock_connect(sock, address)
         except BaseException:
             entry = _preclaims.pop(id(sock), None)
-            if entry is not None:
+            if entry is not None and not isinstance(entry[1], R):
                 entry[1].abandon(R.INTERNAL)
             raise
         entry = _preclaims.get(id(sock))
-        if entry is not None:
+        if entry is not None and not isinstance(entry[1], R):
             entry[1].connected()
         return result
 

@@ -8,15 +8,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .clc import DeclineReason
 
 # (name, type, help, label name or None, samples: stats -> [(label value, value)] or value)
-_Family = tuple[str, str, str, "str | None", Callable[[dict], Any]]
+Stats = dict[str, Any]
+_Family = tuple[str, str, str, "str | None", Callable[[Stats], Any]]
 
 
-def _fallbacks(st: dict) -> list[tuple[str, int]]:
+def _fallbacks(st: Stats) -> list[tuple[str, int]]:
     seen = dict(st.get("fallbacks") or {})
     out = [(reason.name, int(seen.pop(reason.name, 0))) for reason in DeclineReason]
     # Reasons this version does not know (a newer peer process's stats): still shown.
@@ -65,10 +67,13 @@ FAMILIES: list[_Family] = [
     ("smcish_live_connections", "gauge",
      "Open connections on shared memory.", None,
      lambda st: st.get("live", 0)),
+    ("smcish_policy_skipped_destinations", "gauge",
+     "Destinations the learned policy skips now (LEARNED_DECLINE, LEARNED_SHORT_LIVED).", None,
+     lambda st: st.get("policy_skipped", 0)),
 ]
 
 
-def _snapshot(st: dict | None) -> dict:
+def _snapshot(st: Stats | None) -> Stats:
     if st is None:
         from .stats import stats
 
@@ -76,7 +81,7 @@ def _snapshot(st: dict | None) -> dict:
     return st
 
 
-def metrics_json(snapshot: dict | None = None, pid: int | None = None) -> dict:
+def metrics_json(snapshot: Stats | None = None, pid: int | None = None) -> dict[str, Any]:
     """This process's metrics as a JSON-able dict (``snapshot``: a ``stats()`` dict, default
     now; ``pid``: whose, default this process's when ``snapshot`` is None, else left out).
 
@@ -87,7 +92,7 @@ def metrics_json(snapshot: dict | None = None, pid: int | None = None) -> dict:
     st = _snapshot(snapshot)
     if pid is None and snapshot is None:
         pid = os.getpid()
-    out: dict = {} if pid is None else {"pid": pid}
+    out: dict[str, Any] = {} if pid is None else {"pid": pid}
     for name, _typ, _help, label, samples in FAMILIES:
         key = name[len("smcish_"):]
         value = samples(st)
@@ -107,7 +112,7 @@ def _format_value(value: Any) -> str:
     return repr(float(value))
 
 
-def render_text(processes: Iterable[tuple[dict, dict]]) -> str:
+def render_text(processes: Iterable[tuple[dict[str, str], Stats]]) -> str:
     """Text exposition (format 0.0.4) of several snapshots: ``(extra labels, stats() dict)``
     pairs, e.g. ``({"pid": "42"}, stats)``; each family's HELP and TYPE once."""
     processes = list(processes)
@@ -118,7 +123,7 @@ def render_text(processes: Iterable[tuple[dict, dict]]) -> str:
         for extra, st in processes:
             value = samples(st)
             for label_value, number in (value if label else [(None, value)]):
-                labels = dict(extra)
+                labels: dict[str, Any] = dict(extra)
                 if label:
                     labels[label] = label_value
                 text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
@@ -127,7 +132,7 @@ def render_text(processes: Iterable[tuple[dict, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def metrics_text(snapshot: dict | None = None) -> str:
+def metrics_text(snapshot: Stats | None = None) -> str:
     """This process's metrics in Prometheus text exposition format 0.0.4 (HELP/TYPE lines;
     ``snapshot``: a ``stats()`` dict, default now). Serve it with the content type
     ``text/plain; version=0.0.4; charset=utf-8``."""

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import runpy
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from .config import Config
 from .loop import install
+from .policy import set_program
 
 
 class SmcEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
@@ -17,8 +21,9 @@ class SmcEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
         super().__init__()
         self._smc_config = config
 
-    def new_event_loop(self):
-        return install(super().new_event_loop(), self._smc_config)
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop: asyncio.AbstractEventLoop = install(super().new_event_loop(), self._smc_config)
+        return loop
 
 
 def patch_process(config: Config | None = None) -> None:
@@ -32,16 +37,18 @@ def patch_process(config: Config | None = None) -> None:
         return
     original = uvloop.new_event_loop
 
-    def new_event_loop():
-        return install(original(), config)
+    def new_event_loop() -> uvloop.Loop:
+        loop: uvloop.Loop = install(original(), config)
+        return loop
 
-    class SmcUvloopPolicy(uvloop.EventLoopPolicy):
-        def _loop_factory(self):
+    # (uvloop's policy class is typed as Any by its stubs' absence for this attribute)
+    class SmcUvloopPolicy(uvloop.EventLoopPolicy):  # type: ignore[misc]
+        def _loop_factory(self) -> uvloop.Loop:
             return new_event_loop()
 
     original_run = uvloop.run
 
-    def run(main, *, loop_factory=None, **kwargs):
+    def run(main: Coroutine[Any, Any, Any], *, loop_factory: Any = None, **kwargs: Any) -> Any:
         # uvloop.run binds new_event_loop as a default argument: pass ours explicitly.
         return original_run(main, loop_factory=loop_factory or new_event_loop, **kwargs)
 
@@ -60,7 +67,9 @@ def run_script(argv: list[str]) -> None:
         if len(argv) < 2:
             raise SystemExit("usage: python -m smcish run -m module [args...]")
         sys.argv = argv[1:]
+        set_program(argv[1])             # `program` policy rules match the module's name
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = list(argv)
+        set_program(os.path.basename(argv[0]))   # ... or the script's file name
         runpy.run_path(argv[0], run_name="__main__")

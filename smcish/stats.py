@@ -12,17 +12,20 @@ import logging
 import threading
 import time
 import weakref
+from typing import Any
 
-_counters: collections.Counter = collections.Counter()
-_fallbacks: collections.Counter = collections.Counter()
-_live: "weakref.WeakSet" = weakref.WeakSet()
+from . import policy as _policy
+
+_counters: collections.Counter[str] = collections.Counter()
+_fallbacks: collections.Counter[str] = collections.Counter()
+_live: weakref.WeakSet[Any] = weakref.WeakSet()          # SmcTransport (not imported: a cycle)
 
 log = logging.getLogger("smcish.fallback")
 
 # One INFO line per (reason, peer) per window; the table of keys is bounded (oldest dropped).
 LOG_WINDOW = 60.0
 LOG_KEYS = 1024
-_logged: "collections.OrderedDict[tuple, float]" = collections.OrderedDict()
+_logged: collections.OrderedDict[tuple[str, str | None, bool], float] = collections.OrderedDict()
 _log_lock = threading.Lock()
 
 # Per reason: what an operator can do about it (one line; the INFO log and docs/operations.md).
@@ -39,8 +42,14 @@ REMEDIES: dict[str, str] = {
     "TIMEOUT": "the peer's event loop was busy: raise SMCISH_HANDSHAKE_TIMEOUT or unblock the "
                "peer's loop",
     "NO_DEVICE": "no ISM device reachable: set SMCISH_DEVICE or start ismd",
-    "DISABLED_BY_POLICY": "shared memory is off by configuration: expected with "
-                          "negotiate='never' (SMCISH_NEGOTIATE); unset it to accelerate",
+    "DISABLED_BY_POLICY": "shared memory is off by configuration: SMCISH_NEGOTIATE=never, a "
+                          "tcp rule or default in SMCISH_POLICY / the config file, or the "
+                          "set_policy() callable (docs/policy.md)",
+    "LEARNED_DECLINE": "this destination kept declining or timing out: fix the peer (its own "
+                       "log names the reason), wait decline_ttl, or set decline_after = 0 in "
+                       "[policy] (docs/policy.md)",
+    "LEARNED_SHORT_LIVED": "connections to this destination were short-lived (short_lived_ms in "
+                           "[policy]): expected; set short_lived_ms = 0 to always accelerate",
     "PEER_NOT_ADVERTISED": "the server is not an smcish listener (or not reachable through the "
                            "same device/namespace): start it with smcish or `python -m smcish run`",
     "GID_MISMATCH": "the peers use different sharing domains: give both the same device "
@@ -62,7 +71,7 @@ def count(name: str, n: int = 1) -> None:
     _counters[name] += n
 
 
-def count_fallback(reason, peer=None, server: bool = False) -> None:
+def count_fallback(reason: Any, peer: Any = None, server: bool = False) -> None:
     """A connection went (or stays) TCP for ``reason``.
 
     ``peer``: the other end's address, ``(host, port)`` or a string, or a transport (its
@@ -72,16 +81,27 @@ def count_fallback(reason, peer=None, server: bool = False) -> None:
     """
     _counters["connections_tcp"] += 1
     _fallbacks[getattr(reason, "name", str(reason))] += 1
+    if not server and reason in _policy.LEARNABLE:
+        _policy.note_outcome(_address_of(peer), reason)
     log_fallback(reason, peer, server)
 
 
-def _peer_text(peer, server: bool) -> str | None:
+def _address_of(peer: Any) -> Any:
+    if hasattr(peer, "get_extra_info"):
+        try:
+            return peer.get_extra_info("peername")
+        except Exception:                     # noqa: BLE001 - a closed uvloop handle
+            return None
+    return peer
+
+
+def _peer_text(peer: Any, server: bool) -> str | None:
     if peer is None:
         return None
     if hasattr(peer, "get_extra_info"):      # a transport: its peer's address, looked up only now
         try:
             peer = peer.get_extra_info("peername")
-        except Exception:                     # a closed uvloop handle: no address to name
+        except Exception:                     # noqa: BLE001 - a closed uvloop handle: no address
             return None
         if peer is None:
             return None
@@ -93,7 +113,7 @@ def _peer_text(peer, server: bool) -> str | None:
     return str(peer)
 
 
-def log_fallback(reason, peer=None, server: bool = False) -> bool:
+def log_fallback(reason: Any, peer: Any = None, server: bool = False) -> bool:
     """Log why a connection fell back to TCP and the remedy, at most once per (reason, peer)
     per ``LOG_WINDOW`` seconds on logger ``smcish.fallback`` at INFO. True if it logged."""
     if not log.isEnabledFor(logging.INFO):
@@ -123,7 +143,7 @@ def log_fallback(reason, peer=None, server: bool = False) -> bool:
     return True
 
 
-def group_closed(group) -> None:
+def group_closed(group: Any) -> None:
     """A link group goes away: keep its doorbell and poll counts (stats() reads live groups)."""
     try:
         if group.closed:
@@ -136,18 +156,18 @@ def group_closed(group) -> None:
         _counters[key] += value
 
 
-def track(transport) -> None:
+def track(transport: Any) -> None:
     """Register a live ISM transport so stats() and `smcish stat` can see it."""
     _live.add(transport)
 
 
-def _folded(transport) -> bool:
+def _folded(transport: Any) -> bool:
     # The transport's ring counters were added to _counters already (transport._stats_final, at
     # connection_lost or at the ring's release, whichever came first).
     return bool(getattr(transport, "_stats_done", False))
 
 
-def stats() -> dict:
+def stats() -> dict[str, Any]:
     """Return a snapshot of the counters, including live connections' byte counts.
 
     Returns:
@@ -158,8 +178,9 @@ def stats() -> dict:
         our CPU and yielded to it), ``handshake_aborts``, ``migrations`` (optimistic
         connections that moved to TCP after sending, ``migrated_bytes`` resent), ``ring_full``
         (times a writer found its send ring full), ``link_groups``, ``slots``
-        (connections holding a slot) and ``live`` (number of open ISM connections).
-        Every count but ``link_groups``, ``slots`` and ``live`` only grows.
+        (connections holding a slot), ``live`` (number of open ISM connections) and
+        ``policy_skipped`` (destinations the learned policy skips now, ``policy.learned()``).
+        Every count but ``link_groups``, ``slots``, ``live`` and ``policy_skipped`` only grows.
     """
     from . import linkgroup
 
@@ -180,7 +201,7 @@ def stats() -> dict:
     for hub in linkgroup.live_hubs():
         try:
             hub_stats = hub.stats()
-        except Exception:          # a hub closing under our feet (stat from another thread)
+        except Exception:          # noqa: BLE001 - a hub closing under our feet (another thread)
             continue
         groups += hub_stats["link_groups"]
         slots += hub_stats["slots"]
@@ -188,7 +209,7 @@ def stats() -> dict:
         totals["poll_hits"] += hub_stats["group_polls_hit"]
         totals["poll_misses"] += hub_stats["group_polls_missed"]
         totals["poll_colocated"] += hub_stats["group_polls_colocated"]
-    out = {key: totals.get(key, 0) for key in (
+    out: dict[str, Any] = {key: totals.get(key, 0) for key in (
         "connections_ism", "connections_tcp", "bytes_sent", "bytes_received", "notifications",
         "doorbells", "poll_hits", "poll_misses", "poll_colocated", "handshake_aborts", "migrations",
         "migrated_bytes", "ring_full")}
@@ -196,10 +217,11 @@ def stats() -> dict:
     out["live"] = live
     out["link_groups"] = groups
     out["slots"] = slots
+    out["policy_skipped"] = len(_policy.learned()) if _policy._skipped else 0
     return out
 
 
-def _snapshot_live() -> list:
+def _snapshot_live() -> list[Any]:
     # The device's endpoint thread calls connections() while the loop thread adds and drops
     # transports: copying a WeakSet can then fail with "changed size"; just try again.
     for _ in range(10):
@@ -210,18 +232,18 @@ def _snapshot_live() -> list:
     return []
 
 
-def connection_rows() -> list[dict]:
+def connection_rows() -> list[dict[str, Any]]:
     """Describe this process's live ISM connections, one dict per connection."""
     out = []
     for transport in _snapshot_live():
         try:
             out.append(transport._describe())
-        except Exception:          # a transport closing under our feet: skip it
+        except Exception:          # noqa: BLE001 - a transport closing under our feet: skip it
             continue
     return out
 
 
-def connections() -> list[dict]:
+def connections() -> list[dict[str, Any]]:
     """What this process tells `python -m smcish stat` (the device's info provider; called
     from the device's endpoint thread).
 
@@ -232,7 +254,8 @@ def connections() -> list[dict]:
     """
     rows = connection_rows()
     try:
-        record = {"kind": "process", "schema": 1, "stats": stats(), "connections": len(rows)}
+        record: dict[str, Any] = {"kind": "process", "schema": 1, "stats": stats(),
+                                  "connections": len(rows)}
     except Exception as exc:   # noqa: BLE001 - the rows are still worth having
         record = {"kind": "process", "schema": 1, "error": f"stats failed: {exc!r}"}
     return [record, *rows]

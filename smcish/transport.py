@@ -20,6 +20,7 @@ import warnings
 from asyncio import constants as _aconst
 from typing import Any
 
+from . import policy as _policy
 from . import ring as _ring
 from . import stats as _stats
 from . import zerocopy as _zerocopy
@@ -131,6 +132,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._poll_us = float(poll_us)
         self._tx_level = self._tx_skip = 0
         self._space_waiter: Any = None   # sendfile waits here for room in the ring
+        self._born: Any = None           # (loop time, peername): client, learned short-lived rule
 
     # ----------------------------------------------------------------- set-up
     def set_protocol(self, protocol: Any) -> None:
@@ -184,7 +186,17 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             return
         _stats.count("connections_ism")
         _stats.track(self)
+        if self._info.role == "client":
+            self._learn_established()
         self._schedule_read()
+
+    def _learn_established(self) -> None:
+        """A client set-up ended in shared memory: what the learned policy keeps (policy.py)."""
+        if _policy.short_lived_on or _policy._strikes:
+            peer = self._tcp.get_extra_info("peername")
+            _policy.note_outcome(peer, None)
+            if _policy.short_lived_on:
+                self._born = (self._loop.time(), peer)
 
     def _setup_established(self) -> None:
         """The optimistic claim was accepted: our ring is complete; read, and finish a close."""
@@ -194,6 +206,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             self._wake_space_waiter()
         _stats.count("connections_ism")
         _stats.track(self)
+        self._learn_established()
         if self._conn_lost:
             if self._close_deferred:
                 self._tcp.close()
@@ -943,6 +956,10 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         finally:
             self._protocol = self._feed = None     # as asyncio: get_protocol() is None now
             self._stats_final()
+            born = getattr(self, "_born", None)
+            if born is not None:
+                self._born = None
+                _policy.note_ended(born[1], self._loop.time() - born[0])
             self._try_release()
 
     def _stats_final(self) -> None:

@@ -26,7 +26,8 @@ PAYLOAD = 50_000
 
 COUNTERS = ("smcish_connections", "smcish_fallbacks", "smcish_bytes", "smcish_doorbells",
             "smcish_polls", "smcish_ring_full", "smcish_migrations", "smcish_handshake_aborts")
-GAUGES = ("smcish_link_groups", "smcish_slots", "smcish_live_connections")
+GAUGES = ("smcish_link_groups", "smcish_slots", "smcish_live_connections",
+          "smcish_policy_skipped_destinations")
 
 
 def parse(text: str) -> dict:
@@ -64,6 +65,7 @@ def check_matches_stats(parsed: dict, st: dict, **extra) -> None:
     assert v("smcish_link_groups") == st["link_groups"]
     assert v("smcish_slots") == st["slots"]
     assert v("smcish_live_connections") == st["live"]
+    assert v("smcish_policy_skipped_destinations") == st["policy_skipped"]
 
 
 async def echo_server(**kw):
@@ -185,7 +187,8 @@ def test_metrics_json_matches_stats(loop_kind):
                       ("migrations_total", "migrations"),
                       ("handshake_aborts_total", "handshake_aborts"),
                       ("link_groups", "link_groups"), ("slots", "slots"),
-                      ("live_connections", "live")):
+                      ("live_connections", "live"),
+                      ("policy_skipped_destinations", "policy_skipped")):
         assert js[key] == st[stat], key
     assert smcish.metrics_json(st) == {k: v for k, v in js.items() if k != "pid"}
 
