@@ -95,7 +95,7 @@ _RANDOM_PORT_TRIES = 8
 
 
 def _bind_ephemeral(sock: socket.socket, src: str, random_tries: int = _RANDOM_PORT_TRIES,
-                    dest: tuple | None = None) -> bool:
+                    dest: tuple[Any, ...] | None = None) -> bool:
     """Bind ``sock`` to ``src`` and a free ephemeral port; False if none could be had.
 
     bind(port 0) searches the whole range for a port without any bound socket, which takes
@@ -194,7 +194,7 @@ def bound_socket(family: int, host: str, port: int, local_addr: Any,
     return socket.socket(family, socket.SOCK_STREAM), None
 
 
-def _listener_behind(family: int, host: str, port: int, bound: tuple) -> Any:
+def _listener_behind(family: int, host: str, port: int, bound: tuple[Any, ...]) -> Any:
     """The listener that a SYN from ``bound``'s address would reach, found from other ports."""
     lo, _ = _PORTS
     for _ in range(3):
@@ -264,7 +264,7 @@ def advertise(server: Any, hub: Hub, allowed: Any = None) -> Any:
     """
     device = hub.device
     entries = []
-    waiting: list = []              # not listening yet (start_serving=False): at start_serving()
+    waiting: list[Any] = []         # not listening yet (start_serving=False): at start_serving()
     closed = False
 
     def advertise_all(socks: Any) -> None:
@@ -356,7 +356,8 @@ class ServerProxy(asyncio.AbstractServer):
         return self._server.get_loop()
 
     def is_serving(self) -> bool:
-        return self._server.is_serving()
+        serving: bool = self._server.is_serving()
+        return serving
 
     async def start_serving(self) -> None:
         await self._server.start_serving()
@@ -381,7 +382,7 @@ class ServerProxy(asyncio.AbstractServer):
     def sockets(self) -> Any:
         return self._server.sockets
 
-    async def __aenter__(self) -> "ServerProxy":
+    async def __aenter__(self) -> ServerProxy:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

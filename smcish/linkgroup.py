@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import concurrent.futures.thread   # noqa: F401 - imported now: at EMFILE a lazy import fails
+import concurrent.futures.thread  # (imported now: at EMFILE a lazy import fails)
 import errno
 import functools
 import heapq
@@ -32,15 +32,16 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ism_backend
 from ism_backend import sockets
 
 from . import clc
 from . import ring as _ring
-from . import stats as _stats
 from .alloc import Block, BuddyAllocator
+from .stats import group_closed as _group_closed
 
 log = logging.getLogger("smcish")
 R = clc.DeclineReason
@@ -111,11 +112,11 @@ _reg_lock = threading.Lock()
 # Weak: a hub lives as long as its loop references it (through _hub_for and its readers), so a
 # loop dropped without close() takes its hub, groups and transports with it, and an unclosed
 # transport warns as the loop's own would.
-_hubs: "weakref.WeakValueDictionary[bytes, Hub]" = weakref.WeakValueDictionary()
+_hubs: weakref.WeakValueDictionary[bytes, Hub] = weakref.WeakValueDictionary()
 # (group id, side): both sides of a group share its id, and one process may hold both.
-_groups: "weakref.WeakValueDictionary[tuple[bytes, str], LinkGroup]" = weakref.WeakValueDictionary()
+_groups: weakref.WeakValueDictionary[tuple[bytes, str], LinkGroup] = weakref.WeakValueDictionary()
 _LOOP_ATTR = "_smcish_hubs"                          # loop attribute: {device: hub}
-_handled_devices: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_handled_devices: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _after_fork() -> None:
@@ -167,7 +168,7 @@ def check_fd_headroom(server: bool) -> None:
                                     "no new link group (the connection stays TCP)")
 
 
-def live_hubs() -> list["Hub"]:
+def live_hubs() -> list[Hub]:
     with _reg_lock:
         return list(_hubs.values())
 
@@ -195,7 +196,7 @@ class _EndpointHandler:
     group state changes to the owning hub's loop.
     """
 
-    def handle(self, peer: Any, op: str, fields: dict) -> dict:
+    def handle(self, peer: Any, op: str, fields: dict[str, Any]) -> dict[str, Any]:
         if op == "group_open":
             with _reg_lock:
                 hub = _hubs.get(fields["hub_id"])
@@ -241,7 +242,7 @@ class Hub:
         self.id = secrets.token_bytes(16)
         kind = device.kind if device.kind in _GEOMETRY else "embedded"
         self.max_slots, self.ext0_heap = _GEOMETRY[kind]
-        self.client_groups: dict[tuple[bytes, bytes], LinkGroup] = {}
+        self.client_groups: dict[tuple[bytes, bytes | None], LinkGroup] = {}
         self._listener_owner: dict[int, tuple[bytes, bytes, float]] = {}  # inode -> (endpoint, hub, until)
         self.server_groups: dict[bytes, LinkGroup] = {}
         self.listeners: set[int] = set()
@@ -256,7 +257,7 @@ class Hub:
             _handled_devices.add(device)
 
     @classmethod
-    def get(cls, loop: Any, device: Any) -> "Hub":
+    def get(cls, loop: Any, device: Any) -> Hub:
         """The hub of ``loop`` on ``device``, created on first use."""
         # On the loop itself (not a WeakKeyDictionary, whose values would keep the loop alive
         # through hub.loop): a loop dropped without close() is collected with its hub.
@@ -307,7 +308,7 @@ class Hub:
     def remove_listener(self, inode: int) -> None:
         self.listeners.discard(inode)
 
-    def group_serving(self, inode: int) -> "LinkGroup | None":
+    def group_serving(self, inode: int) -> LinkGroup | None:
         """The live client group toward the hub that the *device* said serves listener
         ``inode`` (an answer of ``find_listener`` remembered by ``remember_listener``).
 
@@ -339,7 +340,7 @@ class Hub:
                                        time.monotonic() + LISTENER_CACHE_S)
 
     # ------------------------------------------------------------------ client groups
-    async def group_for(self, advert: Any) -> "LinkGroup":
+    async def group_for(self, advert: Any) -> LinkGroup:
         """The client group toward ``advert``'s hub, opened on first use (device round trips).
 
         Raises:
@@ -364,7 +365,7 @@ class Hub:
             task.add_done_callback(lambda fut, key=key, advert=advert: self._opened(key, advert, fut))
         return await asyncio.shield(pending)
 
-    def _open_client_blocking(self, advert: Any) -> tuple:
+    def _open_client_blocking(self, advert: Any) -> tuple[Any, ...]:
         device = self.device
         check_fd_headroom(server=False)
         group_id = secrets.token_bytes(16)
@@ -415,7 +416,7 @@ class Hub:
         pending.set_result(group)
 
     # ------------------------------------------------------------------ server groups
-    def serve_group_open(self, peer: Any, fields: dict) -> dict:
+    def serve_group_open(self, peer: Any, fields: dict[str, Any]) -> dict[str, Any]:
         """Endpoint thread: a client hub opens a group with us (attach, alloc, install on the loop)."""
         if fields["version"] != GROUP_VERSION:
             raise ism_backend.IsmError(f"link group version {fields['version']} is not {GROUP_VERSION}: "
@@ -455,7 +456,8 @@ class Hub:
             raise
         return {"token": mine.token, "size": mine.size, "max_slots": max_slots}
 
-    def find_claim(self, peer_addr: tuple, local_addr: tuple) -> tuple["LinkGroup", int, Any] | None:
+    def find_claim(self, peer_addr: tuple[Any, ...], local_addr: tuple[Any, ...]
+                   ) -> tuple[LinkGroup, int, Any] | None:
         """Server, at accept: a client claim in one of our groups matching this 4-tuple exactly.
 
         Several claims may name the same 4-tuple (a peer may post forged ones, in its own group
@@ -511,7 +513,7 @@ class Hub:
         if self.client_groups or self.server_groups:
             self.ensure_timer()
 
-    def forget(self, group: "LinkGroup") -> None:
+    def forget(self, group: LinkGroup) -> None:
         if group.role == "client":
             key = (group.peer_endpoint, group.peer_hub)
             if self.client_groups.get(key) is group:
@@ -534,7 +536,7 @@ class Hub:
             self._timer.cancel()
         self._timer = None
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         groups = list(self.client_groups.values()) + list(self.server_groups.values())
         return {"link_groups": len(groups),
                 "slots": sum(len(g.conns) for g in groups),
@@ -617,7 +619,8 @@ class LinkGroup:
         self._free_slots: list[int] = []
         self._next_unused = 0
         self._awaiting: dict[int, tuple[int, float]] = {}     # slot -> (gen, reusable-after)
-        self._block_quarantine: collections.deque = collections.deque()  # (free-after, block)
+        # (free-after, block)
+        self._block_quarantine: collections.deque[tuple[float, Block]] = collections.deque()
         self._idle_since = time.monotonic()
         # dispatch
         self._doorbell_fd = my_ext0.doorbell_fd
@@ -679,7 +682,7 @@ class LinkGroup:
                 return got
             try:
                 grown = await asyncio.wait_for(self.grow(size), max(0.0, deadline - self.loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 grown = False
             if not grown:
                 return self.alloc_block(size)      # freed meanwhile, perhaps
@@ -743,7 +746,7 @@ class LinkGroup:
             raise
         return index, region
 
-    def serve_extent_add(self, fields: dict) -> dict:
+    def serve_extent_add(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Endpoint thread: the peer added an extent; attach it read-only, install on the loop."""
         index = fields["index"]
         device = self.hub.device
@@ -797,7 +800,8 @@ class LinkGroup:
             ext.release()
             device = self.hub.device
 
-            def give_back(region: Any = region, index: int = index, written: int = written) -> None:
+            def give_back(region: Any = region, index: int = index, written: int = written,
+                          device: Any = device) -> None:
                 try:
                     device.peer_request(self.peer_endpoint, "extent_remove", group_id=self.id,
                                         side=self.peer_side, index=index)
@@ -939,7 +943,7 @@ class LinkGroup:
                     self._prune_hot()
                     hot = self.hot
                     got = group.poll_hot(budget, self.hot_rings)
-                if type(got) is int:
+                if isinstance(got, int):
                     if budget:
                         self._rx_level = 0
                     conn = hot.pop(got)
@@ -1001,7 +1005,7 @@ class LinkGroup:
         return True
 
     def _prune_hot(self) -> None:
-        keep = [(c, r) for c, r in zip(self.hot, self.hot_rings)
+        keep = [(c, r) for c, r in zip(self.hot, self.hot_rings, strict=False)
                 if c._ring is r and not r.closed and not c._conn_lost]
         self.hot = [c for c, _ in keep]
         self.hot_rings = [r for _, r in keep]
@@ -1133,7 +1137,7 @@ class LinkGroup:
         self.destroyed = True
         self.dying = True
         self.hub.forget(self)
-        _stats.group_closed(self.group)    # its doorbell/poll counts outlive it
+        _group_closed(self.group)          # its doorbell/poll counts outlive it
         with _reg_lock:
             if _groups.get((self.id, self.role)) is self:
                 del _groups[(self.id, self.role)]
@@ -1151,7 +1155,7 @@ class LinkGroup:
                 pass
         self.group.close()
         device = self.hub.device
-        for index, (region, ext) in list(self.peer_exts.items()):
+        for _index, (region, ext) in list(self.peer_exts.items()):
             ext.release()
             in_pool(device.detach, region)
         for index, (region, ext) in list(self.my_exts.items()):

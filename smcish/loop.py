@@ -19,11 +19,8 @@ from typing import Any
 
 import ism_backend
 
-from . import clc
-from . import discovery
-from . import policy
+from . import clc, discovery, policy, tls
 from . import stats as _stats
-from . import tls
 from .config import Config
 from .linkgroup import GroupUnavailable, Hub, device_pool, error_reason, sweep_hubs
 from .protocol import ClientSetup, HandshakeProtocol
@@ -47,7 +44,7 @@ _NO_TLS_KEYS = frozenset(("server_hostname", "ssl_handshake_timeout", "ssl_shutd
 _CONFIG_KEYS = ("device", "negotiate", "ring_size", "max_ring_size", "poll_us", "handshake_timeout")
 
 
-def _config(config: Config | None, kwargs: dict) -> Config:
+def _config(config: Config | None, kwargs: dict[str, Any]) -> Config:
     """The Config for one call: ``config`` (or the environment), then smcish keywords in kwargs."""
     overrides = {key: kwargs.pop(key) for key in _CONFIG_KEYS if key in kwargs}
     base = config if config is not None else Config.current()
@@ -76,7 +73,7 @@ def _device_for(config: Config) -> tuple[Any, R | None]:
 
 def _originals(loop: Any) -> tuple[Any, Any, Any]:
     """The loop's own create_connection/create_server/sock_connect (before install())."""
-    saved = getattr(loop, _PATCHED, None)
+    saved: tuple[Any, Any, Any] | None = getattr(loop, _PATCHED, None)
     if saved is not None:
         return saved
     return loop.create_connection, loop.create_server, loop.sock_connect
@@ -91,7 +88,8 @@ def _is_ip(host: Any) -> bool:
         return False
 
 
-async def _resolve(loop: Any, host: Any, port: Any, family: int, flags: int) -> list[tuple[int, tuple]]:
+async def _resolve(loop: Any, host: Any, port: Any, family: int,
+                   flags: int) -> list[tuple[int, tuple[Any, ...]]]:
     if isinstance(host, str) and _is_ip(host.split("%", 1)[0]):
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         if family and family != fam:
@@ -162,12 +160,13 @@ async def create_connection(protocol_factory: Any, host: Any = None, port: Any =
     if skips and all(skips):
         # The policy keeps every address on TCP: the loop's own create_connection, every
         # argument as given (happy eyeballs, local_addr, ...).
-        return await _plain(loop, orig_connect, protocol_factory, cfg, host, port, skips[0], kwargs)
+        return await _plain(loop, orig_connect, protocol_factory, cfg, host, port, skips[0] or R.INTERNAL,
+                            kwargs)
     local_addr = kwargs.get("local_addr")
     for key in _CONNECT_ONLY:
         kwargs.pop(key, None)
     errors: list[OSError] = []
-    for (family, addr), skip in zip(infos, skips):
+    for (family, addr), skip in zip(infos, skips, strict=True):
         try:
             if skip is not None:
                 return await _plain_sock(loop, orig_connect, _originals(loop)[2], protocol_factory,
@@ -182,7 +181,7 @@ async def create_connection(protocol_factory: Any, host: Any = None, port: Any =
 
 
 async def _plain(loop: Any, orig_connect: Any, protocol_factory: Any, cfg: Config, host: Any,
-                 port: Any, reason: R, kwargs: dict) -> Any:
+                 port: Any, reason: R, kwargs: dict[str, Any]) -> Any:
     waiter = loop.create_future()
     factory = functools.partial(HandshakeProtocol, loop, "client", protocol_factory, cfg,
                                 skip_reason=reason, waiter=waiter)
@@ -195,7 +194,7 @@ def _connect_done(fut: Any) -> None:
         fut.set_result(None)
 
 
-async def _sock_connect(loop: Any, sock: socket.socket, addr: tuple) -> None:
+async def _sock_connect(loop: Any, sock: socket.socket, addr: tuple[Any, ...]) -> None:
     """``loop.sock_connect`` for our own non-blocking socket, without a loop iteration when the
     kernel completes the handshake at once (loopback and veth do, within connect(): it returns
     EINPROGRESS and the socket is writable right after). Errors as ``loop.sock_connect``."""
@@ -217,7 +216,7 @@ async def _sock_connect(loop: Any, sock: socket.socket, addr: tuple) -> None:
 
 
 async def _plain_sock(loop: Any, orig_connect: Any, orig_sock_connect: Any, protocol_factory: Any,
-                     cfg: Config, family: int, addr: tuple, reason: R, kwargs: dict,
+                     cfg: Config, family: int, addr: tuple[Any, ...], reason: R, kwargs: dict[str, Any],
                      local_addr: Any = None) -> Any:
     """connect() a socket the kernel binds (or bound to ``local_addr``), as plain TCP would: TCP."""
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -233,7 +232,8 @@ async def _plain_sock(loop: Any, orig_connect: Any, orig_sock_connect: Any, prot
 
 
 async def _claim(loop: Any, hub: Hub, cfg: Config, acceptor: discovery.Acceptor,
-                 family: int, addr: tuple, hold: bool = False) -> tuple[ClientSetup | None, R | None]:
+                 family: int, addr: tuple[Any, ...],
+                 hold: bool = False) -> tuple[ClientSetup | None, R | None]:
     """Claim a slot for the acceptor's socket, opening the link group if needed."""
     if acceptor.reason is not None:
         return None, acceptor.reason
@@ -246,7 +246,7 @@ async def _claim(loop: Any, hub: Hub, cfg: Config, acceptor: discovery.Acceptor,
             group = await asyncio.wait_for(hub.group_for(acceptor.advert), cfg.handshake_timeout)
         except GroupUnavailable as exc:
             return None, exc.reason
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None, R.TIMEOUT
     setup = ClientSetup(loop, hub, group, cfg, remote=acceptor.remote, hold=hold)
     try:
@@ -257,7 +257,7 @@ async def _claim(loop: Any, hub: Hub, cfg: Config, acceptor: discovery.Acceptor,
 
 
 async def _connect_one(loop: Any, hub: Hub, orig_connect: Any, protocol_factory: Any, cfg: Config,
-                       family: int, addr: tuple, local_addr: Any, kwargs: dict) -> Any:
+                       family: int, addr: tuple[Any, ...], local_addr: Any, kwargs: dict[str, Any]) -> Any:
     _, _, orig_sock_connect = _originals(loop)
     for attempt in range(_CONNECT_TRIES):
         acceptor = await discovery.find_acceptor(loop, hub, family, addr[0], addr[1], local_addr)
@@ -296,7 +296,7 @@ async def _connect_one(loop: Any, hub: Hub, orig_connect: Any, protocol_factory:
 
 
 async def _hand_over(loop: Any, orig_connect: Any, protocol_factory: Any, cfg: Config, sock: Any,
-                     setup: ClientSetup | None, skip: R | None, kwargs: dict) -> Any:
+                     setup: ClientSetup | None, skip: R | None, kwargs: dict[str, Any]) -> Any:
     """Wrap the connected socket in the loop's transport with our protocol on top."""
     waiter = loop.create_future()
     factory = functools.partial(HandshakeProtocol, loop, "client", protocol_factory, cfg,
@@ -359,7 +359,7 @@ async def create_server(protocol_factory: Any, host: Any = None, port: Any = Non
 class _ServerFactory:
     """The listener's protocol factory; the policy may turn it to TCP once the sockets exist."""
 
-    __slots__ = ("loop", "app_factory", "cfg", "hub", "skip")
+    __slots__ = ("app_factory", "cfg", "hub", "loop", "skip")
 
     def __init__(self, loop: Any, app_factory: Any, cfg: Config, hub: Hub | None,
                  skip: R | None) -> None:
@@ -421,7 +421,7 @@ async def _claim_before_connect(loop: Any, sock: Any, address: Any, config: Conf
             return
         hub.remember_listener(hit.inode, advert)
     acceptor = discovery.Acceptor(sock, group, advert, False, None)
-    setup, reason = await _claim(loop, hub, cfg, acceptor, sock.family, (host, port), hold=True)
+    setup, _reason = await _claim(loop, hub, cfg, acceptor, sock.family, (host, port), hold=True)
     if setup is not None:
         _preclaims[id(sock)] = (sock, setup)
         # Never handed to create_connection(sock=) within the set-up timeout: the client's timer
@@ -475,13 +475,16 @@ async def _sendfile(loop: Any, orig: Any, transport: Any, file: Any, offset: int
     """``loop.sendfile``: a fallen-back connection gets the loop's own (the kernel's sendfile(2)
     on asyncio's loop), a shared-memory one reads the file into its ring in C."""
     if not isinstance(transport, SmcTransport):
-        return await orig(transport, file, offset, count, fallback=fallback)
+        sent: int = await orig(transport, file, offset, count, fallback=fallback)
+        return sent
     if transport._info.mode == "tcp":
-        return await orig(transport._tcp, file, offset, count, fallback=fallback)
+        sent = await orig(transport._tcp, file, offset, count, fallback=fallback)
+        return sent
     try:
         file.fileno()
     except (AttributeError, OSError, ValueError):
-        return await orig(transport, file, offset, count, fallback=fallback)
+        sent = await orig(transport, file, offset, count, fallback=fallback)
+        return sent
     if "b" not in getattr(file, "mode", "b"):
         raise ValueError("file should be opened in binary mode")
     if count is not None:
@@ -512,7 +515,7 @@ async def _sendfile(loop: Any, orig: Any, transport: Any, file: Any, offset: int
 async def _copy_file(loop: Any, transport: Any, file: Any, offset: int, count: int | None) -> int:
     """asyncio's sendfile fallback loop, writing immutable chunks (uvloop's transport keeps a
     reference to what it could not send at once, so a reused buffer would be overwritten)."""
-    from asyncio.base_events import _SendfileFallbackProtocol
+    from asyncio.base_events import _SendfileFallbackProtocol  # type: ignore[attr-defined]  # private
 
     fd = file.fileno()
     total = 0
@@ -543,7 +546,8 @@ def install(loop: Any = None, config: Config | None = None) -> Any:
         return loop
     originals = (loop.create_connection, loop.create_server, loop.sock_connect)
 
-    async def patched_connection(protocol_factory: Any, host: Any = None, port: Any = None, **kwargs: Any) -> Any:
+    async def patched_connection(protocol_factory: Any, host: Any = None, port: Any = None,
+                                 **kwargs: Any) -> Any:
         return await create_connection(protocol_factory, host, port, config=config, loop=loop, **kwargs)
 
     async def patched_server(protocol_factory: Any, host: Any = None, port: Any = None, **kwargs: Any) -> Any:

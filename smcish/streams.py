@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from . import _buffers
 from .loop import create_connection, create_server
@@ -21,7 +23,13 @@ class SmcStreamReaderProtocol(asyncio.StreamReaderProtocol):
     TCP fallback the transport calls ``data_received`` as usual: nothing changes there.
     """
 
-    def _smc_feed(self, ring, avail: int) -> int:
+    if TYPE_CHECKING:       # the stock class's private parts we use (typeshed does not list them)
+        _transport: Any
+
+        @property
+        def _stream_reader(self) -> SmcStreamReader | None: ...
+
+    def _smc_feed(self, ring: Any, avail: int) -> int:
         """Move up to ``avail`` bytes from the ring into the reader; returns how many."""
         reader = self._stream_reader
         if reader is None:                 # the reader was garbage-collected: discard, as stock
@@ -72,8 +80,21 @@ class SmcStreamReader(asyncio.StreamReader):
     instead of three). Every other method and every semantic is the stock one."""
 
     _smc_want = False        # read() waits for data it will take from the ring itself
-    _smc_ring = None         # the ring of the connection (set by the feed when it handed over)
-    _smc_owner = None        # the protocol that set it (still the transport's protocol?)
+    _smc_ring: Any = None    # the ring of the connection (set by the feed when it handed over)
+    _smc_owner: Any = None   # the protocol that set it (still the transport's protocol?)
+
+    if TYPE_CHECKING:       # the stock class's private parts we use (typeshed does not list them)
+        _buffer: bytearray
+        _eof: bool
+        _exception: BaseException | None
+        _limit: int
+        _paused: bool
+        _transport: Any
+        _waiter: asyncio.Future[None] | None
+
+        async def _wait_for_data(self, func_name: str) -> None: ...
+        def _maybe_resume_transport(self) -> None: ...
+        def _wakeup_waiter(self) -> None: ...
 
     async def read(self, n: int = -1) -> bytes:
         if self._exception is not None:
@@ -104,7 +125,7 @@ class SmcStreamReader(asyncio.StreamReader):
         self._maybe_resume_transport()
         return data
 
-    def _smc_take(self, ring, n: int) -> bytes:
+    def _smc_take(self, ring: Any, n: int) -> bytes:
         """Up to ``n`` bytes straight from the ring, if our protocol still owns the transport
         (not after start_tls or a protocol switch) and the ring has some."""
         transport = self._transport
@@ -116,20 +137,21 @@ class SmcStreamReader(asyncio.StreamReader):
             avail = ring.readable()
             if not avail:
                 return b""
-            data = ring.read(avail if avail < n else n)
+            data: bytes = ring.read(avail if avail < n else n)
             if avail <= n and self._paused:
                 # Drained: reading resumes, so EOF and what comes next are seen as with the
                 # stock reader (the next read() waiting takes the next bytes from the ring again).
                 self._paused = False
                 transport.resume_reading()
-        except Exception as exc:          # a corrupted ring: the transport fails the connection
+        except Exception as exc:
             transport._fatal_error(exc, "smcish: peer corrupted the shared ring")
             self.set_exception(exc)       # and this read raises (not b"", which would look like EOF)
             raise
         return data
 
 
-async def open_connection(host=None, port=None, *, limit=_DEFAULT_LIMIT, **kwds):
+async def open_connection(host: Any = None, port: Any = None, *, limit: int = _DEFAULT_LIMIT,
+                          **kwds: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Like ``asyncio.open_connection``; shared memory when the server is an smcish listener.
 
     Accepts the smcish keywords of ``create_connection`` (config, negotiate, device, ring_size,
@@ -146,12 +168,17 @@ async def open_connection(host=None, port=None, *, limit=_DEFAULT_LIMIT, **kwds)
     return reader, writer
 
 
-async def start_server(client_connected_cb, host=None, port=None, *, limit=_DEFAULT_LIMIT, **kwds):
+ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], "Awaitable[None] | None"]
+
+
+async def start_server(client_connected_cb: ClientConnected, host: Any = None, port: Any = None, *,
+                       limit: int = _DEFAULT_LIMIT, **kwds: Any) -> asyncio.Server:
     """Like ``asyncio.start_server``; returns the loop's own ``Server``."""
     loop = asyncio.get_running_loop()
 
-    def factory():
+    def factory() -> SmcStreamReaderProtocol:
         reader = SmcStreamReader(limit=limit, loop=loop)
         return SmcStreamReaderProtocol(reader, client_connected_cb, loop=loop)
 
-    return await create_server(factory, host, port, **kwds)
+    server: asyncio.Server = await create_server(factory, host, port, **kwds)
+    return server

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import ssl as _ssl
 from asyncio import sslproto
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .transport import SmcTransport
 
 _TLS_KEYS = ("server_hostname", "ssl_handshake_timeout", "ssl_shutdown_timeout")
 
 
-def check_client_args(ssl: Any, host: Any, kwargs: dict) -> dict:
+def check_client_args(ssl: Any, host: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """asyncio's argument checks for ``create_connection(ssl=...)``; pops and returns the TLS
     keywords (``server_hostname`` defaulted to ``host`` as asyncio does)."""
     opts = {key: kwargs.pop(key, None) for key in _TLS_KEYS}
@@ -40,7 +41,7 @@ def check_client_args(ssl: Any, host: Any, kwargs: dict) -> dict:
     return opts
 
 
-def check_server_args(ssl: Any, kwargs: dict) -> dict:
+def check_server_args(ssl: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """asyncio's argument checks for ``create_server(ssl=...)``; pops the TLS keywords."""
     opts = {key: kwargs.pop(key, None) for key in _TLS_KEYS[1:]}
     if isinstance(ssl, bool):
@@ -52,7 +53,7 @@ def check_server_args(ssl: Any, kwargs: dict) -> dict:
     return opts
 
 
-def client_factory(loop: Any, protocol_factory: Callable[[], Any], ssl: Any, opts: dict,
+def client_factory(loop: Any, protocol_factory: Callable[[], Any], ssl: Any, opts: dict[str, Any],
                    waiter: Any) -> Callable[[], Any]:
     """The protocol factory of a TLS client connection: asyncio's ``SSLProtocol`` around the
     application's protocol; ``waiter`` resolves when the TLS handshake is done."""
@@ -61,7 +62,7 @@ def client_factory(loop: Any, protocol_factory: Callable[[], Any], ssl: Any, opt
 
 
 def server_factory(loop: Any, protocol_factory: Callable[[], Any], context: Any,
-                   opts: dict) -> Callable[[], Any]:
+                   opts: dict[str, Any]) -> Callable[[], Any]:
     """The protocol factory of an accepted TLS connection (as asyncio's accept path builds it:
     a failed handshake closes the connection, reported only in debug mode)."""
     return TlsFactory(loop, protocol_factory, context, None, True, None, opts)
@@ -72,10 +73,10 @@ class TlsFactory:
     loop's own on a fallen-back connection (uvloop's native one on uvloop), so that TLS over TCP
     is exactly what the loop itself would have run."""
 
-    __slots__ = ("loop", "protocol_factory", "args", "timeouts")
+    __slots__ = ("args", "loop", "protocol_factory", "timeouts")
 
     def __init__(self, loop: Any, protocol_factory: Callable[[], Any], context: Any, waiter: Any,
-                 server_side: bool, server_hostname: Any, opts: dict) -> None:
+                 server_side: bool, server_hostname: Any, opts: dict[str, Any]) -> None:
         self.loop = loop
         self.protocol_factory = protocol_factory
         self.args = (context, waiter, server_side, server_hostname)
@@ -99,7 +100,7 @@ def _native_ssl_protocol(loop: Any) -> Any:
     module = type(loop).__module__
     if module.startswith("uvloop"):
         try:
-            from uvloop.loop import SSLProtocol
+            from uvloop.loop import SSLProtocol  # type: ignore[attr-defined]  # not in its stubs
         except ImportError:      # pragma: no cover - uvloop without it: asyncio's works too
             return sslproto.SSLProtocol
         return SSLProtocol
@@ -140,8 +141,9 @@ async def start_tls(loop: Any, orig: Any, transport: Any, protocol: Any, sslcont
     waiter = loop.create_future()
     ssl_protocol = sslproto.SSLProtocol(
         loop, protocol, sslcontext, waiter, server_side, server_hostname,
-        ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout,
-        call_connection_made=False)
+        # (typeshed says int for the timeouts; asyncio takes any number of seconds)
+        ssl_handshake_timeout=ssl_handshake_timeout,  # type: ignore[arg-type]
+        ssl_shutdown_timeout=ssl_shutdown_timeout, call_connection_made=False)
     # Paused first, so that no data reaches the SSLProtocol before its connection_made().
     transport.pause_reading()
     transport.set_protocol(ssl_protocol)
