@@ -16,9 +16,10 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 
-def _new_loop(kind: str):
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     if kind == "uvloop":
         import uvloop
 
@@ -26,7 +27,7 @@ def _new_loop(kind: str):
     return asyncio.new_event_loop()
 
 
-def _api(transport: str):
+def _api(transport: str) -> tuple[Any, Any]:
     if transport == "smcish":
         import smcish
 
@@ -38,7 +39,7 @@ async def _serve(transport: str) -> None:
     _, start_server = _api(transport)
     done = asyncio.Event()
 
-    async def handle(reader, writer):
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             kind = await reader.readexactly(1)
             if kind == b"E":              # echo fixed-size messages
@@ -70,7 +71,7 @@ async def _serve(transport: str) -> None:
         await done.wait()
 
 
-async def _client(transport: str, port: int, seconds: float) -> dict:
+async def _client(transport: str, port: int, seconds: float) -> dict[str, Any]:
     open_connection, _ = _api(transport)
     # Round trips of 64 B messages.
     reader, writer = await open_connection("127.0.0.1", port)
@@ -95,8 +96,8 @@ async def _client(transport: str, port: int, seconds: float) -> dict:
     writer.write(b"S")
     chunk = os.urandom(64 * 1024)
     sent = 0
-    t0 = time.perf_counter()
-    deadline = t0 + seconds
+    started = time.perf_counter()
+    deadline = started + seconds
     while time.perf_counter() < deadline:
         for _ in range(16):
             writer.write(chunk)
@@ -104,7 +105,7 @@ async def _client(transport: str, port: int, seconds: float) -> dict:
         await writer.drain()
     writer.write_eof()
     received = int.from_bytes(await reader.readexactly(8), "big")
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - started
     writer.close()
     if received != sent:
         raise SystemExit(f"demo: server received {received} bytes, client sent {sent}")
@@ -117,7 +118,7 @@ async def _client(transport: str, port: int, seconds: float) -> dict:
             "mb_per_s": received / elapsed / 1e6}
 
 
-def _role_main(argv) -> int:
+def _role_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=("serve", "client"))
     parser.add_argument("--transport", required=True)
@@ -137,11 +138,12 @@ def _role_main(argv) -> int:
     return 0
 
 
-def _run_pair(transport: str, loop: str, seconds: float) -> dict:
+def _run_pair(transport: str, loop: str, seconds: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "smcish.demo"]
     server = subprocess.Popen(cmd + ["serve", "--transport", transport, "--loop", loop],
                               stdout=subprocess.PIPE, text=True)
     try:
+        assert server.stdout is not None          # (stdout=PIPE)
         line = server.stdout.readline()
         if not line:
             raise SystemExit(f"demo: {transport} server on {loop} failed to start")
@@ -149,7 +151,8 @@ def _run_pair(transport: str, loop: str, seconds: float) -> dict:
         out = subprocess.run(cmd + ["client", "--transport", transport, "--loop", loop,
                                     "--port", str(port), "--seconds", str(seconds)],
                              stdout=subprocess.PIPE, text=True, timeout=120 + 4 * seconds, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
     finally:
         try:
             server.wait(timeout=10)
@@ -158,7 +161,7 @@ def _run_pair(transport: str, loop: str, seconds: float) -> dict:
             server.wait()
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("serve", "client"):
         return _role_main(argv)

@@ -24,13 +24,15 @@ Without ``--smcish`` the plugin does nothing: it only declares its options, the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Generator
+from typing import Any
 
 import pytest
 
 MODES = ("ism", "tcp", "both")
 ALLOW_TCP = "smcish_allow_tcp"
-_NOT_SET = object()
-_START = pytest.StashKey[tuple]()
+Snapshot = tuple[int, int, dict[str, int]]
+_START = pytest.StashKey[Snapshot]()
 _CHECKED = pytest.StashKey[int]()
 
 
@@ -78,18 +80,18 @@ def _item_mode(item: pytest.Item, mode: str) -> str:
     return callspec.params.get("smcish_mode", "ism") if callspec is not None else "ism"
 
 
-def _snapshot() -> tuple[int, int, dict]:
+def _snapshot() -> Snapshot:
     from .stats import stats
 
     st = stats()
     return st["connections_ism"], st["connections_tcp"], dict(st["fallbacks"])
 
 
-def _delta(before: tuple, after: tuple) -> tuple[int, int, dict]:
+def _delta(before: Snapshot, after: Snapshot) -> Snapshot:
     def diff(old: int, new: int) -> int:
         return new - old if new >= old else new      # counters were reset() during the test
 
-    reasons = {}
+    reasons: dict[str, int] = {}
     for reason, count in after[2].items():
         n = diff(before[2].get(reason, 0), count)
         if n > 0:
@@ -97,7 +99,7 @@ def _delta(before: tuple, after: tuple) -> tuple[int, int, dict]:
     return diff(before[0], after[0]), diff(before[1], after[1]), reasons
 
 
-def _reasons_text(reasons: dict) -> str:
+def _reasons_text(reasons: dict[str, int]) -> str:
     return ", ".join(f"{name}={n}" for name, n in sorted(reasons.items()))
 
 
@@ -105,7 +107,7 @@ class _LoopPatcher:
     """Give every new event loop smcish transparent mode; undone at the end of the session."""
 
     def __init__(self) -> None:
-        self._undo: list = []
+        self._undo: list[Callable[[], object]] = []
 
     def apply(self) -> None:
         from asyncio import events
@@ -117,10 +119,10 @@ class _LoopPatcher:
         policy_cls = events.BaseDefaultEventLoopPolicy
         policy_new = policy_cls.__dict__["new_event_loop"]
 
-        def new_event_loop(policy):
+        def new_event_loop(policy: Any) -> Any:
             return install(policy_new(policy))
 
-        policy_cls.new_event_loop = new_event_loop
+        policy_cls.new_event_loop = new_event_loop  # type: ignore[method-assign,assignment]  # on purpose
         self._undo.append(lambda: setattr(policy_cls, "new_event_loop", policy_new))
         try:
             import uvloop
@@ -128,7 +130,7 @@ class _LoopPatcher:
             return
         uv_new = uvloop.new_event_loop
 
-        def uv_new_event_loop():
+        def uv_new_event_loop() -> Any:
             return install(uv_new())
 
         # uvloop.EventLoopPolicy looks new_event_loop up in uvloop's namespace at each call.
@@ -153,7 +155,7 @@ class _SmcishRun:
         self.config = config
         self.mode = mode
         self.strict = strict
-        self.records: list[tuple[str, str, int, int, dict]] = []
+        self.records: list[tuple[str, str, int, int, dict[str, int]]] = []
         self.patcher = _LoopPatcher()
         self.patcher.apply()
 
@@ -168,9 +170,10 @@ class _SmcishRun:
         metafunc.parametrize("smcish_mode", ["ism", "tcp"], ids=["smcish-ism", "smcish-tcp"])
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
+    def pytest_runtest_protocol(self, item: pytest.Item,
+                                nextitem: pytest.Item | None) -> Generator[None, object, object]:
         mode = _item_mode(item, self.mode)
-        saved = os.environ.get("SMCISH_DEVICE", _NOT_SET)
+        saved = os.environ.get("SMCISH_DEVICE")
         if mode == "tcp":
             # Read per connection (smcish.Config.current()): transparent and explicit smcish
             # calls alike find no device; child processes inherit it unless given their own env.
@@ -179,13 +182,14 @@ class _SmcishRun:
         try:
             return (yield)
         finally:
-            if saved is _NOT_SET:
+            if saved is None:
                 os.environ.pop("SMCISH_DEVICE", None)
             else:
                 os.environ["SMCISH_DEVICE"] = saved
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
+                                  ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         if call.when == "teardown" and _START in item.stash:
             # Before the teardown report is made: it carries user_properties (--junitxml).
             ism, tcp, reasons = _delta(item.stash[_START], _snapshot())
@@ -223,7 +227,8 @@ class _SmcishRun:
         else:
             report.sections.append(("smcish strict", message))
 
-    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int,
+                                config: pytest.Config) -> None:
         tr = terminalreporter
         title = f"smcish connections per test (--smcish={self.mode}"
         tr.write_sep("-", title + (", strict)" if self.strict else ")"))
@@ -233,7 +238,7 @@ class _SmcishRun:
             for nodeid, mode, ism, tcp, reasons in rows:
                 why = f"  [{_reasons_text(reasons)}]" if reasons else ""
                 tr.write_line(f"{ism:>4} {tcp:>4}  {mode:<4}  {nodeid}{why}")
-        total = {}
+        total: dict[str, int] = {}
         for *_, reasons in self.records:
             for name, n in reasons.items():
                 total[name] = total.get(name, 0) + n
