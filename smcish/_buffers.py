@@ -8,11 +8,14 @@ the right size whose contents the ring then overwrites completely.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 _api = ctypes.pythonapi
-_bytes_new = _api.PyBytes_FromStringAndSize
-_bytes_new.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
-_bytes_new.restype = ctypes.py_object
+_PyBytes_FromStringAndSize = _api.PyBytes_FromStringAndSize
+_PyBytes_FromStringAndSize.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+_PyBytes_FromStringAndSize.restype = ctypes.py_object
+# The same function, typed: restype py_object hands back the new bytes object itself.
+_bytes_new: Callable[[bytes | None, int], bytes] = _PyBytes_FromStringAndSize
 _bytearray_resize = _api.PyByteArray_Resize
 _bytearray_resize.argtypes = (ctypes.py_object, ctypes.c_ssize_t)
 _bytearray_resize.restype = ctypes.c_int

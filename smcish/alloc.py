@@ -65,8 +65,7 @@ class BuddyAllocator:
         """Forget an extent that holds no block (raises ValueError otherwise)."""
         if self._used.get(index):
             raise ValueError(f"extent {index} still holds {self._used[index]} bytes")
-        start, end = self._extents.pop(index)
-        del self._used[index], self._high[index]
+        del self._extents[index], self._used[index], self._high[index]
         for order in self._free:
             self._free[order] = {b for b in self._free[order] if b[0] != index}
 
@@ -120,7 +119,6 @@ class BuddyAllocator:
         order = size.bit_length() - 1
         self._used[ext] -= size
         self._blocks -= 1
-        start, end = self._extents[ext]
         while order < MAX_ORDER:
             buddy = (ext, off ^ (1 << order))
             if buddy not in self._free[order]:

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, TypeAlias
 
 __all__ = [
-    "DeclineReason", "Role", "SetupState", "SetupMachine", "SetupStateError", "Established",
-    "FellBack", "Aborted", "Event", "PHASE_NONE", "PHASE_CLAIMED", "PHASE_FINAL_ISM",
-    "PHASE_FINAL_TCP", "PHASE_OPTIMISTIC", "PHASE_WITHDRAWING", "PHASE_ACCEPTED", "PHASE_DECLINED",
-    "TERMINAL_STATES",
+    "PHASE_ACCEPTED", "PHASE_CLAIMED", "PHASE_DECLINED", "PHASE_FINAL_ISM", "PHASE_FINAL_TCP",
+    "PHASE_NONE", "PHASE_OPTIMISTIC", "PHASE_WITHDRAWING", "TERMINAL_STATES", "Aborted",
+    "DeclineReason", "Established", "Event", "FellBack", "Role", "SetupMachine", "SetupState",
+    "SetupStateError",
 ]
 
 # Set-up phases as stored in a slot header (mirror smcish/_cffi/ring.h SMC_PHASE_*; a test checks).
@@ -54,14 +54,17 @@ class DeclineReason(enum.IntEnum):
 
     description: str
 
-    def __new__(cls, code: int, description: str) -> DeclineReason:
+    # The default only lets type checkers see ``DeclineReason(code)`` (a lookup by value, which
+    # never calls this): every member passes a description (tests/test_clc.py checks).
+    def __new__(cls, code: int, description: str = "") -> DeclineReason:
         member = int.__new__(cls, code)
         member._value_ = code
         member.description = description
         return member
 
     # 0x01xx resources
-    NO_MEMORY = 0x0101, "no shared memory for the connection (link group slots or extents exhausted, or out of memory)"
+    NO_MEMORY = 0x0101, ("no shared memory for the connection (link group slots or extents exhausted, "
+                         "or out of memory)")
     ATTACH_FAILED = 0x0102, "the peer's shared memory could not be attached"
     QUOTA = 0x0103, "the ISM device refused the memory: quota exceeded"
     NO_FD = 0x0104, "no file descriptor was available (RLIMIT_NOFILE reached)"
@@ -71,10 +74,13 @@ class DeclineReason(enum.IntEnum):
     # 0x03xx configuration
     NO_DEVICE = 0x0301, "no ISM device is available (set SMCISH_DEVICE or start ismd)"
     DISABLED_BY_POLICY = 0x0302, "shared memory is disabled by configuration or policy"
-    PEER_NOT_ADVERTISED = 0x0303, "the listener that accepts this connection is not an smcish one on this device"
+    PEER_NOT_ADVERTISED = 0x0303, ("the listener that accepts this connection is not an smcish one on "
+                                   "this device")
     GID_MISMATCH = 0x0304, "the peers are on different sharing domains (gid mismatch)"
-    LEARNED_DECLINE = 0x0305, "skipped: set-ups to this destination kept falling back for a reason of the peer's (learned policy)"
-    LEARNED_SHORT_LIVED = 0x0306, "skipped: connections to this destination kept ending within short_lived_ms (learned policy)"
+    LEARNED_DECLINE = 0x0305, ("skipped: set-ups to this destination kept falling back for a reason of "
+                               "the peer's (learned policy)")
+    LEARNED_SHORT_LIVED = 0x0306, ("skipped: connections to this destination kept ending within "
+                                   "short_lived_ms (learned policy)")
     # 0x04xx peer
     VERSION_MISMATCH = 0x0401, "the peers have no protocol version in common"
     PROTOCOL_ERROR = 0x0402, "the peer broke the set-up protocol"
@@ -142,7 +148,7 @@ class _Input(enum.Enum):
     TIMER = "timer expiry"
 
 
-I = _Input
+I = _Input  # noqa: E741 - a one-letter alias like S, to keep the transition table readable
 _LOCAL = frozenset({I.CLAIM, I.CLAIM_OPTIMISTIC, I.WITHDRAW, I.ACCEPT, I.DECLINE, I.CONFIRM,
                     I.ABANDON})
 
@@ -226,7 +232,7 @@ class Aborted:
     message: str
 
 
-Event = Union[Established, FellBack, Aborted]
+Event: TypeAlias = Established | FellBack | Aborted
 
 
 class SetupMachine:

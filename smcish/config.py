@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 _NEGOTIATE_MODES = ("auto", "always", "never")
 
@@ -68,21 +69,21 @@ class Config:
             raise ValueError("handshake_timeout must be > 0")
 
     @classmethod
-    def from_env(cls, **overrides) -> "Config":
+    def from_env(cls, **overrides: Any) -> Config:
         """Build a Config from ``SMCISH_*`` environment variables, then apply ``overrides``."""
-        values = dict(
-            device=os.environ.get("SMCISH_DEVICE") or None,
-            negotiate=os.environ.get("SMCISH_NEGOTIATE") or "auto",
-            ring_size=_env_int("SMCISH_RING_SIZE", cls.ring_size),
-            max_ring_size=_env_int("SMCISH_MAX_RING_SIZE", cls.max_ring_size),
-            poll_us=_env_float("SMCISH_POLL_US", cls.poll_us),
-            handshake_timeout=_env_float("SMCISH_HANDSHAKE_TIMEOUT", cls.handshake_timeout),
-        )
+        values: dict[str, Any] = {
+            "device": os.environ.get("SMCISH_DEVICE") or None,
+            "negotiate": os.environ.get("SMCISH_NEGOTIATE") or "auto",
+            "ring_size": _env_int("SMCISH_RING_SIZE", cls.ring_size),
+            "max_ring_size": _env_int("SMCISH_MAX_RING_SIZE", cls.max_ring_size),
+            "poll_us": _env_float("SMCISH_POLL_US", cls.poll_us),
+            "handshake_timeout": _env_float("SMCISH_HANDSHAKE_TIMEOUT", cls.handshake_timeout),
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     @classmethod
-    def current(cls) -> "Config":
+    def current(cls) -> Config:
         """``from_env()``, cached on the values of the ``SMCISH_*`` variables (read per connection)."""
         # os.environ keeps its values in a dict of encoded keys: reading that directly costs a
         # fraction of Mapping.get's path (this runs on every connection).
@@ -99,11 +100,12 @@ class Config:
             _env_cache[key] = cached
         return cached
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 _ENV_NAMES = ("SMCISH_DEVICE", "SMCISH_NEGOTIATE", "SMCISH_RING_SIZE", "SMCISH_MAX_RING_SIZE",
               "SMCISH_POLL_US", "SMCISH_HANDSHAKE_TIMEOUT")
 _ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV_NAMES)
-_env_cache: dict = {}
+# key: the raw values of _ENV_NAMES (encoded bytes from os.environ._data, else str), None if unset
+_env_cache: dict[tuple[bytes | str | None, ...], Config] = {}

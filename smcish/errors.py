@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from smcish.clc import DeclineReason
+
 
 class SmcError(ConnectionError):
     """Base class of smcish connection errors."""
@@ -10,7 +15,7 @@ class SmcError(ConnectionError):
 class HandshakeError(SmcError, ConnectionResetError):
     """The handshake failed in a way that could not fall back to TCP (the connection is reset)."""
 
-    def __init__(self, reason, message: str = "") -> None:
+    def __init__(self, reason: DeclineReason, message: str = "") -> None:
         self.reason = reason
         super().__init__(message or f"smcish handshake failed: {getattr(reason, 'name', reason)}")
 

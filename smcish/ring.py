@@ -18,17 +18,24 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Iterable, NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, NoReturn, Self
 
 from smcish._buffers import new_bytes as _new_bytes
 
 try:
-    from smcish._ring import ffi as _ffi, lib as _lib
+    from smcish._ring import ffi as _ffi
+    from smcish._ring import lib as _lib
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
         "smcish._ring (the compiled ring) is missing: install the package (pip install .) or build "
         "it in place with `python smcish/_cffi/build_ring.py`"
     ) from exc
+
+if TYPE_CHECKING:  # type-only names of the extension's stub (smcish/_ring.pyi), and the buffer protocol
+    from typing_extensions import Buffer
+
+    from smcish._ring import CData, GroupStruct, Pointer, RingStruct, SetupStruct, U32Array, U64Array
 
 # ---------------------------------------------------------------------------------- constants
 # Every SMC_* define of ring.h, without the prefix (tests/test_ring_slots.py checks the list is
@@ -151,8 +158,10 @@ _U32 = 1 << 32
 _new = _ffi.new
 _from_buffer = _ffi.from_buffer
 _release = _ffi.release
-_unpack = _ffi.unpack
-_NULL = _ffi.NULL
+# ffi.unpack, typed per use (the same object): a uint32_t array gives a list, a char array bytes
+_unpack: Callable[[U32Array, int], list[int]] = _ffi.unpack
+_unpack_bytes: Callable[[CData, int], bytes] = _ffi.unpack
+_NULL: Pointer = _ffi.NULL
 _CHAR_ARRAY = _ffi.typeof("char[]")  # from_buffer(type, buf, True): positional args parse ~2x faster
 _tx_write = _lib.smc_tx_write
 _tx_writev = _lib.smc_tx_writev
@@ -255,7 +264,7 @@ def _block_message(ext: int, off: int, log2: int, ext_len: int) -> str:
             f"{_block_problem(ext, off, log2, ext_len)}")
 
 
-def _corruption_message(r) -> str:
+def _corruption_message(r: RingStruct) -> str:
     detail = r.err_detail
     seen, lo, hi = r.err_seen, r.err_lo, r.err_hi
     if detail == DETAIL_PROD_RANGE:
@@ -287,7 +296,7 @@ def _corruption_message(r) -> str:
     return f"peer ring corrupted (error {r.error})"  # pragma: no cover
 
 
-def _group_message(g) -> str:
+def _group_message(g: GroupStruct) -> str:
     detail = g.err_detail
     seen, lo, hi = g.err_seen, g.err_lo, g.err_hi
     if detail == DETAIL_NQ_PROD:
@@ -321,14 +330,19 @@ class Extent:
 
     __slots__ = ("_buf", "_mem", "size", "writable")
 
-    def __init__(self, mem, writable: bool):
+    _buf: CData               # None once released
+    _mem: Buffer | None
+    size: int
+    writable: bool
+
+    def __init__(self, mem: Buffer, writable: bool) -> None:
         try:
             self._buf = _from_buffer("uint8_t[]", mem, require_writable=writable)
         except BufferError:
             raise TypeError("a writable extent needs a writable buffer (our own mapping)") from None
         self._mem = mem
-        self.size: int = len(self._buf)
-        self.writable: bool = bool(writable)
+        self.size = len(self._buf)
+        self.writable = bool(writable)
 
     @property
     def released(self) -> bool:
@@ -344,17 +358,17 @@ class Extent:
             _release(self._buf)
         self._buf = self._mem = None
 
-    def _ptr(self, off: int = 0):
+    def _ptr(self, off: int = 0) -> CData:
         if self._buf is None:
             raise ValueError("extent was released")
         return self._buf + off
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "released" if self._buf is None else ("rw" if self.writable else "ro")
         return f"<Extent {self.size} B {state}>"
 
 
-def _check_tx_block(extent, off: int, capacity: int) -> None:
+def _check_tx_block(extent: Extent, off: int, capacity: int) -> None:
     if not isinstance(extent, Extent):
         raise TypeError(f"a ring block lives in an Extent, not {type(extent).__name__}")
     if extent.released or not extent.writable:
@@ -365,7 +379,7 @@ def _check_tx_block(extent, off: int, capacity: int) -> None:
                          f"its capacity and inside the extent's {extent.size} bytes")
 
 
-def _pinned_block(mem, block, capacity: int, writable: bool) -> memoryview:
+def _pinned_block(mem: Buffer | None, block: CData, capacity: int, writable: bool) -> memoryview:
     """A byte memoryview of the ring block at C pointer `block` (`capacity` bytes) inside `mem`.
 
     The view holds its own buffer export of `mem` (a fresh from_buffer, not the Ring's or the
@@ -425,11 +439,24 @@ class Group:
     Group from one thread (the hub's loop thread). close() does not release the Extents.
     """
 
-    __slots__ = ("_g", "_my_ext0", "_peer_exts", "_rings", "_take_buf", "_flags", "_hot_buf", "_ready_buf", "_claim_buf",
-                 "_setup", "max_slots", "_scratch", "__weakref__")
+    __slots__ = ("__weakref__", "_claim_buf", "_flags", "_g", "_hot_buf", "_my_ext0", "_peer_exts",
+                 "_ready_buf", "_rings", "_scratch", "_setup", "_take_buf", "max_slots")
+
+    _g: GroupStruct
+    _my_ext0: Extent
+    _peer_exts: dict[int, Extent]
+    _rings: weakref.WeakSet[Ring]
+    _take_buf: U32Array
+    _flags: U32Array
+    _hot_buf: CData           # struct smc_ring *[HOT_MAX]
+    _ready_buf: U32Array
+    _claim_buf: U32Array
+    _setup: SetupStruct
+    _scratch: CData           # char[_DIRECT_READ]
+    max_slots: int
 
     def __init__(self, my_ext0: Extent, peer_ext0: Extent, peer_doorbell_fd: int, role: int,
-                 max_slots: int):
+                 max_slots: int) -> None:
         self._g = _new("struct smc_group *")
         # small reads of the group's rings land here, then one copy into a bytes object (the
         # group is used from its hub's loop thread only, so one buffer serves all its rings)
@@ -457,7 +484,7 @@ class Group:
         self._ready_buf = _new("uint32_t[]", HOT_MAX)
         self._claim_buf = _new("uint32_t[]", G_CLAIM_PROBE)
         self._setup = _new("struct smc_setup *")
-        self.max_slots: int = max_slots
+        self.max_slots = max_slots
 
     # ------------------------------------------------------------------ errors
 
@@ -466,7 +493,7 @@ class Group:
             raise ValueError(f"slot {slot} outside [0, {self.max_slots})")
         return slot
 
-    def _raise(self, rc):
+    def _raise(self, rc: int) -> NoReturn:
         if rc == ECLOSED:
             raise ValueError("link group is closed")
         if rc == EGROUP:
@@ -592,7 +619,8 @@ class Group:
             self._raise(n)
         return [], flags[0] != 0
 
-    def poll_hot(self, budget_us: float, rings: list) -> "int | tuple[list[int], tuple | None] | None":
+    def poll_hot(self, budget_us: float,
+                 rings: Sequence[Ring]) -> int | tuple[list[int], tuple[list[int], bool] | None] | None:
         """``poll()`` that also watches ``rings`` directly (slot rings of this group, at most
         HOT_MAX, whose reader drained them without re-arming want_data).
 
@@ -828,7 +856,7 @@ class Group:
         """
         _lib.smc_group_close(self._g)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self.closed else f"queued={self.queued} taken={self.taken}"
         return f"<Group max_slots={self.max_slots} {state}>"
 
@@ -856,11 +884,25 @@ class Ring:
     close() it while another thread is inside a call (the calls run without the GIL).
     """
 
-    __slots__ = ("_r", "_my", "_peer", "_my_mem", "_peer_mem", "_group", "_tx_ext", "_tx_prev",
-                 "_zc_out", "_tx_view", "_rx_view", "_rx_key", "_resv", "__weakref__")
+    __slots__ = ("__weakref__", "_group", "_my", "_my_mem", "_peer", "_peer_mem", "_r", "_resv", "_rx_key",
+                 "_rx_view", "_tx_ext", "_tx_prev", "_tx_view", "_zc_out")
 
-    def __init__(self, my_mem, peer_mem, tx_capacity: int, rx_capacity: int,
-                 peer_doorbell_fd: int = -1):
+    _r: RingStruct
+    _my: CData                # legacy: buffer exports of the two regions (None: slot ring, closed)
+    _peer: CData
+    _my_mem: Buffer | None
+    _peer_mem: Buffer | None
+    _group: Group | None      # slot rings only, until close()
+    _tx_ext: Extent | None    # slot: the Extent of our current block
+    _tx_prev: Extent | None   # slot: the Extent of the block before a pending switch
+    _zc_out: U64Array
+    _tx_view: memoryview | None
+    _rx_view: memoryview | None
+    _rx_key: int
+    _resv: memoryview | None
+
+    def __init__(self, my_mem: Buffer, peer_mem: Buffer, tx_capacity: int, rx_capacity: int,
+                 peer_doorbell_fd: int = -1) -> None:
         self._r = _new("struct smc_ring *")
         self._my = self._peer = None
         self._group = self._tx_ext = self._tx_prev = None
@@ -891,7 +933,7 @@ class Ring:
 
     @classmethod
     def in_slot(cls, group: Group, slot: int, tx_extent: Extent, tx_off: int, tx_capacity: int,
-                rx_ext: int, rx_off: int, rx_log2: int | None) -> "Ring":
+                rx_ext: int, rx_off: int, rx_log2: int | None) -> Ring:
         """A ring over slot `slot` of `group`: our tx block, and the peer's rx block.
 
         Args:
@@ -942,7 +984,7 @@ class Ring:
 
     # ------------------------------------------------------------------ errors
 
-    def _raise(self, rc):
+    def _raise(self, rc: int) -> NoReturn:
         if rc == EINVAL:
             if self._r.my_state:
                 raise ValueError("cannot write: EOF, close or abort was already published")
@@ -956,7 +998,7 @@ class Ring:
 
     # ------------------------------------------------------------------ sending
 
-    def write(self, data) -> int:
+    def write(self, data: Buffer) -> int:
         """Copy as much of `data` as fits into our ring and publish it.
 
         Args:
@@ -976,7 +1018,7 @@ class Ring:
             self._raise(n)
         return n
 
-    def writev(self, buffers) -> int:
+    def writev(self, buffers: Iterable[Buffer]) -> int:
         """Gather-write a sequence of buffers with one publish and one notification check.
 
         Args:
@@ -1017,7 +1059,7 @@ class Ring:
             self._raise(n)
         return n
 
-    def read_into(self, buf) -> int:
+    def read_into(self, buf: Buffer) -> int:
         """Copy up to len(buf) readable bytes into `buf` (one copy) and publish the consumption.
 
         Args:
@@ -1056,23 +1098,23 @@ class Ring:
             got = _rx_read(self._r, scratch, n)
             if got < 0:
                 self._raise(got)
-            return _unpack(scratch, got)
-        out = bytearray(n)
-        got = _rx_read(self._r, _from_buffer(out), n)
+            return _unpack_bytes(scratch, got)
+        arr = bytearray(n)
+        got = _rx_read(self._r, _from_buffer(arr), n)
         if got < 0:
             self._raise(got)
         if got != n:
-            del out[got:]
-        return bytes(out)
+            del arr[got:]
+        return bytes(arr)
 
     # ------------------------------------------------------------------ zero copy
 
-    def _zc_init(self):
+    def _zc_init(self) -> None:
         self._zc_out = _new("uint64_t[1]")
         self._tx_view = self._rx_view = self._resv = None
         self._rx_key = -1
 
-    def _drop_view(self, name):
+    def _drop_view(self, name: str) -> None:
         """Release the memoryview in slot `name` (so it no longer pins its mapping), if any.
 
         Slices the application still holds keep the mapping exported on their own.
@@ -1087,7 +1129,8 @@ class Ring:
 
     def _tx_block(self) -> memoryview:
         r = self._r
-        mem = self._my_mem if self._group is None else self._tx_ext._mem
+        ext = self._tx_ext                    # set exactly when _group is (slot rings)
+        mem = self._my_mem if ext is None else ext._mem
         view = self._tx_view = _pinned_block(mem, r.tx_base, r.tx_cap, True)
         return view
 
@@ -1308,7 +1351,7 @@ class Ring:
         """Clear both of our want flags (after waking up)."""
         _clear_wants(self._r)
 
-    def _set_state(self, bits, quiet=False):
+    def _set_state(self, bits: int, quiet: bool = False) -> None:
         rc = (_set_state_quiet if quiet else _set_state)(self._r, bits)
         if rc < 0:
             self._raise(rc)
@@ -1532,13 +1575,13 @@ class Ring:
         self._my = self._peer = self._my_mem = self._peer_mem = None
         self._group = self._tx_ext = self._tx_prev = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         r = self._r
         state = "closed" if self.closed else f"tx_prod={r.tx_prod} rx_cons={r.rx_cons}"
         where = "" if self._group is None else f" slot={r.slot}"

@@ -8,7 +8,8 @@ not confirmed yet, and on TCP, the view is a private buffer and ``commit`` write
 
 Receiving: a ``ZeroCopyProtocol`` gets ``view_received(view)`` with a read-only memoryview of
 ring memory. The view stays valid, and no further data is delivered, until the protocol calls
-``self.release_view()``: then its bytes are consumed and the next view comes. On TCP the same calls work over the received bytes (copies).
+``self.release_view()``: then its bytes are consumed and the next view comes. On TCP the same calls
+work over the received bytes (copies).
 
 A peer can only ever write its own side of the ring, but a hostile peer may change the bytes
 under a view after publishing them: validate what you parse, as you would on a socket, and do

@@ -14,7 +14,7 @@ import pathlib
 import re
 import sys
 
-from cffi import FFI
+from cffi import FFI  # type: ignore[import-untyped, unused-ignore]  # stubs: types-cffi, not required
 
 HERE = pathlib.Path(__file__).resolve().parent
 PROJECT_ROOT = HERE.parent.parent
@@ -22,7 +22,7 @@ PROJECT_ROOT = HERE.parent.parent
 _CDEF_RE = re.compile(r"/\* ---- cdef begin ---- \*/(.*?)/\* ---- cdef end ---- \*/", re.DOTALL)
 
 
-def _cdef_from_header(header_path):
+def _cdef_from_header(header_path: pathlib.Path) -> str:
     """Return the cdef-able part of ring.h (between the cdef markers)."""
     match = _CDEF_RE.search(header_path.read_text())
     if match is None:
@@ -30,13 +30,13 @@ def _cdef_from_header(header_path):
     return match.group(1)
 
 
-def _project_relative(path):
+def _project_relative(path: pathlib.Path) -> str:
     # setuptools insists on paths relative to setup.py's directory (its cwd while building).
     rel = os.path.relpath(path, os.getcwd())
     return path.as_posix() if rel.startswith("..") else pathlib.PurePath(rel).as_posix()
 
 
-def _compile_args():
+def _compile_args() -> tuple[list[str], list[str]]:
     if os.environ.get("SMCISH_RING_SANITIZE") == "1":
         flags = ["-std=c11", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                  "-fno-sanitize-recover=undefined", "-O1", "-g"]
@@ -44,7 +44,7 @@ def _compile_args():
     return ["-O2", "-std=c11"], []
 
 
-def make_builder():
+def make_builder() -> FFI:
     """A fresh FFI builder whose source paths are relative to the current directory."""
     compile_args, link_args = _compile_args()
     builder = FFI()
@@ -64,7 +64,7 @@ def make_builder():
 ffibuilder = make_builder()
 
 
-def main():
+def main() -> None:
     """Compile smcish/_ring*.so in place (development builds)."""
     os.chdir(PROJECT_ROOT)
     out = make_builder().compile(tmpdir=".", verbose="-q" not in sys.argv)
