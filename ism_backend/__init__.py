@@ -11,7 +11,12 @@ socket-bound discovery, peer messaging).
 
 from .contract import Advert, Device, Handle, PeerInfo, Region
 from .errors import (
-    DeviceGone, DeviceProtocolError, IsmError, NoDevice, PermissionDenied, QuotaExceeded,
+    DeviceGone,
+    DeviceProtocolError,
+    IsmError,
+    NoDevice,
+    PermissionDenied,
+    QuotaExceeded,
     UnknownToken,
 )
 from .factory import NoneDevice, get_device, open_device

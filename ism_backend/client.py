@@ -12,24 +12,42 @@ them charged to us until reused or released.
 from __future__ import annotations
 
 import collections
+import mmap
 import os
 import secrets
 import socket
 import threading
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 from . import memfd, proto, sockets
 from .contract import (
-    DEFAULT_TIMEOUT, ID_SIZE, Advert, Device, Handle, PeerInfo, Region, check_id,
-    check_read_access, check_size, check_token,
+    DEFAULT_TIMEOUT,
+    ID_SIZE,
+    Advert,
+    Device,
+    EndpointHandler,
+    Handle,
+    PeerInfo,
+    Region,
+    check_id,
+    check_read_access,
+    check_size,
+    check_token,
 )
-from .control import ControlClient, ControlServer, PeerDispatcher, request_retrying_once
-from .errors import (
-    DeviceGone, DeviceProtocolError, IsmError, NoDevice, QuotaExceeded, UnknownToken,
+from .control import (
+    ControlClient,
+    ControlConn,
+    ControlServer,
+    HandlerResult,
+    PeerDispatcher,
+    Reply,
+    request_retrying_once,
 )
+from .errors import DeviceGone, DeviceProtocolError, IsmError, NoDevice, QuotaExceeded, UnknownToken
 from .policy import FreedPool, check_daemon_uid, dirty_bytes
 
-__all__ = ["DaemonDevice", "MAX_CHANNELS_PER_PEER", "MAX_SERVED_CHANNELS"]
+__all__ = ["MAX_CHANNELS_PER_PEER", "MAX_SERVED_CHANNELS", "DaemonDevice"]
 
 #: Brokered channels served per peer endpoint, and in total: a hostile peer (or a flood of
 #: ``connect_endpoint``) cannot exhaust our fds; beyond, ``take_peer`` is refused.
@@ -38,9 +56,9 @@ MAX_SERVED_CHANNELS = 4096
 
 
 class _Pooled:
-    __slots__ = ("region_id", "size", "offset", "fd", "mem", "dirty")
+    __slots__ = ("dirty", "fd", "mem", "offset", "region_id", "size")
 
-    def __init__(self, region_id: int, size: int, offset: int, fd: int, mem: Any,
+    def __init__(self, region_id: int, size: int, offset: int, fd: int, mem: mmap.mmap,
                  dirty: int) -> None:
         self.region_id = region_id
         self.size = size
@@ -54,13 +72,13 @@ class _Channels:
     """ControlServer handler of the device's endpoint thread: the endpoint channel to ismd
     (only ``take_peer`` arrives on it) and the brokered peer channels (peer ops)."""
 
-    def __init__(self, device: "DaemonDevice") -> None:
+    def __init__(self, device: DaemonDevice) -> None:
         self.device = device
 
-    def accept(self, conn: Any) -> IsmError | None:
+    def accept(self, conn: ControlConn) -> IsmError | None:
         return None  # every connection here was handed over by ismd (already trusted)
 
-    def handle(self, conn: Any, request: proto.Request, fds: list[int]) -> Any:
+    def handle(self, conn: ControlConn, request: proto.Request, fds: list[int]) -> HandlerResult:
         dev = self.device
         op, f = request.op, request.fields
         if conn.state == "ismd":
@@ -70,19 +88,23 @@ class _Channels:
                 return {}, []
             raise IsmError(f"{op} is not served on an endpoint channel")
         if op in proto.PEER_OPS:
-            return dev._dispatcher.submit(dev._channel_server, conn, request, conn.peer)
+            # A peer channel's endpoint id is set (by _take_peer) before it is served, so its
+            # peer is known.
+            return dev._dispatcher.submit(dev._channel_server, conn, request,
+                                          cast(PeerInfo, conn.peer))
         if op == "ping":
             return {}, []
         raise IsmError(f"{op} is not served on a peer channel (only {sorted(proto.PEER_OPS)})")
 
-    def disconnect(self, conn: Any) -> None:
+    def disconnect(self, conn: ControlConn) -> None:
         dev = self.device
         if conn.state == "ismd":
             dev._endpoint_lost = True  # peers can no longer reach us: get_device() reopens
             return
-        if conn.endpoint_id is not None:
-            if dev._count_served(conn.endpoint_id, -1) == 0 and dev._dispatcher.handler:
-                dev._dispatcher.gone(conn.peer)
+        peer = conn.peer  # not None exactly when conn.endpoint_id is set
+        if (peer is not None and dev._count_served(peer.endpoint_id, -1) == 0
+                and dev._dispatcher.handler):
+            dev._dispatcher.gone(peer)
 
 
 class DaemonDevice(Device):
@@ -104,10 +126,11 @@ class DaemonDevice(Device):
         self.path = path
         self.timeout = timeout
         self.endpoint_id = secrets.token_bytes(ID_SIZE)
-        self._pool = FreedPool(pool_per_size, pool_bytes)
+        self._pool: FreedPool[_Pooled] = FreedPool(pool_per_size, pool_bytes)
         self._pool_by_id: dict[int, _Pooled] = {}
-        self._zombies: list[tuple[Any, list[int], int | None]] = []
-        self._info_provider: Callable[[], list[dict]] | None = None
+        # detached mappings still exported: (mem, fds, attachment id)
+        self._zombies: list[tuple[mmap.mmap, list[int], int]] = []
+        self._info_provider: Callable[[], list[dict[str, Any]]] | None = None
         self._lock = threading.RLock()
         self._channels: dict[bytes, tuple[ControlClient, PeerInfo]] = {}
         self._served: collections.Counter[bytes] = collections.Counter()
@@ -118,8 +141,8 @@ class DaemonDevice(Device):
         try:
             hello, _ = self._conn.request("hello", endpoint_id=self.endpoint_id)
             self.gid = hello["gid"]
-            self.uid = hello["uid"]
-            self.daemon_pid = hello["pid"]
+            self.uid: int = hello["uid"]
+            self.daemon_pid: int = hello["pid"]
             channel = self._connect()
             try:
                 channel.request("hello", endpoint_id=self.endpoint_id)
@@ -166,7 +189,7 @@ class DaemonDevice(Device):
     def available(self) -> bool:
         return not self._closed and not self._conn.closed and not self._endpoint_lost
 
-    def _request(self, op: str, fds: Any = (), **fields: Any) -> tuple[dict, list[int]]:
+    def _request(self, op: str, fds: Iterable[int] = (), **fields: Any) -> Reply:
         if self._closed:
             gone = DeviceGone("this ismd device was closed: get_device() opens a new one")
             gone.delivered = False
@@ -234,6 +257,7 @@ class DaemonDevice(Device):
             except (DeviceGone, UnknownToken):
                 keep = False  # ismd already dropped it (disconnect/restart): just clean up here
             mem, fd, doorbell = region.mem, region.fd, region.doorbell_fd
+            assert mem is not None  # _check_mine refused a freed region
             self._closed_region(region)
             os.close(doorbell)
             if keep:
@@ -267,6 +291,7 @@ class DaemonDevice(Device):
         self._check_mine(region, "r", "detach")
         with self._lock:
             mem, fds, attachment = region.mem, [region.fd, region.doorbell_fd], region._handle
+            assert mem is not None  # _check_mine refused a detached region
             self._closed_region(region)
             if not memfd.unmap(mem):
                 # Still exported (a live memoryview/cffi buffer): keep the attachment until the
@@ -345,7 +370,7 @@ class DaemonDevice(Device):
             pass  # gone with the connection anyway
 
     @staticmethod
-    def _advert(reply: dict) -> Advert | None:
+    def _advert(reply: dict[str, Any]) -> Advert | None:
         if not reply["found"]:
             return None
         return Advert(reply["endpoint_id"], reply["hub_id"], reply["pid"], reply["uid"])
@@ -373,7 +398,8 @@ class DaemonDevice(Device):
                                      endpoint_id=endpoint_id)
         except (IsmError, ValueError, OSError):
             return False
-        return reply["verified"]
+        verified: bool = reply["verified"]
+        return verified
 
     def release_remote_claim(self, inode: int) -> None:
         try:
@@ -383,7 +409,7 @@ class DaemonDevice(Device):
 
     # --- peer messaging ---
 
-    def set_endpoint_handler(self, handler: Any) -> None:
+    def set_endpoint_handler(self, handler: EndpointHandler | None) -> None:
         self._dispatcher.set_handler(handler)
 
     def _count_served(self, endpoint_id: bytes, delta: int) -> int:
@@ -394,7 +420,7 @@ class DaemonDevice(Device):
                 del self._served[endpoint_id]
             return left
 
-    def _take_peer(self, f: dict, fds: list[int]) -> tuple[dict, list[int]]:
+    def _take_peer(self, f: dict[str, Any], fds: list[int]) -> Reply:
         """Endpoint thread: ismd hands us our end of a channel from the peer ``f`` describes."""
         endpoint_id = f["endpoint_id"]
         with self._lock:
@@ -457,7 +483,7 @@ class DaemonDevice(Device):
                 del self._channels[endpoint_id]
         conn.close()
 
-    def peer_request(self, endpoint_id: bytes, op: str, **fields: Any) -> dict:
+    def peer_request(self, endpoint_id: bytes, op: str, **fields: Any) -> dict[str, Any]:
         endpoint_id = check_id(endpoint_id)
         if op not in proto.PEER_OPS:
             raise ValueError(f"{op!r} is not a peer op (proto.PEER_OPS: {sorted(proto.PEER_OPS)})")
@@ -487,10 +513,10 @@ class DaemonDevice(Device):
 
     # --- introspection ---
 
-    def set_info_provider(self, fn: Callable[[], list[dict]] | None) -> None:
+    def set_info_provider(self, fn: Callable[[], list[dict[str, Any]]] | None) -> None:
         self._info_provider = fn
 
-    def peers_info(self) -> list[dict]:
+    def peers_info(self) -> list[dict[str, Any]]:
         own = {"kind": "daemon-client", "pid": os.getpid(),
                "connections": self._info_provider() if self._info_provider else []}
         try:
@@ -498,9 +524,9 @@ class DaemonDevice(Device):
         except IsmError as exc:
             return [own, {"kind": "ismd", "error": str(exc)}]
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         reply, _ = self._request("status")
-        status = reply["status"]
+        status: dict[str, Any] = reply["status"]
         with self._lock:
             self._prune_channels_locked()
             status["client"] = {

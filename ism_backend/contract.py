@@ -14,17 +14,19 @@ declared in ``proto.PEER_OPS``.
 from __future__ import annotations
 
 import abc
+import mmap
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from .errors import PermissionDenied, UnknownToken
 
 __all__ = [
-    "TOKEN_SIZE", "ID_SIZE", "ZERO_ID", "DEFAULT_TIMEOUT", "MAX_REGION_SIZE", "ACCESS_MODES",
-    "Region", "Handle", "Advert", "PeerInfo", "EndpointHandler", "Device",
-    "check_size", "check_token", "check_id", "check_read_access",
+    "ACCESS_MODES", "DEFAULT_TIMEOUT", "ID_SIZE", "MAX_REGION_SIZE", "TOKEN_SIZE", "ZERO_ID",
+    "Advert", "Device", "EndpointHandler", "Handle", "PeerInfo", "Region", "check_id",
+    "check_read_access", "check_size", "check_token",
 ]
 
 TOKEN_SIZE = 16
@@ -102,15 +104,15 @@ class Region:
         fd: the memory file descriptor; offset: where the region starts in it.
     """
 
-    __slots__ = ("token", "size", "access", "mem", "doorbell_fd", "fd", "offset", "_device",
-                 "_handle", "__weakref__")
+    __slots__ = ("__weakref__", "_device", "_handle", "access", "doorbell_fd", "fd", "mem",
+                 "offset", "size", "token")
 
-    def __init__(self, token: bytes, size: int, access: str, mem: Any, doorbell_fd: int, fd: int,
-                 offset: int, device: "Device | None" = None, handle: Any = None) -> None:
+    def __init__(self, token: bytes, size: int, access: str, mem: mmap.mmap, doorbell_fd: int,
+                 fd: int, offset: int, device: Device | None = None, handle: Any = None) -> None:
         self.token = token
         self.size = size
         self.access = access
-        self.mem = mem
+        self.mem: mmap.mmap | None = mem
         self.doorbell_fd = doorbell_fd
         self.fd = fd
         self.offset = offset
@@ -151,9 +153,9 @@ class Handle:
             withdrawn.
     """
 
-    __slots__ = ("kind", "value", "device", "active")
+    __slots__ = ("active", "device", "kind", "value")
 
-    def __init__(self, kind: str, value: Any, device: "Device | None") -> None:
+    def __init__(self, kind: str, value: Any, device: Device | None) -> None:
         self.kind = kind
         self.value = value
         self.device = device
@@ -195,7 +197,7 @@ class PeerInfo:
 class EndpointHandler(Protocol):
     """What ``Device.set_endpoint_handler`` takes (smcish's hub registry implements it)."""
 
-    def handle(self, peer: PeerInfo, op: str, fields: dict) -> dict:
+    def handle(self, peer: PeerInfo, op: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Serve one peer op (``proto.PEER_OPS``); raise an IsmError subclass to refuse."""
 
     # Optional: ``peer_gone(peer: PeerInfo) -> None``, called once the last channel from that
@@ -347,7 +349,7 @@ class Device(abc.ABC):
         """
         return False
 
-    def release_remote_claim(self, inode: int) -> None:
+    def release_remote_claim(self, inode: int) -> None:  # noqa: B027 - optional: a no-op but for ismd
         """ismd only: drop our remote claim for socket inode ``inode`` (idempotent)."""
 
     # --- peer messaging ---
@@ -364,7 +366,7 @@ class Device(abc.ABC):
         """
 
     @abc.abstractmethod
-    def peer_request(self, endpoint_id: bytes, op: str, **fields: Any) -> dict:
+    def peer_request(self, endpoint_id: bytes, op: str, **fields: Any) -> dict[str, Any]:
         """Send one peer op to the process whose endpoint is ``endpoint_id``, wait for its reply.
 
         Returns:
@@ -383,22 +385,22 @@ class Device(abc.ABC):
     # --- introspection, lifetime ---
 
     @abc.abstractmethod
-    def set_info_provider(self, fn: Callable[[], list[dict]] | None) -> None:
+    def set_info_provider(self, fn: Callable[[], list[dict[str, Any]]] | None) -> None:
         """``fn()`` returns this process's live connections (called from a device thread)."""
 
     @abc.abstractmethod
-    def peers_info(self) -> list[dict]:
+    def peers_info(self) -> list[dict[str, Any]]:
         """Every reachable process's connections (embedded) or ismd's status (daemon)."""
 
     @abc.abstractmethod
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """This device's state as a JSON-able dict (tokens are never shown)."""
 
     @abc.abstractmethod
     def close(self) -> None:
         """Release everything (idempotent). Regions still mapped stay readable for their holders."""
 
-    def __enter__(self) -> "Device":
+    def __enter__(self) -> Device:
         return self
 
     def __exit__(self, *exc: object) -> None:

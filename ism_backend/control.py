@@ -16,6 +16,7 @@ the connection is not read meanwhile. It can also *send* requests on a connectio
 from __future__ import annotations
 
 import collections
+import enum
 import errno
 import logging
 import os
@@ -24,22 +25,34 @@ import select
 import selectors
 import socket
 import threading
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Literal, Protocol
 
 from . import memfd, proto
-from .contract import PeerInfo
+from .contract import EndpointHandler, PeerInfo
 from .errors import DeviceGone, DeviceProtocolError, IsmError, QuotaExceeded
 
-__all__ = ["ControlClient", "ControlConn", "ControlServer", "PeerDispatcher", "DEFERRED",
-           "MAX_OUT_QUEUE", "RECORDS_PER_WAKEUP"]
+__all__ = ["DEFERRED", "MAX_OUT_QUEUE", "RECORDS_PER_WAKEUP", "ControlClient", "ControlConn",
+           "ControlServer", "HandlerResult", "PeerDispatcher", "Reply", "ServerHandler"]
 
 log = logging.getLogger("ism_backend.control")
 
 MAX_OUT_QUEUE = 64       # records queued to a peer that does not read; then it is dropped
 RECORDS_PER_WAKEUP = 32  # fairness between connections
 
+
+class _Deferred(enum.Enum):
+    """The type of ``DEFERRED`` (an enum member, so a type checker can tell it apart)."""
+
+    DEFERRED = "DEFERRED"
+
+
 #: Returned by a handler's ``handle`` that will answer later with ``ControlServer.complete``.
-DEFERRED = object()
+DEFERRED: Final = _Deferred.DEFERRED
+
+#: What a handler's ``handle`` returns: (reply fields, reply fds), or DEFERRED.
+Reply = tuple[dict[str, Any], list[int]]
+HandlerResult = Reply | Literal[_Deferred.DEFERRED]
 
 
 # --- client side ----------------------------------------------------------------------------
@@ -142,7 +155,7 @@ class ControlClient:
         gone.timed_out = timed_out
         return gone
 
-    def request(self, op: str, fds: Any = (), **fields: Any) -> tuple[dict[str, Any], list[int]]:
+    def request(self, op: str, fds: Iterable[int] = (), **fields: Any) -> Reply:
         """Send one request (with ``fds`` if ``op`` takes them) and wait, bounded, for its reply.
 
         Returns:
@@ -211,8 +224,8 @@ class ControlClient:
 
 
 def request_retrying_once(connect: Callable[[], ControlClient],
-                          drop: Callable[[ControlClient], None], op: str, fds: Any = (),
-                          **fields: Any) -> tuple[dict[str, Any], list[int]]:
+                          drop: Callable[[ControlClient], None], op: str,
+                          fds: Iterable[int] = (), **fields: Any) -> Reply:
     """``connect().request(op, ...)``, retried once on a fresh connection when the first one
     failed before the request provably arrived (a cached connection that broke since its last
     use); never after a timeout or a delivered request. ``drop(conn)`` runs for every
@@ -241,8 +254,8 @@ class ControlConn:
         outbound: True when we send requests on it and read replies (ismd -> endpoint channel).
     """
 
-    __slots__ = ("sock", "fd", "pid", "uid", "gid", "endpoint_id", "outq", "state", "closed",
-                 "want_write", "outbound", "pending", "busy", "events")
+    __slots__ = ("busy", "closed", "endpoint_id", "events", "fd", "gid", "outbound", "outq",
+                 "pending", "pid", "sock", "state", "uid", "want_write")
 
     def __init__(self, sock: socket.socket, creds: tuple[int, int, int] | None = None) -> None:
         self.sock = sock
@@ -250,7 +263,7 @@ class ControlConn:
         self.pid, self.uid, self.gid = creds if creds is not None else memfd.peer_credentials(sock)
         self.endpoint_id: bytes | None = None
         self.outq: collections.deque[tuple[bytes, list[int]]] = collections.deque()
-        self.state: Any = None
+        self.state: object = None
         self.closed = False
         self.want_write = False
         self.outbound = False
@@ -266,6 +279,20 @@ class ControlConn:
         return PeerInfo(self.endpoint_id, self.pid, self.uid, self.gid)
 
 
+class ServerHandler(Protocol):
+    """What ``ControlServer`` serves its connections with (see ``ControlServer``); an optional
+    ``reply(conn, op, result)`` is looked up with getattr."""
+
+    def accept(self, conn: ControlConn) -> IsmError | None:
+        """A new connection: the refusal to send, or None to serve it."""
+
+    def handle(self, conn: ControlConn, request: proto.Request, fds: list[int]) -> HandlerResult:
+        """Serve one request: (fields, fds) or DEFERRED; raise IsmError to refuse."""
+
+    def disconnect(self, conn: ControlConn) -> None:
+        """The connection closed (or was dropped)."""
+
+
 class ControlServer:
     """A selectors loop serving control connections (a listener's, and sockets handed to ``add``).
 
@@ -278,7 +305,7 @@ class ControlServer:
     unexpected handler exceptions are logged and answered as internal errors.
     """
 
-    def __init__(self, listener: socket.socket | None, handler: Any) -> None:
+    def __init__(self, listener: socket.socket | None, handler: ServerHandler) -> None:
         self.listener = listener
         self.handler = handler
         self.conns: dict[int, ControlConn] = {}
@@ -291,7 +318,8 @@ class ControlServer:
         if listener is not None:
             listener.setblocking(False)
             self.selector.register(listener, selectors.EVENT_READ, "listener")
-        self._completions: collections.deque[tuple] = collections.deque()
+        self._completions: collections.deque[
+            tuple[ControlConn, int, str, dict[str, Any] | None, IsmError | None]] = collections.deque()
         self._stop = False
         self._accept_paused = False
         self._next_out_id = 0
@@ -312,8 +340,8 @@ class ControlServer:
         self._stop = True
         self._wake()
 
-    def complete(self, conn: ControlConn, req_id: int, op: str, fields: dict | None = None,
-                 error: IsmError | None = None) -> None:
+    def complete(self, conn: ControlConn, req_id: int, op: str,
+                 fields: dict[str, Any] | None = None, error: IsmError | None = None) -> None:
         """Answer a DEFERRED request (from any thread): ``fields`` or ``error``."""
         self._completions.append((conn, req_id, op, fields, error))
         self._wake()
@@ -399,6 +427,7 @@ class ControlServer:
         sees the connection reset now). False if there is no spare fd to give up."""
         if self._spare_fd < 0:
             return False
+        assert self.listener is not None  # only _accept calls this (a spare fd means a listener)
         os.close(self._spare_fd)
         self._spare_fd = -1
         try:
@@ -448,7 +477,7 @@ class ControlServer:
     def _admit(self, conn: ControlConn) -> bool:
         try:
             refusal = self.handler.accept(conn)
-        except Exception:  # noqa: BLE001 - the loop must survive handler bugs
+        except Exception:  # the loop must survive handler bugs (logged)
             log.exception("accept handler failed")
             refusal = IsmError("internal error at connect")
         if refusal is not None:
@@ -554,18 +583,19 @@ class ControlServer:
             return
         req_id, op = conn.pending.popitem(last=False)
         try:
-            result: Any = proto.decode_reply(record, op, req_id)
+            result: dict[str, Any] | IsmError = proto.decode_reply(record, op, req_id)
         except DeviceProtocolError as exc:
             log.info("dropping pid %d: %s", conn.pid, exc)
             self._drop(conn)
             return
         except IsmError as exc:
             result = exc
-        on_reply: Callable | None = getattr(self.handler, "reply", None)
+        on_reply: Callable[[ControlConn, str, dict[str, Any] | IsmError], None] | None = getattr(
+            self.handler, "reply", None)
         if on_reply is not None:
             try:
                 on_reply(conn, op, result)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("reply handler failed")
 
     def _dispatch(self, conn: ControlConn, record: bytes, fds: list[int]) -> None:
@@ -601,7 +631,7 @@ class ControlServer:
             reply = proto.encode_error(request.id, QuotaExceeded(
                 f"the device could not serve {request.op} ({exc.strerror or exc}): retry later "
                 "or free resources"))
-        except Exception:  # noqa: BLE001 - never let one request take the server down
+        except Exception:  # never let one request take the server down (logged)
             log.exception("%s handler failed", request.op)
             memfd.close_fds(out_fds)
             out_fds = []
@@ -659,7 +689,7 @@ class ControlServer:
         conn.sock.close()
         try:
             self.handler.disconnect(conn)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("disconnect handler failed")
         if self._accept_paused and self.listener is not None:
             self._accept_paused = False
@@ -670,6 +700,13 @@ class ControlServer:
 
 _NO_HUB = ("no smcish hub in this process: it set no endpoint handler (its application uses "
            "no smcish server or client yet); fall back to TCP")
+
+
+# PeerDispatcher's queue: a peer op from a connection, a call from this process, a peer gone.
+_Job = (tuple[Literal["request"], ControlServer, ControlConn, proto.Request, PeerInfo]
+        | tuple[Literal["call"], PeerInfo, proto.Request, threading.Event,
+                list[dict[str, Any] | BaseException]]
+        | tuple[Literal["gone"], PeerInfo])
 
 
 class PeerDispatcher:
@@ -684,18 +721,18 @@ class PeerDispatcher:
     def __init__(self, name: str, timeout: float) -> None:
         self.name = name
         self.timeout = timeout
-        self.handler: Any = None
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.handler: EndpointHandler | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
 
-    def set_handler(self, handler: Any) -> None:
+    def set_handler(self, handler: EndpointHandler | None) -> None:
         """Install (or with None remove) the handler."""
         self.handler = handler
 
     def submit(self, server: ControlServer, conn: ControlConn, request: proto.Request,
-               peer: PeerInfo) -> object:
+               peer: PeerInfo) -> Literal[_Deferred.DEFERRED]:
         """Queue a peer op from ``conn``; the reply goes out through ``server.complete``.
 
         Returns:
@@ -723,7 +760,7 @@ class PeerDispatcher:
             fields_out = self._run(peer, request)
         else:
             done = threading.Event()
-            box: list = []
+            box: list[dict[str, Any] | BaseException] = []
             self._put(("call", peer, request, done, box))
             if not done.wait(self.timeout):
                 gone = DeviceGone(f"this process's endpoint handler did not answer {op} within "
@@ -753,7 +790,7 @@ class PeerDispatcher:
 
     # --- internals ---
 
-    def _put(self, job: tuple) -> None:
+    def _put(self, job: _Job) -> None:
         if self._thread is None and not self._closed:
             with self._start_lock:
                 if self._thread is None:
@@ -770,7 +807,7 @@ class PeerDispatcher:
             result = handler.handle(peer, request.op, dict(request.fields))
         except IsmError:
             raise
-        except Exception as exc:  # noqa: BLE001 - reported to the peer, logged here
+        except Exception as exc:  # reported to the peer, logged here
             log.exception("endpoint handler failed on %s", request.op)
             raise IsmError(f"the peer's endpoint handler failed on {request.op}: "
                            f"{type(exc).__name__}") from None
@@ -789,14 +826,13 @@ class PeerDispatcher:
             job = self._jobs.get()
             if job is None:
                 return
-            kind = job[0]
-            if kind == "request":
+            if job[0] == "request":
                 _, server, conn, request, peer = job
                 try:
                     server.complete(conn, request.id, request.op, fields=self._run(peer, request))
                 except IsmError as exc:
                     server.complete(conn, request.id, request.op, error=exc)
-            elif kind == "call":
+            elif job[0] == "call":
                 _, peer, request, done, box = job
                 try:
                     box.append(self._run(peer, request))
@@ -809,5 +845,5 @@ class PeerDispatcher:
                 if notify is not None:
                     try:
                         notify(peer)
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         log.exception("endpoint handler peer_gone failed")

@@ -27,18 +27,17 @@ import signal
 import socket
 import stat
 import sys
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import memfd, proto, sockets
 from .contract import ID_SIZE, MAX_REGION_SIZE, ZERO_ID
-from .control import ControlClient, ControlConn, ControlServer
-from .errors import (
-    DeviceGone, DeviceProtocolError, IsmError, PermissionDenied, QuotaExceeded, UnknownToken,
-)
+from .control import ControlClient, ControlConn, ControlServer, Reply
+from .errors import DeviceGone, DeviceProtocolError, IsmError, PermissionDenied, QuotaExceeded, UnknownToken
 from .policy import AttachRights, UidPolicy, check_daemon_uid, check_entries
 
-__all__ = ["Ismd", "main", "build_parser", "default_socket_path", "check_socket_dir",
-           "bind_listener", "parse_bytes"]
+__all__ = ["Ismd", "bind_listener", "build_parser", "check_socket_dir", "default_socket_path",
+           "main", "parse_bytes"]
 
 log = logging.getLogger("ism_backend.daemon")
 
@@ -46,10 +45,11 @@ _NOT_FOUND = {"found": False, "endpoint_id": ZERO_ID, "hub_id": ZERO_ID, "pid": 
 
 
 class _Region:
-    __slots__ = ("id", "token", "owner", "uid", "pid", "size", "charged", "memfd", "doorbell",
-                 "keep", "rights", "attachments")
+    __slots__ = ("attachments", "charged", "doorbell", "id", "keep", "memfd", "owner", "pid",
+                 "rights", "size", "token", "uid")
 
-    def __init__(self, region_id: int, owner: ControlConn, size: int, fd: int, doorbell: int):
+    def __init__(self, region_id: int, owner: ControlConn, size: int, fd: int,
+                 doorbell: int) -> None:
         self.id = region_id
         self.token: bytes | None = secrets.token_bytes(16)
         self.owner: ControlConn | None = owner
@@ -74,7 +74,7 @@ class _Region:
 class _Advert:
     """An advertised listener, as read from the socket itself (which ismd closed at once)."""
 
-    __slots__ = ("handle", "conn", "endpoint_id", "hub_id", "pid", "uid", "facts")
+    __slots__ = ("conn", "endpoint_id", "facts", "handle", "hub_id", "pid", "uid")
 
     def __init__(self, handle: int, conn: ControlConn, hub_id: bytes,
                  facts: sockets.ListenerFacts) -> None:
@@ -86,7 +86,7 @@ class _Advert:
         self.uid = conn.uid
         self.facts = facts
 
-    def reply(self) -> dict:
+    def reply(self) -> dict[str, Any]:
         return {"found": True, "endpoint_id": self.endpoint_id, "hub_id": self.hub_id,
                 "pid": self.pid, "uid": self.uid}
 
@@ -94,7 +94,7 @@ class _Advert:
 class _RemoteClaim:
     """A client socket ismd keeps (a dup) after finding its listener in another namespace."""
 
-    __slots__ = ("inode", "sock", "conn", "client_netns", "server_netns", "listener")
+    __slots__ = ("client_netns", "conn", "inode", "listener", "server_netns", "sock")
 
     def __init__(self, inode: int, sock: socket.socket, conn: ControlConn, client_netns: int,
                  server_netns: int, listener: int) -> None:
@@ -109,7 +109,7 @@ class _RemoteClaim:
 class _Netns:
     """A network namespace some advertisement lives in: an fd to it, and its diag socket."""
 
-    __slots__ = ("inode", "fd", "owned", "refs", "diag")
+    __slots__ = ("diag", "fd", "inode", "owned", "refs")
 
     def __init__(self, inode: int, fd: int, owned: bool) -> None:
         self.inode = inode
@@ -120,7 +120,7 @@ class _Netns:
 
 
 class _Client:
-    __slots__ = ("owned", "attachments", "adverts", "claims")
+    __slots__ = ("adverts", "attachments", "claims", "owned")
 
     def __init__(self) -> None:
         self.owned: dict[int, _Region] = {}
@@ -129,7 +129,11 @@ class _Client:
         self.claims: set[int] = set()
 
 
-def _endpoint(name: tuple) -> tuple[str, int]:
+# An op's method: (conn, its client state, the validated request fields, request fds) -> reply.
+_Op = Callable[[ControlConn, _Client, dict[str, Any], list[int]], Reply]
+
+
+def _endpoint(name: tuple[Any, ...]) -> tuple[str, int]:
     """A socket name normalised for comparison (v4-mapped folded, zone kept)."""
     return sockets.normalize_address(name[0])[1], name[1]
 
@@ -153,10 +157,10 @@ class Ismd:
         max_connections: control connections per uid (each costs ismd an fd).
     """
 
-    def __init__(self, *, total_memory: int, quota: int, allow_uids: set[int] = frozenset(),
-                 allow_gids: set[int] = frozenset(), max_regions: int = 4096,
+    def __init__(self, *, total_memory: int, quota: int, allow_uids: Iterable[int] = frozenset(),
+                 allow_gids: Iterable[int] = frozenset(), max_regions: int = 4096,
                  max_entries: int = 4096, gid: bytes | None = None, socket_path: str = "",
-                 max_connections: int = 1024):
+                 max_connections: int = 1024) -> None:
         self.total_memory = total_memory
         self.quota = quota
         self.policy = UidPolicy(allow_uids, allow_gids,
@@ -183,7 +187,7 @@ class Ismd:
         self.endpoint_owners: dict[bytes, list[int]] = {}
         self.clients: dict[ControlConn, _Client] = {}
         self._next = 0
-        self._ops: dict[str, Callable[..., tuple[dict, list[int]]]] = {
+        self._ops: dict[str, _Op] = {
             op: getattr(self, "_op_" + op) for op in proto.REQUESTS if hasattr(self, "_op_" + op)
         }
 
@@ -213,8 +217,7 @@ class Ismd:
         self.clients[conn] = _Client()
         return None
 
-    def handle(self, conn: ControlConn, request: proto.Request,
-               fds: list[int]) -> tuple[dict, list[int]]:
+    def handle(self, conn: ControlConn, request: proto.Request, fds: list[int]) -> Reply:
         fn = self._ops.get(request.op)
         if fn is None:
             if request.op in proto.PEER_OPS:
@@ -223,7 +226,7 @@ class Ismd:
             raise IsmError(f"{request.op} is not served by ismd")
         return fn(conn, self.clients[conn], request.fields, fds)
 
-    def reply(self, conn: ControlConn, op: str, result: Any) -> None:
+    def reply(self, conn: ControlConn, op: str, result: dict[str, Any] | IsmError) -> None:
         """A reply on an endpoint channel (to our ``take_peer``)."""
         if isinstance(result, IsmError):
             log.info("pid %d refused %s: %s", conn.pid, op, result)
@@ -337,7 +340,9 @@ class Ismd:
         return entry
 
     def _unref_netns(self, inode: int | None) -> None:
-        entry = self.netns.get(inode) if inode is not None else None
+        if inode is None:
+            return
+        entry = self.netns.get(inode)
         if entry is not None:
             entry.refs -= 1
             if entry.refs <= 0:
@@ -399,7 +404,8 @@ class Ismd:
 
     # --- ops: identity, regions ---
 
-    def _op_hello(self, conn, client, f, fds):
+    def _op_hello(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                  fds: list[int]) -> Reply:
         endpoint_id = f["endpoint_id"]
         if endpoint_id != ZERO_ID:
             if conn.endpoint_id is not None and conn.endpoint_id != endpoint_id:
@@ -416,10 +422,12 @@ class Ismd:
         return {"kind": "daemon", "gid": self.gid, "endpoint_id": ZERO_ID, "pid": os.getpid(),
                 "uid": conn.uid}, []
 
-    def _op_ping(self, conn, client, f, fds):
+    def _op_ping(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                 fds: list[int]) -> Reply:
         return {}, []
 
-    def _op_alloc(self, conn, client, f, fds):
+    def _op_alloc(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                  fds: list[int]) -> Reply:
         size = f["size"]
         if size > MAX_REGION_SIZE:
             raise QuotaExceeded(f"region of {size} bytes exceeds the maximum {MAX_REGION_SIZE}")
@@ -443,6 +451,7 @@ class Ismd:
             os.close(fd)
             raise
         region = _Region(self._id(), conn, size, fd, doorbell)
+        assert region.token is not None  # a new region is live
         self.regions[region.token] = region
         self.by_id[region.id] = region
         client.owned[region.id] = region
@@ -452,7 +461,8 @@ class Ismd:
         return ({"token": region.token, "region": region.id, "size": size, "offset": 0},
                 [os.dup(fd), os.dup(doorbell)])
 
-    def _op_reuse(self, conn, client, f, fds):
+    def _op_reuse(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                  fds: list[int]) -> Reply:
         for region in client.owned.values():
             if (region.token is None and region.keep and not region.attachments
                     and region.size == f["size"]):
@@ -469,7 +479,8 @@ class Ismd:
         return ({"token": region.token, "region": region.id, "size": region.size, "offset": 0},
                 [os.dup(doorbell)])
 
-    def _op_attach(self, conn, client, f, fds):
+    def _op_attach(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                   fds: list[int]) -> Reply:
         region = self.regions.get(f["token"])
         if region is None:
             raise UnknownToken("unknown region token: wrong, or freed by its owner; fall back to "
@@ -487,7 +498,8 @@ class Ismd:
         client.attachments[aid] = region
         return {"attachment": aid, "size": region.size, "offset": 0}, [ro, doorbell]
 
-    def _op_detach(self, conn, client, f, fds):
+    def _op_detach(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                   fds: list[int]) -> Reply:
         region = client.attachments.pop(f["attachment"], None)
         if region is None:
             raise UnknownToken("unknown attachment: already detached")
@@ -495,15 +507,18 @@ class Ismd:
         self._maybe_reclaim(region)
         return {}, []
 
-    def _op_free(self, conn, client, f, fds):
+    def _op_free(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                 fds: list[int]) -> Reply:
         region = self._owned(conn, f["token"])
+        assert region.token is not None  # _owned found it live, by its token
         del self.regions[region.token]
         region.token = None
         region.keep = f["keep"]
         self._maybe_reclaim(region)
         return {}, []
 
-    def _op_release(self, conn, client, f, fds):
+    def _op_release(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                    fds: list[int]) -> Reply:
         region = client.owned.get(f["region"])
         if region is None or region.token is not None:
             raise UnknownToken("unknown pooled region")
@@ -511,17 +526,20 @@ class Ismd:
         self._maybe_reclaim(region)
         return {}, []
 
-    def _op_grant(self, conn, client, f, fds):
+    def _op_grant(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                  fds: list[int]) -> Reply:
         self._owned(conn, f["token"]).rights.grant(f["uid"], f["access"])
         return {}, []
 
-    def _op_revoke(self, conn, client, f, fds):
+    def _op_revoke(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                   fds: list[int]) -> Reply:
         self._owned(conn, f["token"]).rights.revoke(f["uid"])
         return {}, []
 
     # --- ops: socket-bound discovery ---
 
-    def _op_advertise(self, conn, client, f, fds):
+    def _op_advertise(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                      fds: list[int]) -> Reply:
         self._endpoint_of(conn, "advertise")
         self._entries(client)
         sock = self._socket_from(fds, "advertise")
@@ -544,18 +562,21 @@ class Ismd:
         client.adverts[advert.handle] = advert
         return {"handle": advert.handle}, []
 
-    def _op_withdraw(self, conn, client, f, fds):
+    def _op_withdraw(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                     fds: list[int]) -> Reply:
         advert = client.adverts.pop(f["handle"], None)
         if advert is None:
             raise UnknownToken("unknown advertisement handle")
         self._remove_advert(advert)
         return {}, []
 
-    def _op_find_listener(self, conn, client, f, fds):
+    def _op_find_listener(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                          fds: list[int]) -> Reply:
         advert = self._sole(f["inode"])
         return (advert.reply() if advert is not None else dict(_NOT_FOUND)), []
 
-    def _op_find_remote_listener(self, conn, client, f, fds):
+    def _op_find_remote_listener(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                                 fds: list[int]) -> Reply:
         sock = self._socket_from(fds, "find_remote_listener")
         keep = False
         try:
@@ -607,7 +628,9 @@ class Ismd:
             matches: dict[int, _Advert] = {}
             for inode in list(self.ports.get(port, ())):
                 advert = self._sole(inode)
-                ns = self.netns.get(advert.facts.netns) if advert is not None else None
+                if advert is None or advert.facts.netns is None:
+                    continue
+                ns = self.netns.get(advert.facts.netns)
                 if ns is None or ns.inode == client_ns.inode or not ns.owned:
                     continue
                 diag = self._diag(ns)
@@ -625,12 +648,14 @@ class Ismd:
             if len(matches) != 1:
                 return None  # nothing, or ambiguous (overlapping namespaces): stay TCP
             advert = next(iter(matches.values()))
+            assert advert.facts.netns is not None  # matched through its namespace above
             return advert, client_ns.inode, advert.facts.netns
         finally:
             if client_ns.refs <= 0:  # not an advertised namespace: do not keep its fd
                 self._close_netns(self.netns.pop(client_ns.inode))
 
-    def _op_verify_remote_peer(self, conn, client, f, fds):
+    def _op_verify_remote_peer(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                               fds: list[int]) -> Reply:
         sock = self._socket_from(fds, "verify_remote_peer")
         try:
             claim = self.remote_claims.get(f["inode"])
@@ -638,7 +663,7 @@ class Ismd:
             # naming somebody else's socket inode in its own group with this server
             verified = (claim is not None and claim.conn.endpoint_id == f["endpoint_id"]
                         and self._verify(claim, sock))
-            if verified:
+            if verified and claim is not None:
                 self._forget_claim(claim.inode)
             return {"verified": verified}, []
         finally:
@@ -665,14 +690,16 @@ class Ismd:
             if ns.refs <= 0:
                 self._close_netns(self.netns.pop(ns.inode))
 
-    def _op_release_remote_claim(self, conn, client, f, fds):
+    def _op_release_remote_claim(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                                 fds: list[int]) -> Reply:
         if f["inode"] in client.claims:
             self._forget_claim(f["inode"])
         return {}, []
 
     # --- ops: endpoints and brokered peer channels ---
 
-    def _op_serve_endpoint(self, conn, client, f, fds):
+    def _op_serve_endpoint(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                           fds: list[int]) -> Reply:
         endpoint_id = self._endpoint_of(conn, "serve_endpoint")
         current = self.endpoints.get(endpoint_id)
         if current is not None and not current.closed:
@@ -684,7 +711,8 @@ class Ismd:
         conn.state = "endpoint"
         return {}, []
 
-    def _op_connect_endpoint(self, conn, client, f, fds):
+    def _op_connect_endpoint(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                             fds: list[int]) -> Reply:
         requester = self._endpoint_of(conn, "connect_endpoint")
         target = self.endpoints.get(f["endpoint_id"])
         if target is None or target.closed or self.server is None:
@@ -701,26 +729,30 @@ class Ismd:
             raise
         return {"pid": target.pid, "uid": target.uid, "gid": target.gid}, [ours_fd]
 
-    def _op_take_peer(self, conn, client, f, fds):
+    def _op_take_peer(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                      fds: list[int]) -> Reply:
         raise IsmError("take_peer is sent by ismd to endpoint channels, not to it")
 
-    def _op_info(self, conn, client, f, fds):
+    def _op_info(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                 fds: list[int]) -> Reply:
         raise IsmError("info is served by embedded endpoints; ask ismd for status")
 
-    def _op_status(self, conn, client, f, fds):
+    def _op_status(self, conn: ControlConn, client: _Client, f: dict[str, Any],
+                   fds: list[int]) -> Reply:
         return {"status": self.status(conn)}, []
 
     # --- status ---
 
-    def status(self, viewer: ControlConn | None = None) -> dict:
+    def status(self, viewer: ControlConn | None = None) -> dict[str, Any]:
         """State as JSON-able dict. Non-root viewers see totals plus their own uid's entries.
 
         Tokens are never shown (they are capabilities); regions are named by id.
         """
-        full = viewer is None or viewer.uid in (0, os.geteuid())
+        viewer_uid = viewer.uid if viewer is not None else None
+        full = viewer_uid is None or viewer_uid in (0, os.geteuid())
 
         def visible(uid: int) -> bool:
-            return full or uid == viewer.uid
+            return full or uid == viewer_uid
 
         regions = [{"id": r.id, "state": r.state(), "size": r.size, "owner_pid": r.pid,
                     "owner_uid": r.uid, "attachments": len(r.attachments)}

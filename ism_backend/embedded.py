@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import mmap
 import os
 import re
 import secrets
@@ -30,21 +31,39 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, cast
 
 from . import memfd, proto, sockets
 from .contract import (
-    DEFAULT_TIMEOUT, ID_SIZE, ZERO_ID, Advert, Device, Handle, PeerInfo, Region, check_id,
-    check_read_access, check_size, check_token,
+    DEFAULT_TIMEOUT,
+    ID_SIZE,
+    ZERO_ID,
+    Advert,
+    Device,
+    EndpointHandler,
+    Handle,
+    PeerInfo,
+    Region,
+    check_id,
+    check_read_access,
+    check_size,
+    check_token,
 )
-from .control import ControlClient, ControlServer, PeerDispatcher, request_retrying_once
-from .errors import (
-    DeviceGone, DeviceProtocolError, IsmError, NoDevice, PermissionDenied, UnknownToken,
+from .control import (
+    ControlClient,
+    ControlConn,
+    ControlServer,
+    HandlerResult,
+    PeerDispatcher,
+    Reply,
+    request_retrying_once,
 )
+from .errors import DeviceGone, DeviceProtocolError, IsmError, NoDevice, PermissionDenied, UnknownToken
 from .policy import AttachRights, FreedPool, UidPolicy, dirty_bytes
 
-__all__ = ["EmbeddedDevice", "runtime_dir", "prepare_runtime_dir", "read_or_create_gid"]
+__all__ = ["EmbeddedDevice", "prepare_runtime_dir", "read_or_create_gid", "runtime_dir"]
 
 UNIX_PATH_MAX = 107
 INFO_TIMEOUT = 0.5
@@ -104,7 +123,7 @@ def read_or_create_gid(path: str) -> bytes:
     gid_path = os.path.join(path, "gid")
     for _ in range(3):
         try:
-            with open(gid_path, "r", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+            with open(gid_path, opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
                 text = fh.read(64).strip()
         except FileNotFoundError:
             tmp = os.path.join(path, f".gid-{secrets.token_hex(8)}")
@@ -151,10 +170,10 @@ def _unlink(path: str) -> None:
 class _Owned:
     """Owner-side state of one region (mapping, fds, attach rights, attachment count)."""
 
-    __slots__ = ("token", "size", "fd", "mem", "doorbell", "rights", "attachments", "freed",
-                 "dirty")
+    __slots__ = ("attachments", "dirty", "doorbell", "fd", "freed", "mem", "rights", "size",
+                 "token")
 
-    def __init__(self, size: int, fd: int, mem: Any, doorbell: int) -> None:
+    def __init__(self, size: int, fd: int, mem: mmap.mmap, doorbell: int) -> None:
         self.token = secrets.token_bytes(16)
         self.size = size
         self.fd = fd
@@ -166,19 +185,25 @@ class _Owned:
         self.dirty = size                  # leading bytes that may be non-zero (zeroed on reuse)
 
 
+def _attachments(conn: ControlConn) -> dict[int, _Owned]:
+    """A peer connection's attachments of our regions: its ``state``, the dict
+    ``_Endpoint.accept`` put there before the connection was served."""
+    return cast("dict[int, _Owned]", conn.state)
+
+
 class _Endpoint:
     """ControlServer handler of our endpoint: peers attach/detach our regions, send peer ops,
     ask for info. Runs on the endpoint thread; never blocks (peer ops are deferred)."""
 
-    def __init__(self, device: "EmbeddedDevice") -> None:
+    def __init__(self, device: EmbeddedDevice) -> None:
         self.device = device
         self.policy = UidPolicy(fix="use ismd to share memory across uids")
 
-    def accept(self, conn: Any) -> IsmError | None:
+    def accept(self, conn: ControlConn) -> IsmError | None:
         conn.state = {}
         return self.policy.check(conn.uid, conn.gid)
 
-    def handle(self, conn: Any, request: proto.Request, fds: list[int]) -> Any:
+    def handle(self, conn: ControlConn, request: proto.Request, fds: list[int]) -> HandlerResult:
         op, f = request.op, request.fields
         dev = self.device
         if op in proto.PEER_OPS:
@@ -189,7 +214,7 @@ class _Endpoint:
         if op == "attach":
             return dev._serve_attach(conn, f["token"], f["access"])
         if op == "detach":
-            owned = conn.state.pop(f["attachment"], None)
+            owned = _attachments(conn).pop(f["attachment"], None)
             if owned is None:
                 raise UnknownToken("unknown attachment: already detached")
             dev._release(owned)
@@ -213,14 +238,15 @@ class _Endpoint:
                     "connections": connections}, []
         raise IsmError(f"{op} is not served by an embedded endpoint (only by ismd)")
 
-    def disconnect(self, conn: Any) -> None:
+    def disconnect(self, conn: ControlConn) -> None:
         dev = self.device
-        for owned in (conn.state or {}).values():
+        for owned in (_attachments(conn) or {}).values():
             dev._release(owned)
         conn.state = {}
-        if conn.endpoint_id is not None:
-            if dev._count_served(conn.endpoint_id, -1) == 0 and dev._dispatcher.handler:
-                dev._dispatcher.gone(conn.peer)
+        peer = conn.peer  # not None exactly when conn.endpoint_id is set
+        if (peer is not None and dev._count_served(peer.endpoint_id, -1) == 0
+                and dev._dispatcher.handler):
+            dev._dispatcher.gone(peer)
 
 
 class EmbeddedDevice(Device):
@@ -246,7 +272,7 @@ class EmbeddedDevice(Device):
         self._lock = threading.RLock()
         self._regions: dict[bytes, _Owned] = {}
         self._draining: set[_Owned] = set()
-        self._pool = FreedPool(pool_per_size, pool_bytes)
+        self._pool: FreedPool[_Owned] = FreedPool(pool_per_size, pool_bytes)
         self._next_attachment = 0
         self._attached_count = 0
         self._peers: dict[bytes, ControlClient] = {}
@@ -260,9 +286,10 @@ class EmbeddedDevice(Device):
         self._peer_ops: dict[bytes, ControlClient] = {}
         self._served: collections.Counter[bytes] = collections.Counter()
         self.peer_cache_max = 64
-        self._zombies: list[tuple[Any, list[int], bytes, Any]] = []
+        # detached mappings still exported: (mem, fds, owner's endpoint id, attachment)
+        self._zombies: list[tuple[mmap.mmap, list[int], bytes, int | _Owned]] = []
         self._adverts: set[Handle] = set()
-        self._info_provider: Callable[[], list[dict]] | None = None
+        self._info_provider: Callable[[], list[dict[str, Any]]] | None = None
         self._dispatcher = PeerDispatcher("smcish-ism-handler", timeout)
         self._closed = False
         self._mutex_thread_lock = threading.Lock()
@@ -472,13 +499,13 @@ class EmbeddedDevice(Device):
         owned.attachments += 1
         return owned, ro, doorbell
 
-    def _serve_attach(self, conn: Any, token: bytes, access: str) -> tuple[dict, list[int]]:
+    def _serve_attach(self, conn: ControlConn, token: bytes, access: str) -> Reply:
         """Endpoint thread: the peer ``conn`` asks for ``token``."""
         with self._lock:
             owned, ro, doorbell = self._grant_attachment(token, conn.uid, access)
             self._next_attachment += 1
             aid = self._next_attachment
-            conn.state[aid] = owned
+            _attachments(conn)[aid] = owned
         return {"attachment": aid, "size": owned.size, "offset": 0}, [ro, doorbell]
 
     def grant(self, token: bytes, uid: int, access: str = "r") -> None:
@@ -654,8 +681,11 @@ class EmbeddedDevice(Device):
 
     def detach(self, region: Region) -> None:
         self._check_region(region, "r", "detach")
-        endpoint_id, attachment = region._handle
+        # an attacher's handle: (owner's endpoint id, attachment id, or _Owned if attached locally)
+        handle: tuple[bytes, int | _Owned] = region._handle
+        endpoint_id, attachment = handle
         mem, fds = region.mem, [region.fd, region.doorbell_fd]
+        assert mem is not None  # _check_region refused a detached region
         region.mem = None
         region.token = b""
         region.fd = region.doorbell_fd = -1
@@ -669,7 +699,7 @@ class EmbeddedDevice(Device):
         memfd.close_fds(fds)
         self._tell_detached(endpoint_id, attachment)
 
-    def _tell_detached(self, endpoint_id: bytes, attachment: Any) -> None:
+    def _tell_detached(self, endpoint_id: bytes, attachment: int | _Owned) -> None:
         if isinstance(attachment, _Owned):  # one of our own regions (local attach)
             self._release(attachment)
             return
@@ -773,7 +803,7 @@ class EmbeddedDevice(Device):
         finally:
             os.close(fd)  # our lock goes with it
 
-    def _live_advert(self, path: str) -> tuple | None:
+    def _live_advert(self, path: str) -> tuple[bytes, bytes] | tuple[str, None] | None:
         """Under the mutex: (endpoint_id, hub_id) of the live advertisement at ``path``,
         ("shared", None) for a shared one, None if there is none alive."""
         try:
@@ -834,7 +864,7 @@ class EmbeddedDevice(Device):
 
     # --- peer messaging ---
 
-    def set_endpoint_handler(self, handler: Any) -> None:
+    def set_endpoint_handler(self, handler: EndpointHandler | None) -> None:
         self._dispatcher.set_handler(handler)
 
     def _count_served(self, endpoint_id: bytes, delta: int) -> int:
@@ -845,7 +875,7 @@ class EmbeddedDevice(Device):
                 del self._served[endpoint_id]
             return left
 
-    def peer_request(self, endpoint_id: bytes, op: str, **fields: Any) -> dict:
+    def peer_request(self, endpoint_id: bytes, op: str, **fields: Any) -> dict[str, Any]:
         endpoint_id = check_id(endpoint_id)
         if op not in proto.PEER_OPS:
             raise ValueError(f"{op!r} is not a peer op (proto.PEER_OPS: {sorted(proto.PEER_OPS)})")
@@ -871,10 +901,10 @@ class EmbeddedDevice(Device):
 
     # --- introspection ---
 
-    def set_info_provider(self, fn: Callable[[], list[dict]] | None) -> None:
+    def set_info_provider(self, fn: Callable[[], list[dict[str, Any]]] | None) -> None:
         self._info_provider = fn
 
-    def _own_connections(self) -> list[dict]:
+    def _own_connections(self) -> list[dict[str, Any]]:
         fn = self._info_provider
         if fn is None:
             return []
@@ -883,9 +913,9 @@ class EmbeddedDevice(Device):
         except Exception as exc:  # noqa: BLE001 - a broken provider must not break the endpoint
             return [{"error": f"info provider failed: {exc!r}"}]
 
-    def peers_info(self) -> list[dict]:
+    def peers_info(self) -> list[dict[str, Any]]:
         """Ask every live endpoint in the runtime dir (ourselves included) for its connections."""
-        out = []
+        out: list[dict[str, Any]] = []
         try:
             names = sorted(os.listdir(self.dir))
         except OSError:
@@ -917,7 +947,7 @@ class EmbeddedDevice(Device):
                 conn.close()
         return out
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         self._prune_dead_peers()
         with self._lock:
             return {

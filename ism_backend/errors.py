@@ -8,8 +8,8 @@ Only the classes in ``ERRORS`` may cross the control protocol; anything else dec
 from __future__ import annotations
 
 __all__ = [
-    "IsmError", "NoDevice", "PermissionDenied", "UnknownToken", "QuotaExceeded", "DeviceGone",
-    "DeviceProtocolError", "ERRORS",
+    "ERRORS", "DeviceGone", "DeviceProtocolError", "IsmError", "NoDevice", "PermissionDenied",
+    "QuotaExceeded", "UnknownToken",
 ]
 
 

@@ -9,14 +9,15 @@ import os
 import socket
 import threading
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 from .client import DaemonDevice
-from .contract import Advert, Device, Handle, Region
+from .contract import Advert, Device, EndpointHandler, Handle, Region
 from .embedded import EmbeddedDevice
 from .errors import IsmError, NoDevice
 
-__all__ = ["NoneDevice", "open_device", "get_device"]
+__all__ = ["NoneDevice", "get_device", "open_device"]
 
 
 class NoneDevice(Device):
@@ -25,7 +26,7 @@ class NoneDevice(Device):
     kind = "none"
 
     def __init__(self) -> None:
-        self._info_provider: Callable[[], list[dict]] | None = None
+        self._info_provider: Callable[[], list[dict[str, Any]]] | None = None
 
     @staticmethod
     def _refuse() -> NoDevice:
@@ -60,23 +61,23 @@ class NoneDevice(Device):
     def find_listener(self, inode: int) -> Advert | None:
         return None
 
-    def set_endpoint_handler(self, handler: Any) -> None:
+    def set_endpoint_handler(self, handler: EndpointHandler | None) -> None:
         pass
 
-    def peer_request(self, endpoint_id: bytes, op: str, **fields: Any) -> dict:
+    def peer_request(self, endpoint_id: bytes, op: str, **fields: Any) -> dict[str, Any]:
         raise self._refuse()
 
     def peer_alive(self, endpoint_id: bytes) -> bool:
         return False
 
-    def set_info_provider(self, fn: Callable[[], list[dict]] | None) -> None:
+    def set_info_provider(self, fn: Callable[[], list[dict[str, Any]]] | None) -> None:
         self._info_provider = fn
 
-    def peers_info(self) -> list[dict]:
+    def peers_info(self) -> list[dict[str, Any]]:
         own = self._info_provider() if self._info_provider else []
         return [{"kind": "none", "pid": os.getpid(), "connections": own}]
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return {"kind": "none", "available": False}
 
     def close(self) -> None:
@@ -84,12 +85,13 @@ class NoneDevice(Device):
 
 
 _lock = threading.Lock()
-_cache: dict[tuple, Device] = {}
-_all_devices: "weakref.WeakSet[Device]" = weakref.WeakSet()
+_cache: dict[tuple[str | int | None, ...], Device] = {}
+_all_devices: weakref.WeakSet[Device] = weakref.WeakSet()
 
 
 _ENV_DATA = getattr(os.environ, "_data", None)     # os.environ's own dict of encoded keys
-_K_DEVICE, _K_RUNTIME, _K_XDG = (os.environ.encodekey(k) for k in (
+# typeshed declares os.environ.encodekey as str -> str; on POSIX it returns the bytes key.
+_K_DEVICE, _K_RUNTIME, _K_XDG = (cast(bytes, os.environ.encodekey(k)) for k in (
     "SMCISH_DEVICE", "SMCISH_RUNTIME_DIR", "XDG_RUNTIME_DIR"))
 
 
@@ -135,7 +137,7 @@ def open_device(spec: str | None = None) -> Device:
     return device
 
 
-def _cache_key(resolved: str) -> tuple:
+def _cache_key(resolved: str) -> tuple[str | int | None, ...]:
     # The embedded device's runtime dir depends only on these variables (and the uid): keying on
     # them keeps get_device() free of syscalls on every connection.
     if resolved == "embedded":

@@ -18,7 +18,7 @@ import socket
 import stat
 import struct
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
 
 from .errors import DeviceProtocolError
 
@@ -156,7 +156,7 @@ def attacher_fds(fd: int, doorbell: int) -> tuple[int, int]:
         raise
 
 
-def unmap(mem: Any) -> bool:
+def unmap(mem: mmap.mmap) -> bool:
     """Close a mapping; False while buffer exports (memoryviews, cffi buffers) keep it alive."""
     try:
         mem.close()

@@ -14,15 +14,17 @@ owner-side pool of freed regions, and per-connection entry limits.
 from __future__ import annotations
 
 import collections
+import mmap
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Generic, Protocol, TypeVar
 
 from . import memfd
 from .contract import check_read_access
 from .errors import NoDevice, PermissionDenied, QuotaExceeded
 
-__all__ = ["UidPolicy", "AttachRights", "FreedPool", "dirty_bytes", "check_entries",
-           "trusted_daemon_uids", "check_daemon_uid"]
+__all__ = ["AttachRights", "FreedPool", "PoolEntry", "UidPolicy", "check_daemon_uid",
+           "check_entries", "dirty_bytes", "trusted_daemon_uids"]
 
 
 class UidPolicy:
@@ -110,17 +112,29 @@ def dirty_bytes(size: int, written: int | None) -> int:
     return max(0, min(size, int(written)))
 
 
-class FreedPool:
+class PoolEntry(Protocol):
+    """What ``FreedPool`` needs of an entry (the owner's object for one freed region)."""
+
+    size: int
+    mem: mmap.mmap   # the owner's writable mapping
+    dirty: int       # leading bytes to zero before reuse
+
+
+_Entry = TypeVar("_Entry", bound=PoolEntry)
+
+
+class FreedPool(Generic[_Entry]):
     """Freed regions kept for reuse, per exact size (FIFO), bounded per size and in bytes.
 
-    Entries are the owner's objects; they need ``size``, ``mem`` (the owner's writable mapping)
-    and ``dirty`` (bytes to zero before reuse). Not thread-safe: the owner serialises.
+    Entries are the owner's objects (``PoolEntry``); they need ``size``, ``mem`` (the owner's
+    writable mapping) and ``dirty`` (bytes to zero before reuse). Not thread-safe: the owner
+    serialises.
     """
 
     def __init__(self, per_size: int = 8, max_bytes: int = 64 << 20) -> None:
         self.per_size = per_size
         self.max_bytes = max_bytes
-        self._by_size: dict[int, collections.deque[Any]] = collections.defaultdict(
+        self._by_size: dict[int, collections.deque[_Entry]] = collections.defaultdict(
             collections.deque)
         self.count = 0
         self.bytes = 0
@@ -134,7 +148,7 @@ class FreedPool:
         return (len(self._by_size.get(size, ())) < self.per_size
                 and self.bytes + size <= self.max_bytes)
 
-    def offer(self, entry: Any) -> bool:
+    def offer(self, entry: _Entry) -> bool:
         """Keep ``entry`` if there is room. Returns False when the caller must destroy it."""
         if not self.has_room(entry.size):
             return False
@@ -143,7 +157,7 @@ class FreedPool:
         self.bytes += entry.size
         return True
 
-    def take(self, size: int) -> Any | None:
+    def take(self, size: int) -> _Entry | None:
         """The oldest pooled entry of exactly ``size`` bytes (not yet zeroed: ``scrub`` it)."""
         queue = self._by_size.get(size)
         if not queue:
@@ -153,13 +167,13 @@ class FreedPool:
         self.bytes -= size
         return entry
 
-    def remove(self, entry: Any) -> None:
+    def remove(self, entry: _Entry) -> None:
         """Take a specific entry out (ismd decided which pooled region to reuse)."""
         self._by_size[entry.size].remove(entry)
         self.count -= 1
         self.bytes -= entry.size
 
-    def drain(self) -> list[Any]:
+    def drain(self) -> list[_Entry]:
         """Empty the pool; returns the entries for the caller to destroy."""
         out = [entry for queue in self._by_size.values() for entry in queue]
         self._by_size.clear()
@@ -168,7 +182,7 @@ class FreedPool:
         return out
 
     @staticmethod
-    def scrub(entry: Any) -> None:
+    def scrub(entry: PoolEntry) -> None:
         """Zero what may be dirty through the owner's mapping; the entry is then all dirty again
         (it is about to be handed out)."""
         memfd.zero(entry.mem, entry.dirty)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, NoReturn, cast
 
 from .errors import ERRORS, DeviceProtocolError, IsmError
 
@@ -94,7 +95,7 @@ def _text(value: Any) -> str:
 def _kind(value: Any) -> str:
     if value not in ("embedded", "daemon"):
         raise ValueError("must be 'embedded' or 'daemon'")
-    return value
+    return cast(str, value)  # equal to one of two str literals
 
 
 def _side(value: Any) -> str:
@@ -103,13 +104,13 @@ def _side(value: Any) -> str:
     return value
 
 
-def _dict(value: Any) -> dict:
+def _dict(value: Any) -> dict[str, Any]:
     if type(value) is not dict:
         raise ValueError("must be an object")
     return value
 
 
-def _list_of_dicts(value: Any) -> list:
+def _list_of_dicts(value: Any) -> list[dict[str, Any]]:
     if type(value) is not list or any(type(item) is not dict for item in value):
         raise ValueError("must be a list of objects")
     return value
@@ -220,7 +221,7 @@ def _wire(value: Any) -> Any:
     return value.hex() if isinstance(value, (bytes, bytearray)) else value
 
 
-def _frame(obj: dict) -> bytes:
+def _frame(obj: dict[str, Any]) -> bytes:
     body = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
     if len(body) > MAX_BODY:
         raise ValueError(f"control message of {len(body)} bytes exceeds {MAX_BODY}")
@@ -290,12 +291,12 @@ def encode_error(req_id: int, error: IsmError | str, message: str | None = None)
                    "message": text[:MAX_MESSAGE_TEXT]})
 
 
-def fit_list(items: list, budget: int) -> tuple[list, bool]:
+def fit_list(items: Iterable[object], budget: int) -> tuple[list[Any], bool]:
     """Longest prefix of ``items`` whose JSON fits in ``budget`` bytes; (prefix, truncated).
 
     Items come back JSON-clean (non-JSON values as their ``str``; unencodable items dropped).
     """
-    out: list = []
+    out: list[Any] = []
     used = 2
     for item in items:
         try:
@@ -311,18 +312,18 @@ def fit_list(items: list, budget: int) -> tuple[list, bool]:
 
 # --- decoding ------------------------------------------------------------------------------
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
         raise ValueError("duplicate key")
     return obj
 
 
-def _reject_constant(name: str) -> Any:
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not allowed")
 
 
-def _parse(record: bytes) -> dict:
+def _parse(record: bytes) -> dict[str, Any]:
     if len(record) < HEADER.size:
         raise ProtoError("record shorter than its length prefix")
     (length,) = HEADER.unpack_from(record)
@@ -346,13 +347,14 @@ def _parse(record: bytes) -> dict:
     return obj
 
 
-def _fields(obj: dict, schema: dict, skip: tuple[str, ...], what: str, req_id: int) -> dict:
+def _fields(obj: dict[str, Any], schema: Schema, skip: tuple[str, ...], what: str,
+            req_id: int) -> dict[str, Any]:
     names = set(obj) - set(skip)
     if names != set(schema):
         missing = sorted(set(schema) - names)
         unknown = sorted(names - set(schema))
         raise ProtoError(f"{what}: missing {missing} unknown {unknown[:5]}", req_id)
-    out = {}
+    out: dict[str, Any] = {}
     for name, check in schema.items():
         try:
             out[name] = check(obj[name])

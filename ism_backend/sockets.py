@@ -34,14 +34,14 @@ import socket
 import struct
 import threading
 import weakref
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 __all__ = [
-    "TCP_ESTABLISHED", "TCP_SYN_SENT", "TCP_SYN_RECV", "TCP_FIN_WAIT1", "TCP_FIN_WAIT2",
-    "TCP_TIME_WAIT", "TCP_CLOSE", "TCP_CLOSE_WAIT", "TCP_LAST_ACK", "TCP_LISTEN", "TCP_CLOSING",
-    "TCP_NEW_SYN_RECV", "socket_inode", "ListenerFacts", "listener_facts", "DiagHit", "Diag",
-    "diag", "diag_in_netns", "route_source", "netns_inode", "socket_netns_fd", "socket_netns",
-    "netns_owner", "own_userns", "normalize_address",
+    "TCP_CLOSE", "TCP_CLOSE_WAIT", "TCP_CLOSING", "TCP_ESTABLISHED", "TCP_FIN_WAIT1",
+    "TCP_FIN_WAIT2", "TCP_LAST_ACK", "TCP_LISTEN", "TCP_NEW_SYN_RECV", "TCP_SYN_RECV",
+    "TCP_SYN_SENT", "TCP_TIME_WAIT", "Diag", "DiagHit", "ListenerFacts", "diag", "diag_in_netns",
+    "listener_facts", "netns_inode", "netns_owner", "normalize_address", "own_userns",
+    "route_source", "socket_inode", "socket_netns", "socket_netns_fd",
 ]
 
 # include/net/tcp_states.h
@@ -197,7 +197,9 @@ class Diag:
     a NETLINK_ROUTE socket (not thread-safe: use ``diag()``)."""
 
     def __init__(self, socks: tuple[socket.socket, socket.socket] | None = None) -> None:
-        self._sock, self._route = socks if socks is not None else _new_diag_sockets()
+        sock, route = socks if socks is not None else _new_diag_sockets()
+        self._sock: socket.socket | None = sock
+        self._route: socket.socket | None = route
         self._seq = 0
         self._buf = bytearray(_RECV_SIZE)
         self.pid = os.getpid()
@@ -310,7 +312,7 @@ class Diag:
 
 
 _local = threading.local()
-_all_diags: "weakref.WeakSet[Diag]" = weakref.WeakSet()
+_all_diags: weakref.WeakSet[Diag] = weakref.WeakSet()
 
 
 def diag() -> Diag:
@@ -318,7 +320,7 @@ def diag() -> Diag:
 
     A forked child never uses its parent's netlink socket (replies would interleave).
     """
-    current = getattr(_local, "diag", None)
+    current: Diag | None = getattr(_local, "diag", None)
     if current is not None and not current.closed and current.pid == os.getpid():
         return current
     if current is not None and current.pid != os.getpid():
@@ -400,6 +402,11 @@ def own_userns() -> int | None:
         return None
 
 
+class _SetnsResult(TypedDict, total=False):
+    socks: tuple[socket.socket, socket.socket]
+    error: OSError
+
+
 def diag_in_netns(ns_fd: int, timeout: float = 5.0) -> Diag:
     """A Diag whose netlink sockets live in the network namespace ``ns_fd``.
 
@@ -409,7 +416,7 @@ def diag_in_netns(ns_fd: int, timeout: float = 5.0) -> Diag:
     Raises:
         OSError: setns refused (needs CAP_SYS_ADMIN over the namespace) or the thread hung.
     """
-    result: dict[str, object] = {}
+    result: _SetnsResult = {}
 
     def run() -> None:
         try:
@@ -429,7 +436,7 @@ def diag_in_netns(ns_fd: int, timeout: float = 5.0) -> Diag:
     thread.start()
     thread.join(timeout)
     if "socks" in result:
-        return Diag(result["socks"])  # type: ignore[arg-type]
+        return Diag(result["socks"])
     error = result.get("error")
     if isinstance(error, OSError):
         raise error
@@ -443,7 +450,8 @@ def route_source(family: int, addr: str) -> str | None:
     try:
         probe = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         probe.connect((addr, 9))
-        return probe.getsockname()[0]
+        source: str = probe.getsockname()[0]  # (host, port[, flowinfo, scope_id]) of AF_INET*
+        return source
     except (OSError, ValueError, OverflowError):
         return None
     finally:
