@@ -8,11 +8,13 @@ and ``python -m smcish run script.py`` for unchanged programs. ``stats()``, ``me
 
 import logging as _logging
 
+from ._version import __version__ as __version__
 from .clc import DeclineReason
 from .config import Config
 from .errors import HandshakeError, PeerReset, SmcError
 from .loop import create_connection, create_server, install, loop_factory
 from .metrics import metrics_json, metrics_text
+from .policy import set_policy
 from .stats import stats
 from .streams import open_connection, start_server
 from .transport import SmcInfo, SmcTransport
@@ -21,9 +23,8 @@ from .zerocopy import ZeroCopyProtocol, send_buffer
 __all__ = [
     "Config", "DeclineReason", "HandshakeError", "PeerReset", "SmcError", "SmcInfo", "SmcTransport",
     "create_connection", "create_server", "install", "loop_factory", "metrics_json", "metrics_text",
-    "open_connection", "start_server", "stats", "ZeroCopyProtocol", "send_buffer",
+    "open_connection", "set_policy", "start_server", "stats", "ZeroCopyProtocol", "send_buffer",
 ]
-__version__ = "0.1.0"
 
 # A library leaves logging to the application: with no handler of its own, Python would print
 # WARNING records through its last-resort handler. (Child loggers such as smcish.fallback

@@ -101,6 +101,7 @@ class Config:
         return cached
 
     def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (keywords whose value is None are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 

@@ -112,7 +112,8 @@ async def create_connection(protocol_factory: Any, host: Any = None, port: Any =
         host, port: where to connect (or pass ``sock=`` a connected socket).
         config: a ``Config``; smcish keywords in kwargs (device, negotiate, ring_size,
             max_ring_size, poll_us, handshake_timeout) override it.
-        **kwargs: everything ``loop.create_connection`` accepts (``ssl=`` passes through untouched).
+        **kwargs: everything ``loop.create_connection`` accepts; with ``ssl=`` the connection is
+            set up first (shared memory or TCP), then TLS runs over it (docs/design.md section 7).
 
     Returns:
         ``(transport, protocol)``; ``transport.get_extra_info("smcish")`` says which path it took.
@@ -539,7 +540,10 @@ async def _copy_file(loop: Any, transport: Any, file: Any, offset: int, count: i
 def install(loop: Any = None, config: Config | None = None) -> Any:
     """Patch one loop so its create_connection/create_server go through smcish.
 
-    Calls with ``ssl=`` or to unix sockets pass through untouched. Returns the loop.
+    Also its ``sock_connect`` (clients that connect their own socket and pass it as ``sock=``,
+    as aiohttp does), ``start_tls`` and ``sendfile``. ``ssl=`` calls are accelerated as with
+    ``create_connection``; unix-socket calls (``create_unix_connection``/``_server``) are not
+    touched. Returns the loop.
     """
     loop = loop or asyncio.get_event_loop()
     if getattr(loop, _PATCHED, None) is not None:

@@ -105,6 +105,8 @@ class Rule:
     origin: str = ""
 
     def matches(self, side: str, addr: Address | None, port: int, program: str) -> bool:
+        """Does this rule apply to ``side`` (client/server), address ``addr`` (None: not an
+        IP address, matched only by rules without ``address``), ``port`` and ``program``?"""
         if self.side != "any" and self.side != side:
             return False
         if self.ports and not any(low <= port <= high for low, high in self.ports):
@@ -115,6 +117,7 @@ class Rule:
         return not self.programs or any(fnmatch.fnmatchcase(program, pat) for pat in self.programs)
 
     def describe(self) -> str:
+        """The rule in ``SMCISH_POLICY`` syntax, e.g. ``tcp side=server port=8000-8999``."""
         parts = [self.action]
         if self.side != "any":
             parts.append(f"side={self.side}")
@@ -327,6 +330,7 @@ def load(path: str) -> Policy:
 
 
 def default_path() -> str:
+    """The config file read when ``SMCISH_CONFIG`` is not set (if it exists)."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return os.path.join(base, "smcish", "config.toml")
 
@@ -404,6 +408,7 @@ def set_program(name: str | None) -> None:
 
 
 def program() -> str:
+    """This process's name for ``program`` rules (see ``set_program``)."""
     if _program is None:
         return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
     return _program

@@ -60,12 +60,21 @@ def patch_process(config: Config | None = None) -> None:
 
 def run_script(argv: list[str]) -> None:
     """Run ``argv[0]`` (a script path, or ``-m module``) as __main__ with smcish installed."""
+    usage = ("usage: python -m smcish run script.py [args...] | -m module [args...]\n\n"
+             "Runs an unchanged asyncio program with smcish on every event loop it creates\n"
+             "(asyncio's and uvloop's); settings come from the SMCISH_* environment variables\n"
+             "and the acceleration policy (SMCISH_POLICY, SMCISH_CONFIG: docs/policy.md).")
     if not argv:
-        raise SystemExit("usage: python -m smcish run script.py [args...] | -m module [args...]")
+        raise SystemExit(usage)
+    if argv[0] in ("-h", "--help"):
+        print(usage)
+        raise SystemExit(0)
+    if argv[0].startswith("-") and argv[0] != "-m":
+        raise SystemExit(f"python -m smcish run: unknown option {argv[0]!r}\n{usage}")
     patch_process()
     if argv[0] == "-m":
         if len(argv) < 2:
-            raise SystemExit("usage: python -m smcish run -m module [args...]")
+            raise SystemExit(usage)
         sys.argv = argv[1:]
         set_program(argv[1])             # `program` policy rules match the module's name
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)

@@ -158,7 +158,9 @@ async def open_connection(host: Any = None, port: Any = None, *, limit: int = _D
     poll_us) and everything ``loop.create_connection`` accepts.
 
     Returns:
-        ``(StreamReader, StreamWriter)``, the stock asyncio classes.
+        ``(StreamReader, StreamWriter)``: the stock ``StreamWriter`` and ``SmcStreamReader``, a
+        ``StreamReader`` subclass that overrides only ``read(n)`` (one copy, straight from the
+        ring when its buffer is empty); every semantic is the stock one (docs/parity.md).
     """
     loop = asyncio.get_running_loop()
     reader = SmcStreamReader(limit=limit, loop=loop)

@@ -538,3 +538,13 @@ def test_program_rules_under_smcish_run(tmp_path, loop_kind, rules, want):
             return out.decode().strip()
 
     assert run(loop_kind, main(), timeout=90) == want
+
+
+def test_smcish_run_help_and_unknown_options():
+    ok = subprocess.run([PYTHON, "-m", "smcish", "run", "--help"], env=python_env(),
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "usage: python -m smcish run" in ok.stdout, ok
+    bad = subprocess.run([PYTHON, "-m", "smcish", "run", "--bogus"], env=python_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "unknown option '--bogus'" in bad.stderr, bad
+    assert "Traceback" not in bad.stderr
