@@ -18,6 +18,46 @@ os.environ.pop("SMCISH_DEVICE", None)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Wheel mode: `python3 scripts/wheel.py test` runs this suite against the installed wheel, from a
+# copy of tests/ (with examples/, benchmarks/) that holds no smcish/ nor ism_backend/, with
+# SMCISH_TEST_INSTALLED=1. Then, before any test: both packages (and the compiled ring) come from
+# this venv's site-packages, and the venv's import guard (scripts/wheel.py GUARD, loaded by a .pth
+# in every process of the venv, so in every child process the tests start) is active.
+INSTALLED = os.environ.get("SMCISH_TEST_INSTALLED") == "1"
+
+
+def installed_problems() -> list[str]:
+    """Why this session would not be testing the installed wheel (empty: it is)."""
+    import sysconfig
+
+    import ism_backend
+    import smcish
+    import smcish._ring
+
+    site = sorted({os.path.realpath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")})
+    problems = []
+    if sys.prefix == sys.base_prefix:
+        problems.append(f"{sys.executable} is not a virtualenv's interpreter")
+    for module in (smcish, smcish._ring, ism_backend):
+        where = os.path.realpath(module.__file__)
+        if not any(where.startswith(s + os.sep) for s in site):
+            problems.append(f"{module.__name__} was imported from {where}, not from {site}")
+    for name in ("smcish", "ism_backend"):
+        if os.path.exists(os.path.join(ROOT, name)):
+            problems.append(f"the test root {ROOT} holds {name}/, which child processes "
+                            f"(PYTHONPATH={ROOT}) would import")
+    guard = sys.modules.get("_smcish_wheel_guard")
+    if guard is None or not guard.active():
+        problems.append("the import guard of scripts/wheel.py is not active: child processes "
+                        "would not be checked")
+    return problems
+
+
+_problems = installed_problems() if INSTALLED else []
+if _problems:
+    raise pytest.UsageError("SMCISH_TEST_INSTALLED=1, but this is not a run against the installed "
+                            "wheel:\n  " + "\n  ".join(_problems))
+
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_RUNTIME, ignore_errors=True)

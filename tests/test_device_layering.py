@@ -13,7 +13,10 @@ from pathlib import Path
 
 from device_helpers import REPO, child_env
 
-PACKAGE = REPO / "ism_backend"
+import ism_backend  # (after device_helpers, which makes a bare checkout importable)
+
+# The package under test, wherever it was imported from: the checkout, or the installed wheel.
+PACKAGE = Path(ism_backend.__file__).resolve().parent
 # module -> layer; a module may import only modules of strictly lower layers.
 LAYERS = {
     "errors": 0, "contract": 1, "memfd": 2, "sockets": 2, "proto": 3, "control": 4, "policy": 5,

@@ -35,10 +35,17 @@ import tempfile
 
 import pytest
 
+import smcish
+
 from .conftest import PYTHON, ROOT
 
 # The tree under test (another checkout: FINALIZER_ROOT=/tmp/oldmain runs the child against v1).
 TARGET = os.environ.get("FINALIZER_ROOT", ROOT)
+# Where the static check reads smcish/ and ism_backend/: that other checkout, or else the
+# directory the packages under test were imported from (the checkout, or site-packages when
+# testing the installed wheel).
+SOURCES = os.environ.get("FINALIZER_ROOT") or os.path.dirname(os.path.dirname(
+    os.path.abspath(smcish.__file__)))
 WATCHDOG = float(os.environ.get("FINALIZER_WATCHDOG", "60"))
 
 CHILD = r'''
@@ -333,13 +340,13 @@ FORBIDDEN_WORDS = ("lock", "mutex", "acquire", "device", "peer_request", "claim"
 
 def _sources():
     for pkg in PACKAGES:
-        base = os.path.join(TARGET, pkg)
+        base = os.path.join(SOURCES, pkg)
         for dirpath, _, files in os.walk(base):
             for name in files:
                 if name.endswith(".py"):
                     path = os.path.join(dirpath, name)
                     with open(path) as fh:
-                        yield os.path.relpath(path, TARGET), ast.parse(fh.read(), path)
+                        yield os.path.relpath(path, SOURCES), ast.parse(fh.read(), path)
 
 
 def _call_name(node: ast.Call) -> str:
@@ -443,6 +450,6 @@ def test_the_static_check_catches_v1_style_finalisers(tmp_path, monkeypatch):
         "def claim(sock, key, dev):\n"
         "    _preclaims[key] = (dev.claim(key), dev)\n"
         "    weakref.finalize(sock, _release_preclaim, key)\n")
-    monkeypatch.setattr(sys.modules[__name__], "TARGET", str(tmp_path))
+    monkeypatch.setattr(sys.modules[__name__], "SOURCES", str(tmp_path))
     with pytest.raises(AssertionError, match="release_claim"):
         test_no_finaliser_calls_a_device_or_takes_a_lock()
