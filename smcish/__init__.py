@@ -21,9 +21,25 @@ from .transport import SmcInfo, SmcTransport
 from .zerocopy import ZeroCopyProtocol, send_buffer
 
 __all__ = [
-    "Config", "DeclineReason", "HandshakeError", "PeerReset", "SmcError", "SmcInfo", "SmcTransport",
-    "create_connection", "create_server", "install", "loop_factory", "metrics_json", "metrics_text",
-    "open_connection", "set_policy", "start_server", "stats", "ZeroCopyProtocol", "send_buffer",
+    "Config",
+    "DeclineReason",
+    "HandshakeError",
+    "PeerReset",
+    "SmcError",
+    "SmcInfo",
+    "SmcTransport",
+    "ZeroCopyProtocol",
+    "create_connection",
+    "create_server",
+    "install",
+    "loop_factory",
+    "metrics_json",
+    "metrics_text",
+    "open_connection",
+    "send_buffer",
+    "set_policy",
+    "start_server",
+    "stats",
 ]
 
 # A library leaves logging to the application: with no handler of its own, Python would print
