@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 
-def _readable(stats) -> dict | None:
+def _readable(stats: Any) -> dict[str, Any] | None:
     """metrics_json() of another process's stats(), or None if they are not all numbers."""
     from .metrics import metrics_json
 
@@ -24,17 +25,18 @@ def _readable(stats) -> dict | None:
     return None
 
 
-def _processes(device) -> list[dict]:
+def _processes(device: Any) -> list[dict[str, Any]]:
     """Every process on the device: pid, its metrics (None if it does not report them: no
     smcish connection yet, or an older version) and its connection rows."""
-    out = []
+    out: list[dict[str, Any]] = []
     for proc in device.peers_info():
         if "pid" not in proc or proc.get("kind") == "ismd":
             if "error" in proc:
                 out.append({"pid": None, "endpoint_id": proc.get("endpoint_id"),
                             "error": proc["error"]})
             continue
-        record, rows = None, []
+        record: dict[str, Any] | None = None
+        rows: list[dict[str, Any]] = []
         for item in proc.get("connections", []):
             if item.get("kind") == "process":
                 record = item
@@ -42,10 +44,10 @@ def _processes(device) -> list[dict]:
                 rows.append({"pid": proc["pid"], **item})
         if record is None and proc.get("self") and not rows:
             continue                   # this command's own endpoint
-        entry = {"pid": proc["pid"], "endpoint_id": proc.get("endpoint_id"),
+        entry: dict[str, Any] = {"pid": proc["pid"], "endpoint_id": proc.get("endpoint_id"),
                  "metrics": None, "connections": rows}
         metrics = _readable(record.get("stats")) if record is not None else None
-        if metrics is not None:
+        if metrics is not None and record is not None:
             entry["metrics"] = metrics
             entry["stats"] = record["stats"]
             shown, total = len(rows), record.get("connections", len(rows))
@@ -57,7 +59,7 @@ def _processes(device) -> list[dict]:
     return out
 
 
-def _stat(args) -> int:
+def _stat(args: argparse.Namespace) -> int:
     import ism_backend
 
     device = ism_backend.get_device(args.device)
@@ -82,7 +84,7 @@ def _stat(args) -> int:
     cols = ("pid", "role", "mode", "local", "peer", "bytes_sent", "bytes_received", "reason")
     print("  ".join(f"{c:>14}" for c in cols))
     for row in rows:
-        print("  ".join(f"{str(row.get(c, '')):>14}" for c in cols))
+        print("  ".join(f"{row.get(c, '')!s:>14}" for c in cols))
     print(f"{len(rows)} connection(s) on device {device.kind} {device.gid.hex()}")
     return 0
 
@@ -112,10 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     p_doctor = sub.add_parser("doctor", help="would a connection use shared memory? checks the "
                                              "device, the limits and a target; exit 0 if so")
     p_doctor.add_argument("target", nargs="?", default=None, metavar="HOST:PORT",
-                          help="a listener to check (never connected to)")
+                          help="a listener to check (never connected to, except by --probe, "
+                               "which sends no byte)")
     p_doctor.add_argument("--device", default=None,
                           help="device spec (default: SMCISH_DEVICE or embedded)")
     p_doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    p_doctor.add_argument("--probe", action="store_true",
+                          help="measure: without HOST:PORT, round trips and throughput smcish vs "
+                               "plain TCP against an echo server in a child process; with it, "
+                               "connection set-up time only (no byte is sent)")
+    p_doctor.add_argument("--size", type=int, default=None, metavar="BYTES",
+                          help="--probe without a target: round-trip message size (default 64)")
+    p_doctor.add_argument("--seconds", type=float, default=None, metavar="S",
+                          help="--probe: time budget, split between smcish and TCP (default 2)")
+    p_doctor.add_argument("--loop", choices=("asyncio", "uvloop"), default=None,
+                          help="--probe: event loop on both ends (default asyncio)")
     if argv and argv[0] == "doctor":
         try:
             args = parser.parse_args(argv)
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main(args)
-    args, rest = parser.parse_known_args(argv)
+    args, _rest = parser.parse_known_args(argv)
     if args.cmd == "stat":
         return _stat(args)
     if args.cmd == "demo":

@@ -8,6 +8,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -201,3 +202,171 @@ def test_low_nofile_warns(servers):
     # a client still has room for a link group: the verdict stays, and a real connection agrees
     assert code == 0 and report["verdict"]["mode"] == "ism"
     assert connect(servers["smcish"], preexec_fn=_low_nofile) == ("ism", None)
+
+
+# ------------------------------------------------------------------------------ --probe
+
+COUNTING_SERVER = """
+import asyncio, json, os, sys
+counts = {"accepted": 0, "closed": 0, "bytes": 0}
+async def handle(r, w):
+    counts["accepted"] += 1
+    try:
+        while (d := await r.read(65536)):
+            counts["bytes"] += len(d)
+    finally:
+        counts["closed"] += 1
+        w.close()
+async def main():
+    loop = asyncio.get_running_loop()
+    s = await asyncio.start_server(handle, '127.0.0.1', 0)
+    def ask():
+        if not os.read(0, 4096):
+            loop.stop()
+        print(json.dumps(counts), flush=True)
+    loop.add_reader(0, ask)
+    print(s.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+def probe(*args, env=None):
+    """`python -m smcish doctor --probe --json ARGS`: (exit status, report, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "smcish", "doctor", "--probe", "--json", *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env=env or _env())
+    report = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return proc.returncode, report, proc.stderr
+
+
+def embedded_gid(report):
+    (device,) = check(report, "device")
+    assert device["status"] == "OK" and device["detail"].startswith("embedded, gid "), device
+    return device["detail"].split()[2].rstrip(",")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_probe_local_pair(loop):
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    code, report, err = probe("--seconds", "0.5", "--size", "100", "--loop", loop)
+    assert code == 0, (report, err)
+    assert report["exit"] == 0 and report["verdict"]["mode"] == "ism"
+    (line,) = check(report, "probe")
+    assert line["status"] == "OK", line
+    p = report["probe"]
+    assert p["kind"] == "local-pair" and p["loop"] == loop and p["size"] == 100
+    assert p["rounds"] >= 2 and p["measured"] is True
+    assert p["server"]["loop"] == loop and p["server"]["pid"] != os.getpid()
+    # the smcish side really went through shared memory, on the embedded device
+    assert p["smcish"]["mode"] == "ism" and p["smcish"]["reason"] is None
+    assert p["smcish"]["device"] == embedded_gid(report)
+    assert p["tcp"]["mode"] == "tcp"
+    for side in ("smcish", "tcp"):
+        rtt, bulk = p[side]["rtt"], p[side]["throughput"]
+        assert rtt["count"] > 0 and len(rtt["round_p50_us"]) == p["rounds"]
+        assert all(rtt[k] > 0 for k in ("p50_us", "p10_us", "p90_us", "p99_us"))
+        assert bulk["mb_per_s"] > 0 and bulk["bytes"] > 0
+        assert len(bulk["round_mb_per_s"]) == p["rounds"]
+    assert p["ratio"]["rtt_p50"] > 0 and p["ratio"]["mb_per_s"] > 0
+    # the doctor reaped its child echo server before it exited
+    assert not os.path.exists(f"/proc/{p['server']['pid']}")
+
+
+def test_probe_local_pair_text_output():
+    proc = subprocess.run([sys.executable, "-m", "smcish", "doctor", "--probe", "--seconds", "0.3"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "verdict: shared memory"
+    assert any(line.startswith("PROBE 64 B request/response") for line in lines), lines
+    assert any("smcish/TCP p50" in line for line in lines), lines
+
+
+def test_probe_local_pair_no_device():
+    code, report, err = probe("--seconds", "0.3", env=_env(SMCISH_DEVICE="none"))
+    assert code == 1, (report, err)
+    assert report["verdict"]["reason"] == "NO_DEVICE"
+    (line,) = check(report, "probe")
+    assert line["status"] == "FAIL" and line["reason"] == "NO_DEVICE" and line["remedy"]
+    p = report["probe"]
+    assert p["smcish"]["mode"] == "tcp" and p["smcish"]["reason"] == "NO_DEVICE"
+    assert p["smcish"]["remedy"] and p["measured"] is False
+    assert "rtt" not in p["smcish"]          # no "gain" between two TCP connections
+
+
+def test_probe_target_smcish_listener(servers):
+    code, report, err = probe(f"127.0.0.1:{servers['smcish']}", "--seconds", "0.5")
+    assert code == 0, (report, err)
+    p = report["probe"]
+    assert p["kind"] == "target" and "local-pair probe" in p["note"]
+    smc, tcp = p["smcish"], p["tcp"]
+    assert smc["count"] > 0 and tcp["count"] > 0
+    assert smc["p50_us"] > 0 and tcp["p50_us"] > 0 and p["ratio"]["setup_p50"] > 0
+    assert smc["modes"] == {"ism": smc["count"] + 1} and smc["reasons"] == {}
+    assert smc["devices"] == [embedded_gid(report)]
+    assert check(report, "probe")[0]["status"] == "OK"
+
+
+def test_probe_target_plain_listener_gets_no_byte():
+    server = subprocess.Popen([sys.executable, "-c", COUNTING_SERVER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+    try:
+        port = int(server.stdout.readline())
+        code, report, err = probe(f"127.0.0.1:{port}", "--seconds", "0.5")
+        assert code == 1, (report, err)
+        p = report["probe"]
+        smc = p["smcish"]
+        assert smc["modes"] == {"tcp": smc["count"] + 1}
+        assert smc["reasons"] == {"PEER_NOT_ADVERTISED": smc["count"] + 1}
+        assert smc["p50_us"] > 0 and p["tcp"]["p50_us"] > 0
+        (line,) = check(report, "probe")
+        assert line["status"] == "FAIL" and line["reason"] == "PEER_NOT_ADVERTISED"
+        assert report["verdict"]["reason"] == "PEER_NOT_ADVERTISED"
+        connections = smc["count"] + 1 + p["tcp"]["count"] + 1
+        for _ in range(100):                 # the server's handlers see every close (bounded)
+            server.stdin.write("?\n")
+            server.stdin.flush()
+            counts = json.loads(server.stdout.readline())
+            if counts["closed"] >= connections:
+                break
+            time.sleep(0.05)
+        assert counts["accepted"] == connections, counts
+        assert counts["closed"] == connections, counts
+        assert counts["bytes"] == 0, counts
+    finally:
+        server.kill()
+        server.wait(timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("output", ["json", "text"])
+def test_probe_target_refused(output):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]          # bound, not listening: refused
+        cmd = [sys.executable, "-m", "smcish", "doctor", "--probe", f"127.0.0.1:{port}",
+               "--seconds", "0.3"] + (["--json"] if output == "json" else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                              env=_env())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    if output == "json":
+        report = json.loads(proc.stdout)
+        assert report["exit"] == 2
+        assert "cannot connect" in report["probe"]["error"]
+        assert "Connection refused" in report["probe"]["error"]
+    else:
+        assert "FAIL probe: cannot connect to 127.0.0.1" in proc.stdout
+        assert "Connection refused" in proc.stdout
+
+
+def test_probe_bad_arguments():
+    for args in (["--size", "10"], ["--probe", "--size", "0"], ["--probe", "--seconds", "0"],
+                 ["--probe", "--size", "10", "127.0.0.1:1"], ["--probe", "--loop", "trio"]):
+        proc = subprocess.run([sys.executable, "-m", "smcish", "doctor", *args], cwd=ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
