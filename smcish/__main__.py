@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -90,6 +91,17 @@ def _stat(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``smcish`` command (and ``python -m smcish``); returns the exit status."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Output cut short by a pager or `| head`: quiet, as other command-line tools are.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
         from .run import run_script

@@ -120,8 +120,28 @@ def _check_config(report: Report, spec: str | None) -> tuple[Any, str]:
                    R.DISABLED_BY_POLICY)
     else:
         report.add("config", OK, f"negotiate={config.negotiate}")
+    _check_policy(report)
     resolved = (config.device or os.environ.get("SMCISH_DEVICE") or "embedded").strip()
     return config, resolved
+
+
+def _check_policy(report: Report) -> None:
+    from . import policy
+
+    try:
+        p = policy.current()
+    except policy.PolicyError as exc:
+        report.add("policy", FAIL, f"{exc}: until it is fixed, smcish's create_connection, "
+                                   "open_connection, create_server and start_server raise "
+                                   "ValueError", "POLICY_ERROR",
+                   remedy="fix SMCISH_POLICY / the config file (docs/policy.md)")
+        return
+    learned = policy.learned()
+    report.add("policy", INFO,
+               f"{p.source}: {len(p.rules)} rule(s), default {p.default}; learned: declines after "
+               f"{p.decline_after} for {p.decline_ttl:g} s, short-lived "
+               + (f"< {p.short_lived_ms:g} ms x{p.short_lived_count}" if p.short_lived_ms else "off")
+               + (f"; {len(learned)} destination(s) skipped now" if learned else ""))
 
 
 def _describe_dir(path: str) -> tuple[str, bool]:
@@ -321,6 +341,16 @@ def _check_target(report: Report, device: Any, target: str) -> None:
     report.add("target", INFO, f"{target} -> {ip} port {port}; {where} ({netns})")
     if device is None:
         return
+    from . import policy
+
+    try:
+        skip, why = policy.explain("client", ip, port)
+    except policy.PolicyError:
+        return                      # reported by the policy check
+    if skip is not None:
+        report.add("policy", FAIL, f"connections to {ip}:{port} stay TCP: {why}", skip)
+        return
+    report.add("policy", OK, f"connections to {ip}:{port} may use shared memory: {why}")
     if not local and device.kind != "daemon":
         report.add("listener", FAIL, f"{ip} is not local to this namespace: the embedded device "
                                      "only reaches listeners in the same namespace",

@@ -478,6 +478,37 @@ def decide(side: str, host: Any, port: Any) -> R | None:
     return _learned(side, host, port) if _skipped else None
 
 
+def explain(side: str, host: Any, port: Any) -> tuple[R | None, str]:
+    """``decide()``'s answer and what gave it, in words (``python -m smcish doctor``)."""
+    policy = current()
+    hook = _hook
+    if hook is not None:
+        answer = _ask(hook, Query(side, str(host), int(port), program()))
+        if answer is False:
+            return R.DISABLED_BY_POLICY, f"the set_policy() callable {hook!r} said TCP (or failed)"
+        if answer is True:
+            reason = _learned(side, host, port)
+            return reason, _learned_text(reason, f"the set_policy() callable {hook!r} said shared memory")
+    addr = _address(host)
+    name = program()
+    for rule in policy.rules:
+        if rule.matches(side, addr, int(port), name):
+            if rule.action == "tcp":
+                return R.DISABLED_BY_POLICY, f"{rule.origin}: {rule.describe()}"
+            reason = _learned(side, host, port)
+            return reason, _learned_text(reason, f"{rule.origin}: {rule.describe()}")
+    if policy.default == "tcp":
+        return R.DISABLED_BY_POLICY, f"{policy.source}: default = \"tcp\" (no rule matched)"
+    reason = _learned(side, host, port) if _skipped else None
+    return reason, _learned_text(reason, f"no rule matched; default ism ({policy.source})")
+
+
+def _learned_text(reason: R | None, why: str) -> str:
+    if reason is None:
+        return why
+    return f"{why}, but learned: {reason.name} ({reason.description})"
+
+
 def _ask(hook: Callable[[Query], Any], query: Query) -> Any:
     global _hook_errors
     try:

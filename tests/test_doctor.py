@@ -166,6 +166,35 @@ def test_smcish_listener(servers):
     assert connect(servers["smcish"]) == ("ism", None)
 
 
+@pytest.mark.parametrize("rules, mode", [
+    ("tcp port={port}", "tcp"), ("tcp address=10.0.0.0/8; tcp port=1-1023", "ism"),
+    ("ism port={port}; tcp", "ism"), ("tcp side=client", "tcp")])
+def test_policy_verdict_matches_a_real_connection(servers, rules, mode):
+    port = servers["smcish"]
+    env = _env(SMCISH_POLICY=rules.format(port=port))
+    code, report = doctor(f"127.0.0.1:{port}", env=env)
+    policy_checks = check(report, "policy")
+    assert policy_checks[0]["status"] == "INFO" and "SMCISH_POLICY" in policy_checks[0]["detail"]
+    if mode == "tcp":
+        assert code == 1 and report["verdict"]["reason"] == "DISABLED_BY_POLICY", report
+        assert policy_checks[1]["status"] == "FAIL" and "SMCISH_POLICY rule" in policy_checks[1]["detail"]
+        assert connect(port, env=env) == ("tcp", "DISABLED_BY_POLICY")
+    else:
+        assert code == 0 and report["verdict"]["mode"] == "ism", report
+        assert policy_checks[1]["status"] == "OK"
+        assert connect(port, env=env) == ("ism", None)
+
+
+def test_malformed_policy_is_reported_and_connections_raise(servers):
+    env = _env(SMCISH_POLICY="tcp port=http")
+    code, report = doctor(f"127.0.0.1:{servers['smcish']}", env=env)
+    assert code == 1 and report["verdict"]["reason"] == "POLICY_ERROR", report
+    assert "port 'http'" in check(report, "policy")[0]["detail"]
+    proc = subprocess.run([sys.executable, "-c", CLIENT, str(servers["smcish"])], capture_output=True,
+                          text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
+    assert proc.returncode != 0 and "PolicyError" in proc.stderr and "port 'http'" in proc.stderr
+
+
 def test_smcish_listener_text_output(servers):
     proc = subprocess.run([sys.executable, "-m", "smcish", "doctor",
                            f"localhost:{servers['smcish']}"], capture_output=True, text=True,
