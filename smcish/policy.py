@@ -264,7 +264,8 @@ def parse_rules(text: str, origin: str = "SMCISH_POLICY") -> tuple[Rule, ...]:
                 raise PolicyError(f"{where}: {key} given twice")
             items = [item for item in value.split(",") if item]
             fields[name] = items[0] if name == "side" and len(items) == 1 else items
-        rules.append(make_rule(words[0].lower(), origin=where, **fields))
+        rule = make_rule(words[0].lower(), origin=where, **fields)
+        rules.append(dataclasses.replace(rule, origin=f"{origin} rule {len(rules) + 1}"))
     return tuple(rules)
 
 
