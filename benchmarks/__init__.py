@@ -1,1 +1,4 @@
-"""smcish benchmarks: smcish against asyncio TCP and Unix sockets, on both loops; run `python -m benchmarks`."""
+"""smcish benchmarks: smcish against asyncio TCP and Unix sockets, on both loops.
+
+Run `python -m benchmarks`.
+"""

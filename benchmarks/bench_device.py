@@ -13,13 +13,17 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, "tests"))
 sys.path.insert(0, _ROOT)
-from device_helpers import Agent, Ismd, child_env, short_tmpdir  # noqa: E402
+from device_helpers import Agent, Ismd, child_env, short_tmpdir  # type: ignore[import-not-found]  # noqa: E402
+
 from ism_backend import sockets  # noqa: E402
 from ism_backend.client import DaemonDevice  # noqa: E402
+from ism_backend.contract import PeerInfo  # noqa: E402
 from ism_backend.embedded import EmbeddedDevice  # noqa: E402
 
 SIZE = 512 + 65536
@@ -27,7 +31,7 @@ HUB = bytes(range(16))
 GROUP = b"G" * 16
 
 
-def per_call(fn, n: int) -> float:
+def per_call(fn: Callable[[], object], n: int) -> float:
     samples = []
     for _ in range(5):
         started = time.perf_counter()
@@ -38,7 +42,7 @@ def per_call(fn, n: int) -> float:
 
 
 class Echo:
-    def handle(self, peer, op, fields):
+    def handle(self, peer: PeerInfo, op: str, fields: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
@@ -49,7 +53,7 @@ def listener() -> socket.socket:
     return sock
 
 
-def bench_oracle(scale: float) -> dict:
+def bench_oracle(scale: float) -> dict[str, float]:
     lsock = listener()
     port = lsock.getsockname()[1]
     diag = sockets.diag()
@@ -67,10 +71,13 @@ def bench_oracle(scale: float) -> dict:
     return out
 
 
-def bench(dev, fresh_dev, agent, scale: float) -> dict:
+Device = EmbeddedDevice | DaemonDevice
+
+
+def bench(dev: Device, fresh_dev: Device, agent: Any, scale: float) -> dict[str, float]:
     region = dev.alloc(SIZE)
     dev.free(region)
-    out = {}
+    out: dict[str, float] = {}
     out["alloc+free (pool)"] = per_call(lambda: dev.free(dev.alloc(SIZE)), int(500 * scale))
     out["alloc+free (fresh memfd)"] = per_call(lambda: fresh_dev.free(fresh_dev.alloc(SIZE)),
                                                int(300 * scale))
@@ -78,7 +85,7 @@ def bench(dev, fresh_dev, agent, scale: float) -> dict:
     infos = iter(agent.call("alloc_many", size=SIZE, n=5 * n))
     views = []
 
-    def attach():
+    def attach() -> None:
         token, ep = next(infos)
         views.append(dev.attach(bytes.fromhex(token), bytes.fromhex(ep)))
 
@@ -86,7 +93,7 @@ def bench(dev, fresh_dev, agent, scale: float) -> dict:
     it = iter(views)
     out["detach"] = per_call(lambda: dev.detach(next(it)), n)
 
-    def own_cycle():
+    def own_cycle() -> None:
         r = dev.alloc(SIZE)
         v = dev.attach(r.token, dev.endpoint_id)
         dev.detach(v)
@@ -118,8 +125,8 @@ def bench(dev, fresh_dev, agent, scale: float) -> dict:
         int(500 * scale))
     out["peer_alive"] = per_call(lambda: dev.peer_alive(peer_ep), int(2000 * scale))
 
-    def first_contact():
-        other = type(dev)(dev.dir) if isinstance(dev, EmbeddedDevice) else DaemonDevice(dev.path)
+    def first_contact() -> None:
+        other: Device = type(dev)(dev.dir) if isinstance(dev, EmbeddedDevice) else DaemonDevice(dev.path)
         try:
             other.peer_request(peer_ep, "group_close", group_id=GROUP, side="server")
         finally:
@@ -130,7 +137,7 @@ def bench(dev, fresh_dev, agent, scale: float) -> dict:
     return out
 
 
-def report(label: str, results: dict) -> None:
+def report(label: str, results: dict[str, float]) -> None:
     print(f"== {label}")
     for name, value in results.items():
         print(f"  {name:45s} {value:9.1f} us")
@@ -144,8 +151,8 @@ def main() -> None:
     rt = short_tmpdir()
     try:
         env = child_env(SMCISH_RUNTIME_DIR=rt, SMCISH_DEVICE="embedded")
-        dev = EmbeddedDevice(rt)
-        fresh = EmbeddedDevice(rt, pool_per_size=0)
+        dev: Device = EmbeddedDevice(rt)
+        fresh: Device = EmbeddedDevice(rt, pool_per_size=0)
         with Agent(env=env) as agent:
             report(f"embedded (runtime dir {rt})", bench(dev, fresh, agent, scale))
         dev.close()

@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -42,7 +44,7 @@ FRAMEWORKS = ("grpc", "aiohttp")
 TRANSPORTS = ("ism", "tcp")
 
 
-def _loop_factory(transport: str, loop: str):
+def _loop_factory(transport: str, loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
     base = asyncio.new_event_loop
     if loop == "uvloop":
         import uvloop
@@ -55,21 +57,21 @@ def _loop_factory(transport: str, loop: str):
     return base
 
 
-def _emit(**fields) -> None:
+def _emit(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
 
 # --------------------------------------------------------------------------- server process
 async def _serve(framework: str) -> None:
     if framework == "grpc":
-        import grpc_service
+        import grpc_service  # type: ignore[import-not-found]  # examples/, on sys.path above
 
         server = grpc_service.make_server()
         await server.start("127.0.0.1", 0)
         _emit(port=server._server.sockets[0].getsockname()[1])
         await server.wait_closed()
         return
-    import aiohttp_app
+    import aiohttp_app  # type: ignore[import-not-found]  # examples/, on sys.path above
     from aiohttp import web
 
     with tempfile.NamedTemporaryFile(prefix="bench-rpc-") as tmp:
@@ -90,7 +92,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _phases(call, duration: float, concurrency: int) -> dict:
+async def _phases(call: Callable[[], Awaitable[None]], duration: float, concurrency: int) -> dict[str, Any]:
     # Warm-up: connections, caches, the server's first-call paths.
     warm_until = time.perf_counter() + min(0.3, duration / 2)
     while time.perf_counter() < warm_until:
@@ -122,7 +124,8 @@ async def _phases(call, duration: float, concurrency: int) -> dict:
             "rps": round(sum(counts) / elapsed, 1), "concurrent_calls": sum(counts)}
 
 
-async def _client(framework: str, transport: str, port: int, duration: float, concurrency: int) -> dict:
+async def _client(framework: str, transport: str, port: int, duration: float,
+                  concurrency: int) -> dict[str, Any]:
     if framework == "grpc":
         import grpc_service
 
@@ -136,7 +139,7 @@ async def _client(framework: str, transport: str, port: int, duration: float, co
             server_mode = reply["mode"]
             message = {"text": "x" * 64}
 
-            async def call():
+            async def call() -> None:
                 reply = await stub.Unary(message)
                 if reply["text"] != message["text"]:
                     raise AssertionError("wrong reply")
@@ -153,7 +156,7 @@ async def _client(framework: str, transport: str, port: int, duration: float, co
             async with session.get(f"http://127.0.0.1:{port}/mode") as resp:
                 server_mode = (await resp.json())["mode"]
 
-            async def call():
+            async def call() -> None:
                 async with session.get(url) as resp:
                     body = await resp.read()
                     if resp.status != 200 or body != aiohttp_app.HELLO:
@@ -174,10 +177,12 @@ class _Proc:
     def __init__(self, argv: list[str]) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=env, cwd=ROOT, text=True)
+        self.proc: subprocess.Popen[str] = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                                            stderr=subprocess.PIPE, env=env, cwd=ROOT,
+                                                            text=True)
 
-    def json_line(self, timeout: float) -> dict:
+    def json_line(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None and self.proc.stderr is not None  # PIPEs
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
@@ -188,11 +193,13 @@ class _Proc:
                     if not line:
                         break
                     if line.startswith("{"):
-                        return json.loads(line)
+                        message: dict[str, Any] = json.loads(line)
+                        return message
         finally:
             sel.close()
         self.kill()
-        raise RuntimeError(f"{self.proc.args}: no result within {timeout}s: {self.proc.stderr.read()[-2000:]}")
+        raise RuntimeError(f"{self.proc.args!r}: no result within {timeout}s: "
+                           f"{self.proc.stderr.read()[-2000:]}")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -204,7 +211,7 @@ class _Proc:
                 self.proc.wait(5)
 
 
-def run_case(framework: str, transport: str, loop: str, duration: float, concurrency: int) -> dict:
+def run_case(framework: str, transport: str, loop: str, duration: float, concurrency: int) -> dict[str, Any]:
     me = os.path.abspath(__file__)
     server = _Proc([sys.executable, me, "_server", framework, "--transport", transport, "--loop", loop])
     try:
@@ -225,7 +232,7 @@ def run_case(framework: str, transport: str, loop: str, duration: float, concurr
             "concurrency": concurrency, "duration_s": duration, **result}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("_server", "_client"):
         parser = argparse.ArgumentParser()

@@ -22,11 +22,13 @@ import shutil
 import sys
 import tempfile
 import threading
+from typing import Any, TextIO
 
 from . import transports, workloads
+from .cases import CaseParams
 
 
-def _protocol_stream():
+def _protocol_stream() -> TextIO:
     """A private line-buffered copy of stdout for the harness protocol; fd 1 then goes to stderr."""
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -34,7 +36,7 @@ def _protocol_stream():
     return out
 
 
-def _emit(out, message: dict) -> None:
+def _emit(out: TextIO, message: dict[str, Any]) -> None:
     out.write(json.dumps(message) + "\n")
     out.flush()
 
@@ -44,11 +46,12 @@ def _emit(out, message: dict) -> None:
 SCALE_BACKLOG = 4096  # listen backlog of a --scale server (capped by net.core.somaxconn)
 
 
-async def _serve(transport: transports.Transport, out, scale: bool = False, tls_dir: str | None = None) -> None:
+async def _serve(transport: transports.Transport, out: TextIO, scale: bool = False,
+                 tls_dir: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     state = workloads.ServerState()
 
-    def on_loop_error(loop, context):
+    def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         state.error(context.get("message", "") + (": " + workloads.format_exception(exc) if exc else ""))
 
@@ -79,7 +82,7 @@ async def _serve(transport: transports.Transport, out, scale: bool = False, tls_
         servers.append(ctrl)
         stop = asyncio.Event()
 
-        def wait_for_stdin_eof():
+        def wait_for_stdin_eof() -> None:
             sys.stdin.read()
             loop.call_soon_threadsafe(stop.set)
 
@@ -93,25 +96,25 @@ async def _serve(transport: transports.Transport, out, scale: bool = False, tls_
         for server in servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 2)
-            except (asyncio.TimeoutError, Exception):
+            except Exception:  # noqa: BLE001 - shutting down: nothing left to report to
                 pass
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _scale_setup(args) -> None:
+def _scale_setup(args: argparse.Namespace) -> None:
     if args.scale:
         from . import scale
 
         scale.raise_nofile()
 
 
-def server_main(args, out) -> int:
+def server_main(args: argparse.Namespace, out: TextIO) -> int:
     transport = transports.build_transports(_nopoll_env())[args.transport]
     try:
         _scale_setup(args)
         with asyncio.Runner(loop_factory=transports.loop_factory(args.loop)) as runner:
             runner.run(_serve(transport, out, args.scale, args.tls_dir))
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - the harness reads why from the ready line
         _emit(out, {"ready": False, "error": workloads.format_exception(exc)})
         return 1
     return 0
@@ -119,7 +122,7 @@ def server_main(args, out) -> int:
 
 # --- client ----------------------------------------------------------------------------------------------
 
-async def _client_start(transport: transports.Transport, server: dict,
+async def _client_start(transport: transports.Transport, server: dict[str, Any],
                         tls_dir: str | None = None) -> workloads.ClientContext:
     ctx = workloads.ClientContext(transport.api(), server["addrs"], transport, server["ctrl"])
     if tls_dir:
@@ -128,14 +131,14 @@ async def _client_start(transport: transports.Transport, server: dict,
     return ctx
 
 
-def client_main(args, out) -> int:
+def client_main(args: argparse.Namespace, out: TextIO) -> int:
     transport = transports.build_transports(_nopoll_env())[args.transport]
     server = json.loads(args.server)
     _scale_setup(args)
     with asyncio.Runner(loop_factory=transports.loop_factory(args.loop)) as runner:
         try:
             ctx = runner.run(_client_start(transport, server, args.tls_dir))
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the harness reads why from the ready line
             _emit(out, {"ready": False, "error": workloads.format_exception(exc)})
             return 1
         _emit(out, {"ready": True, "pid": os.getpid(), "loop": runner.get_loop().__class__.__module__})
@@ -143,12 +146,13 @@ def client_main(args, out) -> int:
             command = json.loads(line)
             if command.get("cmd") != "run":
                 break
-            case = command["case"]
             try:
-                result = runner.run(asyncio.wait_for(workloads.run_case(ctx, case), command.get("timeout_s")))
-            except asyncio.TimeoutError:
+                params = CaseParams.from_json(command["case"])
+                result = runner.run(asyncio.wait_for(workloads.run_case(ctx, params),
+                                                     command.get("timeout_s")))
+            except TimeoutError:
                 _emit(out, {"ok": False, "error": f"timed out after {command.get('timeout_s')} s"})
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the measurement failed: the answer says why
                 answer = {"ok": False, "error": workloads.format_exception(exc)}
                 partial = getattr(exc, "partial", None)
                 # figures measured despite the failure (scale); asyncio's IncompleteReadError has
@@ -168,7 +172,7 @@ def smcish_importable() -> tuple[bool, str, str | None]:
     """(available, why not, version): smcish imports and has the four entry points."""
     try:
         smcish = importlib.import_module("smcish")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any import failure makes the smcish transports unavailable
         return False, f"import smcish failed: {exc!r}", None
     missing = [name for name in transports.SMCISH_FUNCTIONS if not callable(getattr(smcish, name, None))]
     if missing:
@@ -176,10 +180,10 @@ def smcish_importable() -> tuple[bool, str, str | None]:
     return True, "", str(getattr(smcish, "__version__", "unknown"))
 
 
-async def _probe_connection(transport: transports.Transport) -> dict:
+async def _probe_connection(transport: transports.Transport) -> dict[str, Any]:
     api = transport.api()
 
-    async def echo(reader, writer):
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(await reader.readexactly(4))
         await writer.drain()
         writer.close()
@@ -200,7 +204,7 @@ async def _probe_connection(transport: transports.Transport) -> dict:
     return {"mode": mode, "reason": repr(reason) if reason is not None else None, "info": info, "echo_ok": ok}
 
 
-def probe_main(args, out) -> int:
+def probe_main(args: argparse.Namespace, out: TextIO) -> int:
     transport = transports.build_transports(_nopoll_env())[args.transport]
     report = {"transport": transport.name, "loop": args.loop, "env": transports.smcish_env()}
     available, why, version = smcish_importable() if transport.needs_smcish else (True, "", None)
@@ -209,7 +213,7 @@ def probe_main(args, out) -> int:
         try:
             with asyncio.Runner(loop_factory=transports.loop_factory(args.loop)) as runner:
                 report.update(runner.run(asyncio.wait_for(_probe_connection(transport), 20)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the harness prints it and the cases then fail
             report["error"] = workloads.format_exception(exc)
     _emit(out, report)
     return 0
@@ -228,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", help="client: the server's ready message (JSON)")
     parser.add_argument("--scale", action="store_true",
                         help="a scale-case peer: RLIMIT_NOFILE raised to the hard limit, deep listen backlog")
-    parser.add_argument("--tls-dir", help="the run's TLS files (transports.write_tls_files): the server adds a TLS "
-                                          "streams listener, the client trusts the CA in it (tls.* cases)")
+    parser.add_argument("--tls-dir",
+                        help="the run's TLS files (transports.write_tls_files): the server adds a TLS "
+                             "streams listener, the client trusts the CA in it (tls.* cases)")
     args = parser.parse_args(argv)
     out = _protocol_stream()
     return {"server": server_main, "client": client_main, "probe": probe_main}[args.role](args, out)

@@ -19,9 +19,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 
-def _api(transport: str):
+def _api(transport: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
     if transport == "smcish":
         import smcish
         return smcish.create_server, smcish.create_connection
@@ -31,10 +33,10 @@ def _api(transport: str):
 
 async def _server() -> None:
     class Echo(asyncio.Protocol):
-        def connection_made(self, transport):
-            self.t = transport
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t: Any = transport
 
-        def data_received(self, data):
+        def data_received(self, data: bytes) -> None:
             self.t.write(data)
 
     create_server, _ = _api(os.environ["PP_TRANSPORT"])
@@ -45,10 +47,10 @@ async def _server() -> None:
 
 async def _client(port: int, count: int, warmup: int) -> None:
     loop = asyncio.get_running_loop()
-    waiter = None
+    waiter: asyncio.Future[bytes] | None = None
 
     class Client(asyncio.Protocol):
-        def data_received(self, data):
+        def data_received(self, data: bytes) -> None:
             if waiter is not None and not waiter.done():
                 waiter.set_result(data)
 
@@ -77,7 +79,7 @@ async def _client(port: int, count: int, warmup: int) -> None:
     transport.close()
 
 
-def _run_loop(coro_fn, *args) -> None:
+def _run_loop(coro_fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
     if os.environ.get("PP_LOOP", "uvloop") == "uvloop":
         import uvloop
         uvloop.run(coro_fn(*args))
@@ -112,6 +114,7 @@ def main() -> None:
         server = subprocess.Popen([*pre_s, *me, "--role", "server"], env=env,
                                   stdout=subprocess.PIPE, text=True)
         try:
+            assert server.stdout is not None  # stdout=PIPE
             port = int(server.stdout.readline())
             subprocess.run([*pre_c, *me, "--role", "client", "--port", str(port),
                             "--count", str(args.count)], env=env, timeout=120, check=True)

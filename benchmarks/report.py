@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
 
-from .cases import CASES_BY_NAME, FALLBACK_TOLERANCE, LINK_GROUPS, TARGETS, Case, size_label
+from .cases import CASES_BY_NAME, FALLBACK_TOLERANCE, LINK_GROUPS, TARGETS, Case, Target, size_label
 
 BASELINE = "uvloop/tcp"
+Json = dict[str, Any]  # a results.json document, or a part of one
 
 
 # --- numbers ---------------------------------------------------------------------------------------------
 
-def spread(values: Iterable[float]) -> dict | None:
-    values = [v for v in values if v is not None]
-    if not values:
+def spread(values: Iterable[float | None]) -> Json | None:
+    present = [v for v in values if v is not None]
+    if not present:
         return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
-            "values": values}
+    return {"median": statistics.median(present), "min": min(present), "max": max(present), "n": len(present),
+            "values": present}
 
 
 def fmt(value: float | None) -> str:
@@ -36,7 +38,7 @@ def fmt(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def fmt_spread(s: dict | None, ratio: bool = False) -> str:
+def fmt_spread(s: Json | None, ratio: bool = False) -> str:
     if s is None:
         return "-"
     suffix = "x" if ratio else ""
@@ -47,25 +49,29 @@ def fmt_spread(s: dict | None, ratio: bool = False) -> str:
 
 # --- summary ---------------------------------------------------------------------------------------------
 
-def _by_round(measurements: list[dict], case: str, config: str, metric: str) -> dict[int, float]:
+def _by_round(measurements: list[Json], case: str, config: str, metric: str) -> dict[int, float]:
     return {m["round"]: m["metrics"][metric] for m in measurements
             if m["case"] == case and m["config"] == config and m["status"] == "ok" and metric in m["metrics"]}
 
 
-def paired_ratio(measurements: list[dict], case: str, metric: str, config: str, baseline: str) -> dict | None:
+def paired_ratio(measurements: list[Json], case: str, metric: str, config: str, baseline: str) -> Json | None:
     """Ratio config/baseline per round (the two were measured back to back), as median [min-max]."""
     ours = _by_round(measurements, case, config, metric)
     theirs = _by_round(measurements, case, baseline, metric)
-    return spread(ours[r] / theirs[r] for r in ours if r in theirs and theirs[r])
+    return spread(ours[r] / theirs[r] for r in ours if theirs.get(r))
 
 
-def summarize(doc: dict) -> dict:
+def summarize(doc: Json) -> Json:
     """{case: {config: {status, metrics: {key: spread}, ratios, errors}}} from doc["measurements"]."""
-    ms = doc["measurements"]
-    summary: dict = {}
-    for case_doc in doc["cases"]:
-        case = CASES_BY_NAME[case_doc["name"]]
-        per_config: dict = {}
+    return summarize_cases([case_doc["name"] for case_doc in doc["cases"]], doc["measurements"])
+
+
+def summarize_cases(names: Iterable[str], ms: list[Json]) -> Json:
+    """`summarize` of the cases named, from measurements `ms` (results.json's "measurements" records)."""
+    summary: Json = {}
+    for name in names:
+        case = CASES_BY_NAME[name]
+        per_config: Json = {}
         configs = list(dict.fromkeys(m["config"] for m in ms if m["case"] == case.name))
         for config in configs:
             mine = [m for m in ms if m["case"] == case.name and m["config"] == config]
@@ -79,28 +85,33 @@ def summarize(doc: dict) -> dict:
                 status = "unavailable"
             else:
                 status = "failed"
-            entry = {"status": status, "n_ok": len(ok), "n": len(mine),
-                     "metrics": {metric.key: spread(m["metrics"][metric.key] for m in ok) for metric in case.metrics},
-                     "errors": list(dict.fromkeys(m["error"] for m in mine if m.get("error")))}
+            entry: Json = {
+                "status": status, "n_ok": len(ok), "n": len(mine),
+                "metrics": {metric.key: spread(m["metrics"][metric.key] for m in ok)
+                            for metric in case.metrics},
+                "errors": list(dict.fromkeys(m["error"] for m in mine if m.get("error"))),
+            }
             loop = config.split("/")[0]
+            primary = case.primary.key
             entry["ratios"] = {
-                "vs_" + BASELINE.replace("/", "_"): paired_ratio(ms, case.name, case.primary.key, config, BASELINE),
-                "vs_unix": paired_ratio(ms, case.name, case.primary.key, config, f"{loop}/unix"),
+                "vs_" + BASELINE.replace("/", "_"): paired_ratio(ms, case.name, primary, config, BASELINE),
+                "vs_unix": paired_ratio(ms, case.name, primary, config, f"{loop}/unix"),
             }
             per_config[config] = entry
         summary[case.name] = per_config
     return summary
 
 
-def evaluate_targets(doc: dict) -> list[dict]:
+def evaluate_targets(doc: Json) -> list[Json]:
     """PASS / MISS / SKIP / FAIL for every target (cases.TARGETS), plus the fallback-costs-nothing rule."""
     ms = doc["measurements"]
     summary = doc["summary"]
     verdicts = []
     for target in TARGETS:
-        verdict = {"text": target.text, "case": target.case, "metric": target.metric, "config": target.config,
-                   "baseline": target.baseline, "threshold": target.threshold, "kind": target.kind,
-                   "group": target.group, "unit": target.unit, "rule": (">=" if target.at_least else "<=")}
+        verdict: Json = {"text": target.text, "case": target.case, "metric": target.metric,
+                         "config": target.config, "baseline": target.baseline, "threshold": target.threshold,
+                         "kind": target.kind, "group": target.group, "unit": target.unit,
+                         "rule": (">=" if target.at_least else "<=")}
         if target.floor is not None:
             verdict["floor"] = target.floor
         if target.kind == "runs":
@@ -109,20 +120,18 @@ def evaluate_targets(doc: dict) -> list[dict]:
             continue
         if target.kind == "absolute":
             value = spread(_by_round(ms, target.case, target.config, target.metric).values())
-            configs: tuple = (target.config,)
+            configs: tuple[str, ...] = (target.config,)
         else:
+            if target.baseline is None:
+                raise ValueError(f"target {target.text!r}: a ratio needs a baseline")
             value = paired_ratio(ms, target.case, target.metric, target.config, target.baseline)
             configs = (target.config, target.baseline)
         if value is None:
             status, why = _why_missing(summary, target.case, configs)
             verdict.update(status=status, why=why)
         else:
-            median = value["median"]
-
-            def meets(bar: float) -> bool:
-                return median >= bar if target.at_least else median <= bar
-
-            passed = meets(target.threshold)
+            median: float = value["median"]
+            passed = _meets(median, target.threshold, target.at_least)
             straddles = value["min"] < target.threshold < value["max"]
             verdict.update(status="PASS" if passed else "MISS", ratio=value, straddles=straddles)
             if not passed:
@@ -131,14 +140,19 @@ def evaluate_targets(doc: dict) -> list[dict]:
                 else:
                     verdict["missed_by"] = median / target.threshold - 1
                 if target.floor is not None:
-                    verdict["floor_met"] = meets(target.floor)
+                    verdict["floor_met"] = _meets(median, target.floor, target.at_least)
         verdicts.append(verdict)
     verdicts.append(_fallback_verdict(doc))
     return verdicts
 
 
-def _runs_verdict(ms: list[dict], summary: dict, target) -> dict:
-    """A "runs" target: the case measured on `config` in every round, with no failure (wrong mode included)."""
+def _meets(value: float, bar: float, at_least: bool) -> bool:
+    return value >= bar if at_least else value <= bar
+
+
+def _runs_verdict(ms: list[Json], summary: Json, target: Target) -> Json:
+    """A "runs" target: the case measured on `config` in every round, with no failure (wrong mode
+    included)."""
     entry = summary.get(target.case, {}).get(target.config)
     if target.case not in summary:
         return {"status": "SKIP", "why": f"case {target.case} not run"}
@@ -148,10 +162,12 @@ def _runs_verdict(ms: list[dict], summary: dict, target) -> dict:
         return {"status": "SKIP", "why": f"{target.config} unavailable"}
     shown = {key: spread(_by_round(ms, target.case, target.config, key).values()) for key in target.show}
     if entry["status"] != "ok":
-        verdict = {"status": "FAIL", "why": f"{target.config} {entry['status']} in {entry['n'] - entry['n_ok']} of "
-                                            f"{entry['n']} rounds" + (f": {entry['errors'][0][:240]}"
-                                                                      if entry["errors"] else "")}
-        partial = [m["partial"]["metrics"] for m in ms if m["case"] == target.case and m["config"] == target.config
+        why = f"{target.config} {entry['status']} in {entry['n'] - entry['n_ok']} of {entry['n']} rounds"
+        if entry["errors"]:
+            why += f": {entry['errors'][0][:240]}"
+        verdict: Json = {"status": "FAIL", "why": why}
+        partial = [m["partial"]["metrics"] for m in ms
+                   if m["case"] == target.case and m["config"] == target.config
                    and m["status"] == "failed" and (m.get("partial") or {}).get("metrics")]
         if partial:  # what the failed rounds measured anyway (e.g. a few connections on TCP among thousands)
             verdict["partial"] = {key: spread(p.get(key) for p in partial) for key in target.show}
@@ -159,7 +175,7 @@ def _runs_verdict(ms: list[dict], summary: dict, target) -> dict:
     return {"status": "PASS", "rounds": entry["n_ok"], "shown": shown}
 
 
-def _why_missing(summary: dict, case: str, configs: Iterable[str]) -> tuple[str, str]:
+def _why_missing(summary: Json, case: str, configs: Iterable[str]) -> tuple[str, str]:
     """("SKIP" or "FAIL", why) for a target that has no paired measurement: FAIL if a configuration failed."""
     if case not in summary:
         return "SKIP", f"case {case} not run"
@@ -169,11 +185,12 @@ def _why_missing(summary: dict, case: str, configs: Iterable[str]) -> tuple[str,
             return "SKIP", f"{config} not run"
         if not entry["n_ok"]:
             status = "SKIP" if entry["status"] == "unavailable" else "FAIL"
-            return status, f"{config} {entry['status']}" + (f": {entry['errors'][0][:120]}" if entry["errors"] else "")
+            return status, (f"{config} {entry['status']}"
+                            + (f": {entry['errors'][0][:120]}" if entry["errors"] else ""))
     return "FAIL", "no round where both were measured"
 
 
-def _fallback_verdict(doc: dict) -> dict:
+def _fallback_verdict(doc: Json) -> Json:
     ms = doc["measurements"]
     checked, misses, skipped = [], [], []
     for case_doc in doc["cases"]:
@@ -190,9 +207,10 @@ def _fallback_verdict(doc: dict) -> dict:
             checked.append(item)
             if worse_by > FALLBACK_TOLERANCE:
                 misses.append(item)
-    verdict = {"text": f"smcish forced to fallback within {FALLBACK_TOLERANCE:.0%} of plain TCP on every case",
-               "config": "*/smcish-fallback", "baseline": "*/tcp (same loop)", "threshold": FALLBACK_TOLERANCE,
-               "checked": checked, "misses": misses}
+    verdict: Json = {"text": f"smcish forced to fallback within {FALLBACK_TOLERANCE:.0%} of plain TCP on "
+                             "every case",
+                     "config": "*/smcish-fallback", "baseline": "*/tcp (same loop)",
+                     "threshold": FALLBACK_TOLERANCE, "checked": checked, "misses": misses}
     if not checked:
         verdict.update(status="SKIP", why="smcish-fallback not measured")
     else:
@@ -209,7 +227,7 @@ _SHOW_LABELS = {
 }
 
 
-def _shown_text(shown: dict) -> str:
+def _shown_text(shown: Json) -> str:
     parts = []
     for key, value in shown.items():
         label, suffix = _SHOW_LABELS.get(key, (key, ""))
@@ -217,7 +235,7 @@ def _shown_text(shown: dict) -> str:
     return ", ".join(parts)
 
 
-def target_lines(verdicts: list[dict]) -> list[str]:
+def target_lines(verdicts: list[Json]) -> list[str]:
     """One line per target, under a heading per group (the link-group issue first, then issue 5)."""
     lines = []
     group = None
@@ -225,7 +243,8 @@ def target_lines(verdicts: list[dict]) -> list[str]:
         this = v.get("group", "v1")
         if this != group:
             group = this
-            lines.append("link-group issue (v2):" if group == LINK_GROUPS else "issue 5 (v1), still applying:")
+            lines.append("link-group issue (v2):" if group == LINK_GROUPS
+                         else "issue 5 (v1), still applying:")
         if "checked" in v:  # the fallback rule
             if v["status"] == "SKIP":
                 lines.append(f"  SKIP  {v['text']}: {v['why']}")
@@ -280,7 +299,7 @@ def _table(rows: list[list[str]], indent: str = "  ") -> str:
     return "\n".join(out)
 
 
-def case_table(case: Case, per_config: dict) -> str:
+def case_table(case: Case, per_config: Json) -> str:
     """The terminal table of one case: every configuration, median [min-max], ratios of the primary metric."""
     header = ["config"] + [m.label for m in case.metrics] + ["x " + BASELINE, "x unix"]
     rows = [header]
@@ -291,7 +310,8 @@ def case_table(case: Case, per_config: dict) -> str:
             continue
         row = [config] + [fmt_spread(entry["metrics"][m.key]) for m in case.metrics]
         ratios = entry["ratios"]
-        row += [fmt_spread(ratios["vs_" + BASELINE.replace("/", "_")], True), fmt_spread(ratios["vs_unix"], True)]
+        row += [fmt_spread(ratios["vs_" + BASELINE.replace("/", "_")], True),
+                fmt_spread(ratios["vs_unix"], True)]
         if entry["status"] == "partial":
             row[0] += f" ({entry['n_ok']}/{entry['n']} ok)"
         rows.append(row)
@@ -300,7 +320,7 @@ def case_table(case: Case, per_config: dict) -> str:
             f"{case.primary.label} per round)\n" + _table(rows))
 
 
-def final_text(doc: dict) -> str:
+def final_text(doc: Json) -> str:
     parts = []
     for case_doc in doc["cases"]:
         case = CASES_BY_NAME[case_doc["name"]]
@@ -318,32 +338,41 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _configs(summary: dict, cases: list[str]) -> list[str]:
+def _configs(summary: Json, cases: list[str]) -> list[str]:
     return list(dict.fromkeys(c for name in cases if name in summary for c in summary[name]))
 
 
-def _cell(summary: dict, case: str, config: str, key: str, second: str | None = None) -> str:
+def _cell(summary: Json, case: str, config: str, key: str, second: str | None = None) -> str:
     entry = summary.get(case, {}).get(config)
     if entry is None:
         return ""
     if not entry["n_ok"]:
-        return entry["status"].upper() if entry["status"] == "failed" else entry["status"]
+        status: str = entry["status"]
+        return status.upper() if status == "failed" else status
     text = fmt_spread(entry["metrics"][key])
     if second and entry["metrics"].get(second):
         text += f" ({fmt(entry['metrics'][second]['median'])})"
     return text
 
 
-def markdown(doc: dict, plots: list[str]) -> str:
+def _primary_rows(summary: Json, names: list[str]) -> list[list[str]]:
+    """Markdown rows: a configuration, then for each case its primary metric (its second one)."""
+    return [[c] + [_cell(summary, n, c, CASES_BY_NAME[n].primary.key, CASES_BY_NAME[n].metrics[1].key)
+                   for n in names] for c in _configs(summary, names)]
+
+
+def markdown(doc: Json, plots: list[str]) -> str:
     summary, machine, settings = doc["summary"], doc["machine"], doc["settings"]
     names = [c["name"] for c in doc["cases"]]
+    quick = "Quick run (--quick): short phases, noisy; for development, not for quoting. "
     out = [
         "# smcish benchmarks",
         "",
         f"{machine['date']} on {machine['cpu_model']} ({machine['cores']} cores), Linux {machine['kernel']}, "
         f"Python {machine['python']}, uvloop {machine['uvloop']}. "
-        f"{'Quick run (--quick): short phases, noisy; for development, not for quoting. ' if settings['quick'] else ''}"
-        f"Median [min-max] of {settings['repeat']} interleaved rounds; client and server in separate processes.",
+        f"{quick if settings['quick'] else ''}"
+        f"Median [min-max] of {settings['repeat']} interleaved rounds; client and server in separate "
+        "processes.",
         "",
     ]
     lat = [n for n in names if n.startswith("latency.")]
@@ -356,25 +385,24 @@ def markdown(doc: dict, plots: list[str]) -> str:
         tp = [n for n in names if n.startswith("throughput.") and n.endswith("." + api)]
         if tp:
             sizes = [size_label(CASES_BY_NAME[n].size) for n in tp]
-            out += [f"## Streaming throughput, {title}: MB/s [min-max] (CPU seconds per GiB, both processes)", "",
-                    _md_table(["config"] + sizes, [[c] + [_cell(summary, n, c, "MBps", "cpu_s_per_GiB") for n in tp]
-                                                   for c in _configs(summary, tp)]), ""]
+            out += [f"## Streaming throughput, {title}: MB/s [min-max] (CPU seconds per GiB, both processes)",
+                    "",
+                    _md_table(["config"] + sizes,
+                              [[c] + [_cell(summary, n, c, "MBps", "cpu_s_per_GiB") for n in tp]
+                               for c in _configs(summary, tp)]), ""]
     other = [n for n in names if n.startswith(("rate.", "setup."))]
     if other:
         out += ["## Message rate (msg/s) and connection setup (conn/s), [min-max] (CPU us per op)", "",
-                _md_table(["config"] + other,
-                          [[c] + [_cell(summary, n, c, CASES_BY_NAME[n].primary.key, CASES_BY_NAME[n].metrics[1].key)
-                                  for n in other] for c in _configs(summary, other)]), ""]
+                _md_table(["config"] + other, _primary_rows(summary, other)), ""]
     tls = [n for n in names if CASES_BY_NAME[n].tls]
     if tls:
-        out += ["## TLS: round trip p50 us (p99), streaming MB/s (CPU seconds per GiB, both processes), [min-max]",
+        out += ["## TLS: round trip p50 us (p99), streaming MB/s (CPU seconds per GiB, both processes), "
+                "[min-max]",
                 "",
-                "tcp: the loop's own TLS (asyncio's `SSLProtocol`, uvloop's own TLS); smcish: asyncio's `SSLProtocol` "
-                "over the shared-memory transport, on both loops. The client verifies the server's certificate. "
-                "No target applies.", "",
-                _md_table(["config"] + tls,
-                          [[c] + [_cell(summary, n, c, CASES_BY_NAME[n].primary.key, CASES_BY_NAME[n].metrics[1].key)
-                                  for n in tls] for c in _configs(summary, tls)]), ""]
+                "tcp: the loop's own TLS (asyncio's `SSLProtocol`, uvloop's own TLS); smcish: asyncio's "
+                "`SSLProtocol` over the shared-memory transport, on both loops. The client verifies the "
+                "server's certificate. No target applies.", "",
+                _md_table(["config"] + tls, _primary_rows(summary, tls)), ""]
     scale = [n for n in names if n.startswith("scale.")]
     for name in scale:
         case = CASES_BY_NAME[name]
@@ -392,12 +420,14 @@ def markdown(doc: dict, plots: list[str]) -> str:
                     for key, _ in extra]
             rows.append(row)
         out += [f"## {name}: {case.title}", "",
-                "Per connection = (idle - baseline) / N in each process (srv: server, cli: client); shm = memfd "
-                "mappings (map: their size, res: their Rss); median [min-max] over the rounds.", "",
-                _md_table(["config"] + [m.label for m in case.metrics] + [label for _, label in extra], rows), ""]
+                "Per connection = (idle - baseline) / N in each process (srv: server, cli: client); shm = "
+                "memfd mappings (map: their size, res: their Rss); median [min-max] over the rounds.", "",
+                _md_table(["config"] + [m.label for m in case.metrics] + [label for _, label in extra], rows),
+                ""]
     key = "vs_" + BASELINE.replace("/", "_")
     others = [c for c in _configs(summary, names) if c != BASELINE]
-    out += [f"## Ratios against {BASELINE} on the same case (same API level): median [min-max] of per-round pairs",
+    out += [f"## Ratios against {BASELINE} on the same case (same API level): median [min-max] of "
+            "per-round pairs",
             "", "Latency and CPU: lower is better; throughput, rates: higher is better.", "",
             _md_table(["case (primary metric)"] + others,
                       [[f"{n} ({CASES_BY_NAME[n].primary.label})"]
@@ -411,24 +441,25 @@ def markdown(doc: dict, plots: list[str]) -> str:
     failures = [m for m in doc["measurements"] if m["status"] == "failed"]
     if failures:
         out += ["## Failures (not in any figure above)", ""]
-        for error, where in _group_errors(failures).items():
-            out += [f"- {_where(where)}: `{error}`"]
+        for error, where in group_errors(failures).items():
+            out += [f"- {where_text(where)}: `{error}`"]
         out.append("")
     if plots:
         out += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
     smc = {name: t for name, t in doc["transports"].items() if t.get("probe")}
     out += ["## Settings", "",
-            f"- phases: warm-up {settings['timing']['warmup_s']} s, measured {settings['timing']['duration_s']} s "
-            f"per measurement; verify: {settings['verify']}",
+            f"- phases: warm-up {settings['timing']['warmup_s']} s, measured "
+            f"{settings['timing']['duration_s']} s per measurement; verify: {settings['verify']}",
             f"- workload: {', '.join(f'{k}={v}' for k, v in settings['workload'].items())}"]
     malloc = settings.get("malloc")
     if malloc:
-        out.append(f"- peers' malloc: {malloc['mode']}"
-                   + (f" ({' '.join(f'{k}={v}' for k, v in malloc['env'].items())})" if malloc["env"] else ""))
+        env = " ".join(f"{k}={v}" for k, v in malloc["env"].items())
+        out.append(f"- peers' malloc: {malloc['mode']}" + (f" ({env})" if malloc["env"] else ""))
     for name, t in smc.items():
         probe = t["probe"]
-        out.append(f"- {name}: env {t['env'] or '{}'}; smcish {probe.get('version')}, config {probe.get('config')}; "
-                   f"probe connection mode {probe.get('mode')!r}" if probe.get("available")
+        out.append(f"- {name}: env {t['env'] or '{}'}; smcish {probe.get('version')}, "
+                   f"config {probe.get('config')}; probe connection mode {probe.get('mode')!r}"
+                   if probe.get("available")
                    else f"- {name}: unavailable ({probe.get('reason')})")
     out.append(f"- machine: {machine['cores']} cores ({machine['usable_cores']} usable), "
                f"{'virtual machine, ' if machine.get('virtualized') else ''}load average "
@@ -436,13 +467,13 @@ def markdown(doc: dict, plots: list[str]) -> str:
                f"git {machine.get('git')}")
     source = machine.get("source") or {}
     if source.get("changed"):
-        out.append(f"- uncommitted changes measured in smcish/ism_backend (diff sha256 {source.get('diff_sha256')}): "
-                   + ", ".join(source["changed"]))
+        out.append(f"- uncommitted changes measured in smcish/ism_backend (diff sha256 "
+                   f"{source.get('diff_sha256')}): " + ", ".join(source["changed"]))
     out.append("")
     return "\n".join(out)
 
 
-def _group_errors(failures: list[dict]) -> dict[str, dict[str, list[str]]]:
+def group_errors(failures: list[Json]) -> dict[str, dict[str, list[str]]]:
     """{error: {config: [cases]}} for failed measurements."""
     grouped: dict[str, dict[str, list[str]]] = {}
     for m in failures:
@@ -452,7 +483,7 @@ def _group_errors(failures: list[dict]) -> dict[str, dict[str, list[str]]]:
     return grouped
 
 
-def _where(where: dict[str, list[str]]) -> str:
+def where_text(where: dict[str, list[str]]) -> str:
     return ", ".join(f"{config} ({cases[0] if len(cases) == 1 else f'{len(cases)} cases'})"
                      for config, cases in where.items())
 
@@ -460,10 +491,12 @@ def _where(where: dict[str, list[str]]) -> str:
 # --- plots -----------------------------------------------------------------------------------------------
 
 # throughput.png and cpu_per_gib.png: one panel per (case name prefix, API) that the run measured
-THROUGHPUT_PANELS = (("throughput.", "streams", "StreamReader.read"), ("throughput.", "bufproto", "BufferedProtocol"),
+THROUGHPUT_PANELS = (("throughput.", "streams", "StreamReader.read"),
+                     ("throughput.", "bufproto", "BufferedProtocol"),
                      ("tls.throughput.", "streams", "TLS, StreamReader.read"))
 
-def plots(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
+
+def plots(doc: Json, out_dir: str) -> tuple[list[str], str | None]:
     """Write latency.png, throughput.png and cpu_per_gib.png; (files, None) or ([], why skipped)."""
     try:
         import matplotlib
@@ -488,7 +521,7 @@ def plots(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
         ncols = 2 if len(lat) > 1 else 1
         nrows = (len(lat) + ncols - 1) // ncols
         fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 0.4 * 12 * nrows + 1), squeeze=False)
-        for ax, name in zip(axes.flat, lat):
+        for ax, name in zip(axes.flat, lat, strict=False):
             configs = [c for c, e in summary[name].items() if e["n_ok"]]
             if not configs:
                 ax.set_title(name)
@@ -497,10 +530,11 @@ def plots(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
             p50 = [summary[name][c]["metrics"]["p50_us"] for c in configs]
             p99 = [summary[name][c]["metrics"]["p99_us"] for c in configs]
             ys = list(range(len(configs)))
-            for y, config, s50, s99 in zip(ys, configs, p50, p99):
+            for y, config, s50, s99 in zip(ys, configs, p50, p99, strict=True):
                 color = colors[config.split("/", 1)[1]]
-                ax.errorbar([s50["median"]], [y], xerr=[[s50["median"] - s50["min"]], [s50["max"] - s50["median"]]],
-                            fmt="o", color=color, capsize=3, label="p50 [min-max]" if y == 0 else None)
+                xerr = [[s50["median"] - s50["min"]], [s50["max"] - s50["median"]]]
+                ax.errorbar([s50["median"]], [y], xerr=xerr, fmt="o", color=color, capsize=3,
+                            label="p50 [min-max]" if y == 0 else None)
                 ax.plot([s99["median"]], [y], marker="D", mfc="none", color=color, linestyle="none",
                         label="p99" if y == 0 else None)
             ax.set_yticks(ys, configs)
@@ -529,7 +563,7 @@ def plots(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
         if not panels:
             continue
         fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
-        for ax, (prefix, api, panel_title) in zip(axes.flat, panels):
+        for ax, (prefix, api, panel_title) in zip(axes.flat, panels, strict=True):
             cases = [CASES_BY_NAME[n] for n in names if n.startswith(prefix) and n.endswith("." + api)]
             configs = _configs(summary, [c.name for c in cases])
             drawn = 0
@@ -540,10 +574,11 @@ def plots(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
                     continue
                 xs = [p[0] for p in points]
                 ys = [p[1]["median"] for p in points]
-                err = [[p[1]["median"] - p[1]["min"] for p in points], [p[1]["max"] - p[1]["median"] for p in points]]
+                err = [[p[1]["median"] - p[1]["min"] for p in points],
+                       [p[1]["max"] - p[1]["median"] for p in points]]
                 loop, transport = config.split("/", 1)
-                ax.errorbar(xs, ys, yerr=err, label=config, color=colors[transport], linestyle=styles.get(loop, "-"),
-                            marker="o", capsize=3)
+                ax.errorbar(xs, ys, yerr=err, label=config, color=colors[transport],
+                            linestyle=styles.get(loop, "-"), marker="o", capsize=3)
                 drawn += 1
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

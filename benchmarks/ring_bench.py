@@ -15,6 +15,8 @@ sleeps on its eventfd. Processes are not pinned. Payload bytes are the same in-c
 every time, so these are upper bounds for the ring, not for an application.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import mmap
@@ -26,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import IO, Any
 
 try:
     from smcish import ring as _ring
@@ -41,14 +44,14 @@ RINGS = [256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]
 MAX_RING = max(RINGS)
 
 
-def cpu_seconds():
+def cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
 
 
 # ------------------------------------------------------------------------------------ workers
 
-def wait_fd(fd, timeout=5.0):
+def wait_fd(fd: int, timeout: float = 5.0) -> None:
     ready, _, _ = select.select([fd], [], [], timeout)
     if not ready:
         raise TimeoutError("no doorbell within 5 s: lost wake-up")
@@ -58,13 +61,13 @@ def wait_fd(fd, timeout=5.0):
 SLEEPS = [0]
 
 
-def produce(r, wait_efd, mode, seconds, batch, spin_us):
+def produce(r: _ring.Ring, wait_efd: int, mode: str, seconds: float, batch: int, spin_us: float) -> int:
     """Stream until the time is up; return bytes sent."""
     sent = 0
     write, writev = r.write, r.writev
     end = time.perf_counter() + seconds
 
-    def wait_space():
+    def wait_space() -> None:
         if spin_us and r.spin_tx(spin_us):
             return
         if r.prepare_sleep_tx() == 0:
@@ -112,7 +115,7 @@ def produce(r, wait_efd, mode, seconds, batch, spin_us):
     return sent
 
 
-def consume(r, wait_efd, spin_us):
+def consume(r: _ring.Ring, wait_efd: int, spin_us: float) -> int:
     """Read until EOF; return bytes received."""
     buf = memoryview(bytearray(READ_BUF))
     got = 0
@@ -134,7 +137,7 @@ def consume(r, wait_efd, spin_us):
             return got
 
 
-def worker(role, my_fd, peer_fd, my_efd, peer_efd):
+def worker(role: str, my_fd: int, peer_fd: int, my_efd: int, peer_efd: int) -> None:
     """Serve runs for the orchestrator: lines of JSON on stdin, results on stdout."""
     my_size = _ring.region_size(MAX_RING if role == "producer" else BACK_CAP)
     peer_size = _ring.region_size(BACK_CAP if role == "producer" else MAX_RING)
@@ -175,7 +178,7 @@ def worker(role, my_fd, peer_fd, my_efd, peer_efd):
 class Pair:
     """The two worker processes and their shared regions."""
 
-    def __init__(self, verbose=False):
+    def __init__(self, verbose: bool = False) -> None:
         self.verbose = verbose
         fds = []
         for size in (_ring.region_size(MAX_RING), _ring.region_size(BACK_CAP)):
@@ -192,7 +195,7 @@ class Pair:
                           env.get("PYTHONPATH")]))
         all_fds = [self.prod_fd, self.cons_fd, self.prod_efd, self.cons_efd]
 
-        def spawn(role, my_fd, peer_fd, my_efd, peer_efd):
+        def spawn(role: str, my_fd: int, peer_fd: int, my_efd: int, peer_efd: int) -> subprocess.Popen[str]:
             return subprocess.Popen(
                 [sys.executable, __file__, "--worker", role, str(my_fd), str(peer_fd), str(my_efd),
                  str(peer_efd)],
@@ -201,20 +204,22 @@ class Pair:
         self.producer = spawn("producer", self.prod_fd, self.cons_fd, self.prod_efd, self.cons_efd)
         self.consumer = spawn("consumer", self.cons_fd, self.prod_fd, self.cons_efd, self.prod_efd)
 
-    def run(self, cap, mode, seconds, spin_us, batch):
+    def run(self, cap: int, mode: str, seconds: float, spin_us: float, batch: int) -> dict[str, float]:
         cmd = json.dumps({"cmd": "run", "cap": cap, "mode": mode, "seconds": seconds,
                           "spin_us": spin_us, "batch": batch})
         procs = (self.producer, self.consumer)
         for p in procs:
-            p.stdin.write(cmd + "\n")
-            p.stdin.flush()
+            stdin, _ = _pipes(p)
+            stdin.write(cmd + "\n")
+            stdin.flush()
         for p in procs:
-            assert p.stdout.readline().strip() == "ready"
+            assert _pipes(p)[1].readline().strip() == "ready"
         for p in (self.consumer, self.producer):
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        prod = json.loads(self.producer.stdout.readline())
-        cons = json.loads(self.consumer.stdout.readline())
+            stdin, _ = _pipes(p)
+            stdin.write("go\n")
+            stdin.flush()
+        prod: dict[str, Any] = json.loads(_pipes(self.producer)[1].readline())
+        cons: dict[str, Any] = json.loads(_pipes(self.consumer)[1].readline())
         assert prod["bytes"] == cons["bytes"], (prod, cons)
         if self.verbose:
             print(f"  {fmt_size(cap)} {mode}: {cons['bytes'] / cons['wall'] / 1e6:.0f} MB/s "
@@ -223,27 +228,34 @@ class Pair:
                 "cpu_per_gib": (prod["cpu"] + cons["cpu"]) / (cons["bytes"] / GiB),
                 "doorbells": prod["doorbells"] + cons["doorbells"]}
 
-    def close(self):
+    def close(self) -> None:
         for p in (self.producer, self.consumer):
-            p.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            p.stdin.close()
+            stdin, stdout = _pipes(p)
+            stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            stdin.close()
             p.wait(timeout=10)
-            p.stdout.close()
+            stdout.close()
         for fd in (self.prod_fd, self.cons_fd, self.prod_efd, self.cons_efd):
             os.close(fd)
 
 
-def fcntl_seal(fd):
+def _pipes(p: subprocess.Popen[str]) -> tuple[IO[str], IO[str]]:
+    """A worker's stdin and stdout (it is started with both as pipes)."""
+    assert p.stdin is not None and p.stdout is not None
+    return p.stdin, p.stdout
+
+
+def fcntl_seal(fd: int) -> None:
     import fcntl
 
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
 
 
-def fmt_size(n):
+def fmt_size(n: int) -> str:
     return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 MiB ring only, shorter runs (< 20 s)")
     ap.add_argument("--reps", type=int, default=3)
@@ -266,7 +278,7 @@ def main():
     print(f"ring_bench: {len(configs)} configs x {args.reps} reps x {seconds} s, "
           f"spin {args.spin_us} us, writev batch {args.batch} x 64 B, read buffer {READ_BUF // KiB} KiB, "
           f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs", flush=True)
-    results = {c: [] for c in configs}
+    results: dict[tuple[int, str], list[dict[str, float]]] = {c: [] for c in configs}
     pair = Pair(args.verbose)
     t0 = time.perf_counter()
     try:

@@ -26,9 +26,23 @@ import os
 import resource
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import transports
-from .workloads import KIND_HOLD, PATTERN, ClientContext, DataMismatch, ModeMismatch, Window, _header, cpu_now
+from .cases import CaseParams
+from .workloads import (
+    KIND_HOLD,
+    PATTERN,
+    ClientContext,
+    DataMismatch,
+    ModeMismatch,
+    Result,
+    ServerState,
+    Window,
+    cpu_now,
+    request_header,
+)
 
 # /proc/self/status fields reported (kB)
 STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "VmSize", "Threads")
@@ -92,10 +106,10 @@ def fd_counts() -> tuple[int, dict[str, int]]:
     return sum(kinds.values()), kinds
 
 
-def memfd_mappings(smaps_path: str = "/proc/self/smaps") -> dict:
+def memfd_mappings(smaps_path: str = "/proc/self/smaps") -> dict[str, Any]:
     """Shared memory mapped by this process: the memfd mappings' sizes, Rss and Pss (KiB), by memfd name."""
-    total = {"mappings": 0, "size_kib": 0, "rss_kib": 0, "pss_kib": 0}
-    by_name: dict[str, dict] = {}
+    total: dict[str, Any] = {"mappings": 0, "size_kib": 0, "rss_kib": 0, "pss_kib": 0}
+    by_name: dict[str, dict[str, int]] = {}
     current = None
     with open(smaps_path) as f:
         for line in f:
@@ -105,7 +119,8 @@ def memfd_mappings(smaps_path: str = "/proc/self/smaps") -> dict:
                 path = fields[4].strip() if len(fields) == 5 else ""
                 if path.startswith("/memfd:"):
                     name = path[len("/memfd:"):].removesuffix(" (deleted)")
-                    current = by_name.setdefault(name, {"mappings": 0, "size_kib": 0, "rss_kib": 0, "pss_kib": 0})
+                    current = by_name.setdefault(name, {"mappings": 0, "size_kib": 0, "rss_kib": 0,
+                                                        "pss_kib": 0})
                     current["mappings"] += 1
                     total["mappings"] += 1
                 else:
@@ -129,7 +144,7 @@ def status_kib() -> dict[str, int]:
     return out
 
 
-def process_snapshot() -> dict:
+def process_snapshot() -> dict[str, Any]:
     """What one process holds now: fds (by kind), memfd mappings, RSS, RLIMIT_NOFILE, smcish.stats()."""
     gc.collect()
     fds, kinds = fd_counts()
@@ -137,23 +152,23 @@ def process_snapshot() -> dict:
     return {"pid": os.getpid(), "time": time.time(), "fds": fds, "fd_kinds": kinds, "shm": memfd_mappings(),
             "status_kib": status_kib(), "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
             "cpu": list(cpu_now()),
-            "smcish": {k: stats[k] for k in ("link_groups", "slots", "live", "connections_ism", "connections_tcp",
-                                              "fallbacks") if k in stats}}
+            "smcish": {k: stats[k] for k in ("link_groups", "slots", "live", "connections_ism",
+                                              "connections_tcp", "fallbacks") if k in stats}}
 
 
-def server_snapshot(state) -> dict:
+def server_snapshot(state: ServerState) -> dict[str, Any]:
     """The server's answer to `mem`: its process snapshot plus the connections it saw and holds."""
     snap = process_snapshot()
     snap.update(modes=dict(state.modes), held=state.held, errors=list(state.errors))
     return snap
 
 
-def per_conn(before: dict, after: dict, conns: int) -> dict:
+def per_conn(before: dict[str, Any], after: dict[str, Any], conns: int) -> dict[str, Any]:
     """Per-connection deltas and absolute totals of one process between two snapshots."""
-    def delta(get) -> float:
+    def delta(get: Callable[[dict[str, Any]], float]) -> float:
         return (get(after) - get(before)) / conns
 
-    out = {
+    out: dict[str, Any] = {
         "fds_per_conn": delta(lambda s: s["fds"]),
         "shm_mapped_KiB_per_conn": delta(lambda s: s["shm"]["size_kib"]),
         "shm_rss_KiB_per_conn": delta(lambda s: s["shm"]["rss_kib"]),
@@ -168,28 +183,29 @@ def per_conn(before: dict, after: dict, conns: int) -> dict:
         "slots": after["smcish"].get("slots", 0),
     }
     kinds = set(before["fd_kinds"]) | set(after["fd_kinds"])
-    out["fd_kinds_delta"] = {k: after["fd_kinds"].get(k, 0) - before["fd_kinds"].get(k, 0) for k in sorted(kinds)
+    out["fd_kinds_delta"] = {k: after["fd_kinds"].get(k, 0) - before["fd_kinds"].get(k, 0)
+                             for k in sorted(kinds)
                              if after["fd_kinds"].get(k, 0) != before["fd_kinds"].get(k, 0)}
     return out
 
 
 # --- the client workload ---------------------------------------------------------------------------------
 
-def _check_nofile(where: str, nofile: list, conns: int) -> None:
+def _check_nofile(where: str, nofile: list[int], conns: int) -> None:
     soft = nofile[0]
     if soft != resource.RLIM_INFINITY and soft < conns + NOFILE_MARGIN:
         raise RuntimeError(f"{where}: RLIMIT_NOFILE is {soft}, {conns} connections need at least "
                            f"{conns + NOFILE_MARGIN}; raise the hard limit (ulimit -Hn) before running")
 
 
-async def scale_streams(ctx: ClientContext, p: dict) -> dict:
+async def scale_streams(ctx: ClientContext, p: CaseParams) -> Result:
     """`scale.<N>`: open N connections (<= inflight set-ups at a time), one 64 B request/response each, hold
     them idle, and measure fds, shared memory and RSS per connection in both processes."""
-    conns, size = p["conns"], p["size"]
-    inflight = p.get("inflight") or conns
-    idle_s = p["idle_s"]
+    conns, size = p.conns, p.size
+    inflight = p.inflight or conns
+    idle_s = p.idle_s
     msg = bytes(PATTERN[:size])
-    request = _header(KIND_HOLD, size) + msg
+    request = request_header(KIND_HOLD, size) + msg
     open_connection, addr = ctx.api.open_connection, ctx.addr("streams")
     expect = ctx.transport.expect_mode
 
@@ -198,8 +214,8 @@ async def scale_streams(ctx: ClientContext, p: dict) -> dict:
     _check_nofile("client", base_client["nofile"], conns)
     _check_nofile("server", base_server["nofile"], conns)
 
-    pairs: list = []
-    seen: Counter = Counter()  # (mode, decline reason) of every client connection
+    pairs: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    seen: Counter[tuple[str, Any]] = Counter()  # (mode, decline reason) of every client connection
     latencies: list[float] = []
     gate = asyncio.Semaphore(inflight)
     clock = time.perf_counter
@@ -223,24 +239,27 @@ async def scale_streams(ctx: ClientContext, p: dict) -> dict:
     started = clock()
     tasks = [asyncio.ensure_future(one()) for _ in range(conns)]
     try:
-        done, pending = await asyncio.wait(tasks, timeout=open_bound_s(conns), return_when=asyncio.FIRST_EXCEPTION)
+        done, pending = await asyncio.wait(tasks, timeout=open_bound_s(conns),
+                                           return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
-            if task.exception() is not None:
-                raise task.exception()
+            exc = task.exception()
+            if exc is not None:
+                raise exc
         if pending:
             raise TimeoutError(f"scale: {len(latencies)} of {conns} connections opened within "
                                f"{open_bound_s(conns):.0f} s")
         open_s = clock() - started
         await window.stop(ctx)
         wrong_modes = None
-        if expect is not None and set(mode for mode, _ in seen) != {expect}:
+        if expect is not None and {mode for mode, _ in seen} != {expect}:
             counts = ", ".join(f"{n} {mode} ({reason})" for (mode, reason), n in seen.most_common())
             wrong_modes = (f"{ctx.transport.name}: of {conns} connections: {counts}; expected every one in "
                            f"mode {expect!r}, so the figures are not shared memory's")
         opened_server = await ctx.ctrl("mem")
         opened_client = process_snapshot()
         if opened_server["held"] != conns:
-            raise RuntimeError(f"scale: the server holds {opened_server['held']} connections, expected {conns}")
+            raise RuntimeError(f"scale: the server holds {opened_server['held']} connections, "
+                               f"expected {conns}")
         if expect is not None and wrong_modes is None:
             wrong = {m: n for m, n in opened_server["modes"].items() if m != expect}
             if wrong or opened_server["modes"].get(expect) != conns:
@@ -298,13 +317,13 @@ async def scale_streams(ctx: ClientContext, p: dict) -> dict:
     result = window.result(metrics, raw)  # CPU and smcish.stats() deltas cover the open phase
     if wrong_modes is not None:
         # fail loudly, but keep what was measured: the failure record shows it (never a summary or ratio)
-        error = ModeMismatch(wrong_modes)
-        error.partial = result
-        raise error
+        raise ModeMismatch(wrong_modes, partial=result)
     return result
 
 
-async def _teardown(ctx: ClientContext, tasks: list, pairs: list, conns: int, quiet: bool) -> float | None:
+async def _teardown(ctx: ClientContext, tasks: Sequence[asyncio.Future[None]],
+                    pairs: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]], conns: int,
+                    quiet: bool) -> float | None:
     """Cancel unfinished set-ups, let the server close first, wait for every EOF, close ours (bounded).
 
     Returns the seconds it took; with `quiet` (the case already failed) its own errors are swallowed so
@@ -317,8 +336,8 @@ async def _teardown(ctx: ClientContext, tasks: list, pairs: list, conns: int, qu
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.wait_for(ctx.ctrl("release"), close_bound_s(conns))
         try:
-            await asyncio.wait_for(asyncio.gather(*(reader.read() for reader, _ in pairs), return_exceptions=True),
-                                   close_bound_s(conns))
+            await asyncio.wait_for(asyncio.gather(*(reader.read() for reader, _ in pairs),
+                                                  return_exceptions=True), close_bound_s(conns))
         finally:
             for _, writer in pairs:
                 writer.close()

@@ -61,9 +61,27 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import IO, Any
 
-from .zerocopy import (GREETING, Peer, SenderProtocol, check_mode, connect, cpu_now, default_out, emit,
-                       environment, fmt, loop_factory, mode_of, parse_size, size_name, summary, write_json)
+from .zerocopy import (
+    GREETING,
+    Json,
+    Peer,
+    SenderProtocol,
+    check_mode,
+    connect,
+    cpu_now,
+    default_out,
+    emit,
+    environment,
+    fmt,
+    loop_factory,
+    mode_of,
+    parse_size,
+    size_name,
+    summary,
+    write_json,
+)
 
 CHUNK = 256 * 1024              # the Python chunk loops' read size
 RECV_BUFFER = 256 * 1024
@@ -82,30 +100,30 @@ CONFIGS = [                     # (name, loop, transport, method, expected mode,
 ]
 
 
-# --- receiver ------------------------------------------------------------------------------------------------
+# --- receiver -----------------------------------------------------------------------------------------------
 
 class FileReceiver(asyncio.BufferedProtocol):
-    def __init__(self, file_map, header_size: int):
+    def __init__(self, file_map: mmap.mmap, header_size: int) -> None:
         self.file = file_map
         self.header_size = header_size
         self.buf = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buf)
         self.header = bytearray()
-        self.sha = None
+        self.sha: Any = None  # a hashlib.sha256() when the header asks for verification
         self.offset = self.checks = self.mismatches = 0
-        self.first_bad = None
-        self.transport = None
+        self.first_bad: int | None = None
+        self.transport: Any = None  # from connection_made
         self.cpu0 = 0.0
 
-    def connection_made(self, transport):
+    def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.cpu0 = cpu_now()
         transport.write(GREETING)
 
-    def get_buffer(self, sizehint):
+    def get_buffer(self, sizehint: int) -> memoryview:
         return self.view
 
-    def buffer_updated(self, nbytes):
+    def buffer_updated(self, nbytes: int) -> None:
         start = 0
         if len(self.header) < self.header_size:
             start = min(nbytes, self.header_size - len(self.header))
@@ -129,16 +147,17 @@ class FileReceiver(asyncio.BufferedProtocol):
         self.checks += 1
         self.offset = offset + n
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         cpu = cpu_now() - self.cpu0
         self.transport.write(json.dumps({
-            "bytes": self.offset, "checks": self.checks, "mismatches": self.mismatches, "first_bad": self.first_bad,
-            "sha256": self.sha.hexdigest() if self.sha is not None else None, "cpu": cpu,
+            "bytes": self.offset, "checks": self.checks, "mismatches": self.mismatches,
+            "first_bad": self.first_bad, "sha256": self.sha.hexdigest() if self.sha is not None else None,
+            "cpu": cpu,
             "mode": mode_of(self.transport)}).encode() + b"\n")
         return False
 
 
-async def _receive(spec: dict) -> None:
+async def _receive(spec: Json) -> None:
     loop = asyncio.get_running_loop()
     with open(spec["path"], "rb") as f:
         file_map = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
@@ -153,7 +172,7 @@ async def _receive(spec: dict) -> None:
     server.close()
 
 
-# --- sender --------------------------------------------------------------------------------------------------
+# --- sender -------------------------------------------------------------------------------------------------
 
 _sendfile_calls = [0, 0]        # os.sendfile calls and bytes in this process
 
@@ -161,7 +180,7 @@ _sendfile_calls = [0, 0]        # os.sendfile calls and bytes in this process
 def _count_os_sendfile() -> None:
     real = os.sendfile
 
-    def counting(*args, **kwargs):
+    def counting(*args: Any, **kwargs: Any) -> int:
         n = real(*args, **kwargs)
         _sendfile_calls[0] += 1
         _sendfile_calls[1] += n
@@ -170,7 +189,7 @@ def _count_os_sendfile() -> None:
     os.sendfile = counting
 
 
-async def _chunk_loop(transport, proto: SenderProtocol, f) -> int:
+async def _chunk_loop(transport: Any, proto: SenderProtocol, f: IO[bytes]) -> int:
     """asyncio's sendfile fallback with 256 KiB chunks: executor read, drain-equivalent wait, write.
 
     A fresh bytes object per chunk (``f.read``), not ``readinto`` a reused buffer as asyncio's fallback:
@@ -190,7 +209,7 @@ async def _chunk_loop(transport, proto: SenderProtocol, f) -> int:
         total += len(chunk)
 
 
-async def _measure(spec: dict, verify: bool) -> dict:
+async def _measure(spec: Json, verify: bool) -> Json:
     loop = asyncio.get_running_loop()
     transport, proto = await connect(spec, spec["port"])
     check_mode(spec, transport, "sender")
@@ -204,14 +223,15 @@ async def _measure(spec: dict, verify: bool) -> dict:
             method = spec["method"]
             if method == "sendfile":
                 sent = await loop.sendfile(transport, f, 0, None, fallback=False)
-                while 0 < sent < spec["size"] and not spec["strict"]:     # see "short returns" in the docstring
+                # see "short returns" in the docstring
+                while 0 < sent < spec["size"] and not spec["strict"]:
                     short += 1
                     n = await loop.sendfile(transport, f, sent, None, fallback=False)
                     if not n:
                         break
                     sent += n
             elif method == "stdlib-fallback":
-                sent = await loop._sendfile_fallback(transport, f, 0, None)
+                sent = await loop._sendfile_fallback(transport, f, 0, None)  # type: ignore[attr-defined]
             else:
                 sent = await _chunk_loop(transport, proto, f)
             transport.write_eof()
@@ -225,7 +245,8 @@ async def _measure(spec: dict, verify: bool) -> dict:
     size = spec["size"]
     if sent != size or report["bytes"] != size or report["mismatches"]:
         raise RuntimeError(f"sent {sent} of {size} bytes; receiver saw {report['bytes']} with "
-                           f"{report['mismatches']} mismatching buffers (first at offset {report['first_bad']})")
+                           f"{report['mismatches']} mismatching buffers (first at offset "
+                           f"{report['first_bad']})")
     if verify and report["sha256"] != spec["sha256"]:
         raise RuntimeError(f"receiver's sha256 {report['sha256']} differs from the file's {spec['sha256']}")
     return {"bytes": sent, "seconds": seconds, "cpu_sender": cpu, "cpu_receiver": report["cpu"],
@@ -234,7 +255,7 @@ async def _measure(spec: dict, verify: bool) -> dict:
             "os_sendfile_bytes": _sendfile_calls[1] - calls0[1]}
 
 
-def _child(spec: dict) -> None:
+def _child(spec: Json) -> None:
     with asyncio.Runner(loop_factory=loop_factory(spec["loop"])) as runner:
         if spec["role"] == "receiver":
             runner.run(_receive(spec))
@@ -251,7 +272,7 @@ def _child(spec: dict) -> None:
                 emit({"ok": True, "result": result})
 
 
-# --- parent --------------------------------------------------------------------------------------------------
+# --- parent -------------------------------------------------------------------------------------------------
 
 def _make_file(directory: str, size: int) -> tuple[str, str]:
     path = os.path.join(directory, "sendfile-bench.bin")
@@ -279,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds, after the verification round")
     ap.add_argument("--configs", help="comma-separated NAME/LOOP (default: all): "
                                       + ",".join(f"{c[0]}/{c[1]}" for c in CONFIGS))
-    ap.add_argument("--dir", help="where the file goes (default: a new temporary directory, removed afterwards)")
+    ap.add_argument("--dir",
+                    help="where the file goes (default: a new temporary directory, removed afterwards)")
     ap.add_argument("--out", help="JSON file (default bench-results/sendfile-<UTC time>.json)")
     ap.add_argument("--strict", action="store_true", help="a short return of loop.sendfile fails the run")
     ap.add_argument("--header-size", type=int, default=HEADER_SIZE,
@@ -296,23 +318,23 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown configuration in {args.configs!r}")
     out = args.out or default_out("sendfile")
     tmpdir = tempfile.mkdtemp(prefix="smcish-sendfile-", dir=args.dir)
-    data = {"benchmark": "sendfile", "argv": sys.argv, "environment": environment(),
+    data: Json = {"benchmark": "sendfile", "argv": sys.argv, "environment": environment(),
             "settings": {"file_size": size, "rounds": args.rounds, "strict": args.strict, "chunk": CHUNK,
                          "header_size": args.header_size,
                          "recv_buffer": RECV_BUFFER,
                          "configs": [{"name": c[0], "loop": c[1], "transport": c[2], "method": c[3],
                                       "mode": c[4], "smcish": c[5]} for c in chosen]},
             "measurements": []}
-    peers: dict = {}
+    peers: dict[tuple[str, str], tuple[Peer, Peer | None]] = {}
     try:
         t = time.perf_counter()
         path, digest = _make_file(tmpdir, size)
-        print(f"file: {size_name(size)} at {path} in {time.perf_counter() - t:.1f} s, sha256 {digest[:16]}...",
-              file=sys.stderr)
+        print(f"file: {size_name(size)} at {path} in {time.perf_counter() - t:.1f} s, "
+              f"sha256 {digest[:16]}...", file=sys.stderr)
         data["settings"]["sha256"] = digest
         for name, loop, transport, method, mode, kwargs in chosen:
-            spec = {"loop": loop, "transport": transport, "method": method, "expect_mode": mode, "smcish": kwargs,
-                    "path": path, "size": size, "sha256": digest, "strict": args.strict,
+            spec = {"loop": loop, "transport": transport, "method": method, "expect_mode": mode,
+                    "smcish": kwargs, "path": path, "size": size, "sha256": digest, "strict": args.strict,
                     "header_size": args.header_size}
             recv = Peer("benchmarks.sendfile", {**spec, "role": "receiver"})
             peers[name, loop] = (recv, None)
@@ -322,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds + 1):
             shift = rnd % len(keys)
             for key in keys[shift:] + keys[:shift]:
-                r = peers[key][1].ask({"verify": rnd == 0})["result"]
+                sending = peers[key][1]
+                assert sending is not None  # started with its receiver above
+                r = sending.ask({"verify": rnd == 0})["result"]
                 r.update(round=rnd, config=key[0], loop=key[1], timed=rnd > 0)
                 data["measurements"].append(r)
                 print(f"  {'verify' if rnd == 0 else f'round {rnd}':8} {key[1]:8} {key[0]:25} "
@@ -335,10 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, data)
         return 1
     finally:
-        for recv, send in peers.values():
-            for peer in (send, recv):
-                if peer is not None:
-                    peer.stop()
+        for receiving, sending in peers.values():
+            for child in (sending, receiving):
+                if child is not None:
+                    child.stop()
         shutil.rmtree(tmpdir, ignore_errors=True)
     data["environment"]["loadavg_end"] = os.getloadavg()
     data["summary"] = _summarise(data["measurements"], keys)
@@ -348,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _summarise(ms: list[dict], keys: list) -> dict:
-    out = {}
+def _summarise(ms: list[Json], keys: list[tuple[str, str]]) -> Json:
+    out: Json = {}
     for name, loop in keys:
         rows = [m for m in ms if m["timed"] and m["config"] == name and m["loop"] == loop]
         if not rows:
@@ -363,14 +387,16 @@ def _summarise(ms: list[dict], keys: list) -> dict:
             "os_sendfile_bytes": statistics.median(m["os_sendfile_bytes"] for m in rows),
             "bytes_per_receive": statistics.median(m["bytes"] / max(1, m["receiver_checks"]) for m in rows),
             # every transfer of the configuration, the verification round included: [short returns, transfers]
-            "short_returns": [sum(m["short_returns"] for m in ms if m["config"] == name and m["loop"] == loop),
+            "short_returns": [sum(m["short_returns"] for m in ms
+                                  if m["config"] == name and m["loop"] == loop),
                               sum(1 for m in ms if m["config"] == name and m["loop"] == loop)],
         }
     return out
 
 
-def _print(s: dict, keys: list, args, size: int) -> None:
-    print(f"\nloop.sendfile of a {size_name(size)} file (page cache warm), after a {args.header_size}-byte header: "
+def _print(s: Json, keys: list[tuple[str, str]], args: argparse.Namespace, size: int) -> None:
+    print(f"\nloop.sendfile of a {size_name(size)} file (page cache warm), after a {args.header_size}-byte "
+          "header: "
           f"{args.rounds} interleaved timed rounds after a sha256-verified one; median [min-max].\n"
           f"MB/s = 10^6 B/s; CPU = user+sys seconds per GiB (sender + receiver).")
     print(f"{'loop':8} {'config':25} {'MB/s':>20} {'CPU s/GiB':>18} {'sender':>7} {'recv':>6} {'B/recv':>8} "
@@ -382,7 +408,7 @@ def _print(s: dict, keys: list, args, size: int) -> None:
         print(f"{loop:8} {name:25} {fmt(e['mb_s']):>20} {fmt(e['cpu_s_per_gib'], 2):>18} "
               f"{e['cpu_sender_s_per_gib']['median']:7.2f} {e['cpu_receiver_s_per_gib']['median']:6.2f} "
               f"{e['bytes_per_receive'] / 1024:7.0f}K {100 * e['os_sendfile_bytes'] / size:13.0f}% "
-              f"{'%d/%d' % tuple(e['short_returns']):>8}")
+              f"{'{}/{}'.format(*e['short_returns']):>8}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 
 Same work as the `setup.64B` case: `open_connection`, one 64 B request echoed, `close()` +
 `wait_closed()`, one connection after the other, client and server in separate processes (tcp:
-`asyncio.open_connection` / `start_server`; smcish: `smcish.open_connection` / `start_server`). The client measures, per
-connection, the wall time of three phases: **open** (until `open_connection` returns), **echo**
+`asyncio.open_connection` / `start_server`; smcish: `smcish.open_connection` / `start_server`). The client
+measures, per connection, the wall time of three phases: **open** (until `open_connection` returns), **echo**
 (write + readexactly: includes the server's accept-side work that is still pending) and **close**,
 and its own CPU per connection (`time.process_time`). Fresh processes per round; transports
 interleaved within a round; medians [min-max] over rounds. Figures quoted in docs/benchmarks.md.
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 _REQ = b"s" * 64
 
@@ -49,10 +49,10 @@ async def _serve(transport: str) -> None:
     server.close()
 
 
-async def _client(transport: str, port: int, conns: int) -> dict:
+async def _client(transport: str, port: int, conns: int) -> dict[str, Any]:
     import smcish
     open_connection = smcish.open_connection if transport == "smcish" else asyncio.open_connection
-    phases = {"open": [], "echo": [], "close": []}
+    phases: dict[str, list[int]] = {"open": [], "echo": [], "close": []}
     modes: dict[str, int] = {}
 
     async def one(record: bool) -> None:
@@ -80,7 +80,7 @@ async def _client(transport: str, port: int, conns: int) -> dict:
     for _ in range(conns):
         await one(True)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    out = {k: statistics.fmean(v) / 1000 for k, v in phases.items()}
+    out: dict[str, Any] = {k: statistics.fmean(v) / 1000 for k, v in phases.items()}
     out.update(rate=conns / wall, cpu_us=cpu / conns * 1e6, modes=modes)
     return out
 
@@ -93,10 +93,11 @@ def _child(role: str, loop_name: str, transport: str, port: int, conns: int) -> 
         print(repr(asyncio.run(_client(transport, port, conns))), flush=True)
 
 
-def _round(loop_name: str, transport: str, conns: int) -> dict:
+def _round(loop_name: str, transport: str, conns: int) -> dict[str, Any]:
     me = [sys.executable, "-m", "benchmarks.setup_phases", "--child"]
     server = subprocess.Popen(me + ["server", loop_name, transport, "0", "0"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdin is not None  # PIPEs
     try:
         port = int(server.stdout.readline())
         out = subprocess.run(me + ["client", loop_name, transport, str(port), str(conns)],
@@ -104,7 +105,8 @@ def _round(loop_name: str, transport: str, conns: int) -> dict:
         if out.returncode != 0:
             raise RuntimeError(f"client failed: {out.stderr[-2000:]}")
         import ast
-        return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+        result: dict[str, Any] = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+        return result
     finally:
         server.stdin.close()
         try:
@@ -124,7 +126,7 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=3000, help="measured connections per round")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    results: dict[str, list[dict]] = {"tcp": [], "smcish": []}
+    results: dict[str, list[dict[str, Any]]] = {"tcp": [], "smcish": []}
     for _ in range(args.rounds):
         for transport in results:
             results[transport].append(_round(args.loop, transport, args.conns))
@@ -140,7 +142,7 @@ def main() -> None:
               f"{fmt([r['cpu_us'] for r in rounds]):>16} {fmt([r['open'] for r in rounds]):>14} "
               f"{fmt([r['echo'] for r in rounds]):>14} {fmt([r['close'] for r in rounds]):>14}  "
               f"{rounds[-1]['modes']}")
-    ratios = [s["rate"] / t["rate"] for s, t in zip(results["smcish"], results["tcp"])]
+    ratios = [s["rate"] / t["rate"] for s, t in zip(results["smcish"], results["tcp"], strict=False)]
     print(f"set-up rate smcish/tcp: {statistics.median(ratios):.3f}x "
           f"[{min(ratios):.3f}-{max(ratios):.3f}] (per-round pairs)")
 

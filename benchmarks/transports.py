@@ -13,8 +13,9 @@ import enum
 import os
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 
 class Api(NamedTuple):
@@ -72,7 +73,8 @@ def build_transports(nopoll_env: dict[str, str] | None = None) -> dict[str, Tran
         Transport("smcish-fallback", smcish_api, "inet", "smcish forced to TCP fallback (SMCISH_DEVICE=none)",
                   env={"SMCISH_DEVICE": "none"}, expect_mode="tcp", needs_smcish=True),
         Transport("smcish-nopoll", smcish_api, "inet",
-                  "smcish over shared memory, busy-poll off (" + " ".join(f"{k}={v}" for k, v in nopoll.items()) + ")",
+                  "smcish over shared memory, busy-poll off ("
+                  + " ".join(f"{k}={v}" for k, v in nopoll.items()) + ")",
                   env=nopoll, expect_mode="ism", needs_smcish=True, kinds=frozenset({"latency"})),
     ]
     return {t.name: t for t in transports}
@@ -93,14 +95,14 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     raise ValueError(f"unknown loop {name!r}: use one of {', '.join(LOOPS)}")
 
 
-def bind_args(transport: Transport, tmpdir: str, role: str) -> tuple:
+def bind_args(transport: Transport, tmpdir: str, role: str) -> tuple[str] | tuple[str, int]:
     """Where a server of `transport` listens: an ephemeral 127.0.0.1 port, or a socket path in tmpdir."""
     if transport.family == "unix":
         return (os.path.join(tmpdir, f"{role}.sock"),)
     return ("127.0.0.1", 0)
 
 
-def connect_args(transport: Transport, server: asyncio.AbstractServer) -> list:
+def connect_args(transport: Transport, server: asyncio.Server) -> list[Any]:
     """The `*addr` a client passes to reach `server` (JSON-able)."""
     name = server.sockets[0].getsockname()
     if transport.family == "unix":
@@ -115,9 +117,10 @@ TLS_CA_FILE = "ca.pem"  # the test CA's certificate: what the client trusts
 TLS_SERVER_FILE = "server.pem"  # the server's private key and certificate chain
 
 
-def write_tls_files(directory: str) -> dict:
-    """A throw-away CA and a certificate for `TLS_HOSTNAME` (and 127.0.0.1) signed by it, written to `directory`
-    (the harness does it once per run; the peers load the files by path). Returns what was made (for the JSON).
+def write_tls_files(directory: str) -> dict[str, Any]:
+    """A throw-away CA and a certificate for `TLS_HOSTNAME` (and 127.0.0.1) signed by it, written to
+    `directory` (the harness does it once per run; the peers load the files by path). Returns what was made
+    (for the JSON).
 
     Raises:
         ImportError: trustme is not installed (pip install trustme, in the bench extra).
@@ -145,7 +148,7 @@ def client_ssl_context(directory: str) -> ssl.SSLContext:
     return context
 
 
-def tls_of(obj: Any) -> dict | None:
+def tls_of(obj: Any) -> dict[str, Any] | None:
     """{"version", "cipher"} of a TLS StreamWriter or transport, None when it is not TLS."""
     ssl_object = obj.get_extra_info("ssl_object")
     if ssl_object is None:
@@ -180,31 +183,36 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     return repr(value)
 
 
-def describe_info(obj: Any) -> dict | None:
-    """Every public, non-callable field of `get_extra_info("smcish")` (mode, reason, ring size, poll budget...)."""
+def describe_info(obj: Any) -> dict[str, Any] | None:
+    """Every public, non-callable field of `get_extra_info("smcish")` (mode, reason, ring size, poll
+    budget...)."""
     info = obj.get_extra_info("smcish")
     if info is None:
         return None
+    described: dict[str, Any]
     if dataclasses.is_dataclass(info):
-        return _jsonable(info)
+        described = _jsonable(info)
+        return described
     if hasattr(info, "_asdict"):
-        return _jsonable(info._asdict())
+        described = _jsonable(info._asdict())
+        return described
     if isinstance(info, dict):
-        return _jsonable(info)
+        described = _jsonable(info)
+        return described
     fields = {}
     for name in dir(info):
         if name.startswith("_"):
             continue
         try:
             value = getattr(info, name)
-        except Exception as exc:  # a property that fails is worth seeing, not worth a crash
+        except Exception as exc:  # noqa: BLE001 - a property that fails is worth seeing, not worth a crash
             value = f"<error: {exc!r}>"
         if not callable(value):
             fields[name] = _jsonable(value)
     return fields
 
 
-def poll_fields(info: dict | None) -> dict:
+def poll_fields(info: dict[str, Any] | None) -> dict[str, Any]:
     """The numeric fields of an smcish info dict that look like a poll budget."""
     if not info:
         return {}
@@ -215,33 +223,36 @@ def smcish_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("SMCISH_")}
 
 
-def smcish_stats() -> dict | None:
+def smcish_stats() -> dict[str, Any] | None:
     """smcish.stats() of this process (doorbells, polls, fallbacks...), if smcish is loaded here."""
     stats = getattr(sys.modules.get("smcish"), "stats", None)
     if not callable(stats):
         return None
     try:
-        return _jsonable(stats())
-    except Exception as exc:
+        described: dict[str, Any] = _jsonable(stats())
+    except Exception as exc:  # noqa: BLE001 - reported in the results, never worth a failed measurement
         return {"error": repr(exc)}
+    return described
 
 
-def smcish_config() -> dict | None:
-    """The effective smcish.Config.from_env() of this process (ring size, poll budget...), if smcish is loaded."""
+def smcish_config() -> dict[str, Any] | None:
+    """The effective smcish.Config.from_env() of this process (ring size, poll budget...), if smcish is
+    loaded."""
     from_env = getattr(getattr(sys.modules.get("smcish"), "Config", None), "from_env", None)
     if not callable(from_env):
         return None
     try:
-        return _jsonable(from_env())
-    except Exception as exc:
+        described: dict[str, Any] = _jsonable(from_env())
+    except Exception as exc:  # noqa: BLE001 - reported in the results (a bad SMCISH_* variable...)
         return {"error": repr(exc)}
+    return described
 
 
-def stats_delta(before: dict | None, after: dict | None) -> dict | None:
+def stats_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
     """after - before for every numeric counter (recursively); other values as in `after`."""
     if not isinstance(before, dict) or not isinstance(after, dict):
         return None
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in after.items():
         old = before.get(key)
         if isinstance(value, (int, float)) and isinstance(old, (int, float)) and not isinstance(value, bool):

@@ -23,12 +23,16 @@ import asyncio
 import json
 import math
 import resource
+import ssl
 import struct
 import time
 import traceback
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 from . import transports
+from .cases import CaseParams
 
 HEADER = struct.Struct("!4sBBxxI")  # magic, kind, flags, size
 MAGIC = b"SBnc"
@@ -53,8 +57,21 @@ SETTINGS = {
 }
 
 
+# What a workload returns (JSON, to the harness): "metrics" (the figures), "cpu", "elapsed_s", "raw"
+# (histograms, segments...), and from run_case "modes", "smcish_info", "loop_class"...
+Result = dict[str, Any]
+Workload = Callable[["ClientContext", CaseParams], Awaitable[Result]]
+
+
 class ModeMismatch(RuntimeError):
-    """An smcish connection did not get the mode the case requires: its figure would be a lie."""
+    """An smcish connection did not get the mode the case requires: its figure would be a lie.
+
+    `partial`: what the case measured anyway (scale cases), shown with the failure, never in a figure.
+    """
+
+    def __init__(self, message: str, partial: Result | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class TlsMismatch(RuntimeError):
@@ -85,16 +102,16 @@ def format_exception(exc: BaseException) -> str:
 class PatternCheck:
     """Counts received stream bytes and checks them against the sender's pattern."""
 
-    __slots__ = ("offset", "checks", "mismatches", "first_bad", "full")
+    __slots__ = ("checks", "first_bad", "full", "mismatches", "offset")
 
-    def __init__(self, full: bool = False):
+    def __init__(self, full: bool = False) -> None:
         self.offset = 0
         self.checks = 0
         self.mismatches = 0
         self.first_bad: int | None = None
         self.full = full
 
-    def span(self, buf, start: int, n: int) -> None:
+    def span(self, buf: bytes | bytearray, start: int, n: int) -> None:
         """Account for `buf[start:start + n]`, the next `n` bytes of the stream."""
         offset = self.offset
         if self.full:  # in-place memcmp (no copies): about 25 GB/s
@@ -122,9 +139,9 @@ class PatternCheck:
 class ServerState:
     """What the server process reports over the control channel: CPU, connection modes, errors."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.modes: Counter[str] = Counter()
-        self.info: dict | None = None
+        self.info: dict[str, Any] | None = None
         self.tls: Counter[str] = Counter()  # "TLSv1.3 TLS_AES_256_GCM_SHA384": connections; "none": plain
         self.errors: list[str] = []
         self.held = 0  # KIND_HOLD connections waiting for `release`
@@ -144,7 +161,7 @@ class ServerState:
             self._release = None
         return held
 
-    def note(self, obj) -> None:
+    def note(self, obj: Any) -> None:
         mode, _reason = transports.mode_of(obj)
         self.modes[mode] += 1
         if self.info is None and mode != "none":
@@ -155,10 +172,11 @@ class ServerState:
         if len(self.errors) < 20:
             self.errors.append(what)
 
-    def snapshot(self, reset: bool) -> dict:
+    def snapshot(self, reset: bool) -> dict[str, Any]:
         user, sys_ = cpu_now()
-        snap = {"cpu": [user, sys_], "modes": dict(self.modes), "info": self.info, "errors": list(self.errors),
-                "tls": dict(self.tls), "loop": loop_name(), "smcish_stats": transports.smcish_stats()}
+        snap = {"cpu": [user, sys_], "modes": dict(self.modes), "info": self.info,
+                "errors": list(self.errors), "tls": dict(self.tls), "loop": loop_name(),
+                "smcish_stats": transports.smcish_stats()}
         if reset:
             self.modes.clear()
             self.info = None
@@ -167,13 +185,14 @@ class ServerState:
         return snap
 
 
-def _tls_key(tls: dict | None) -> str:
+def _tls_key(tls: dict[str, Any] | None) -> str:
     return f"{tls['version']} {tls['cipher']}" if tls else "none"
 
 
 async def serve_ctrl(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Control channel, one JSON line per command: `snap` / `reset` (the client brackets measured phases with
-    it), `mem` (this process's fds, shared memory, RSS: scale cases), `release` (close the held connections)."""
+    it), `mem` (this process's fds, shared memory, RSS: scale cases), `release` (close the held
+    connections)."""
     try:
         while line := await reader.readline():
             command = line.strip()
@@ -190,7 +209,8 @@ async def serve_ctrl(state: ServerState, reader: asyncio.StreamReader, writer: a
         writer.close()
 
 
-async def serve_streams(state: ServerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def serve_streams(state: ServerState, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
     """Server half on the streams API: echo, setup and StreamReader.read sink."""
     try:
         magic, kind, flags, size = HEADER.unpack(await reader.readexactly(HEADER.size))
@@ -224,7 +244,8 @@ async def serve_streams(state: ServerState, reader: asyncio.StreamReader, writer
                 while remaining:
                     chunk = await read(READ_SIZE if remaining > READ_SIZE else remaining)
                     if not chunk:
-                        raise ConnectionError(f"EOF with {remaining} bytes of a {length}-byte segment missing")
+                        raise ConnectionError(f"EOF with {remaining} bytes of a {length}-byte segment "
+                                              "missing")
                     n = len(chunk)
                     check.span(chunk, 0, n)
                     remaining -= n
@@ -232,29 +253,30 @@ async def serve_streams(state: ServerState, reader: asyncio.StreamReader, writer
             await reader.read()  # the client closes after the end marker
         else:
             raise ValueError(f"unknown benchmark kind {kind}")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported to the client through the control channel
         state.error(f"streams server: {format_exception(exc)}")
     finally:
         writer.close()
         try:
             await writer.wait_closed()
-        except Exception:
+        except Exception:  # noqa: BLE001 - the connection's error, if any, is reported above
             pass
 
 
 class EchoProtocol(asyncio.Protocol):
     """Server half on the Protocol API: echoes fixed-size messages (latency)."""
 
-    def __init__(self, state: ServerState):
+    transport: asyncio.Transport  # from connection_made
+
+    def __init__(self, state: ServerState) -> None:
         self.state = state
         self.size = 0
         self.buf = bytearray()
-        self.transport = None
 
-    def connection_made(self, transport):
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         size = self.size
         if size and len(data) == size and not self.buf:  # the common case: one message per delivery
             self.transport.write(data)
@@ -276,10 +298,10 @@ class EchoProtocol(asyncio.Protocol):
             self.transport.write(bytes(buf[:size]))
             del buf[:size]
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         return False
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             self.state.error(f"echo protocol: connection lost: {exc!r}")
 
@@ -287,23 +309,25 @@ class EchoProtocol(asyncio.Protocol):
 class SinkProtocol(asyncio.BufferedProtocol):
     """Server half of the BufferedProtocol throughput cases: counts and checks, answers per segment."""
 
-    def __init__(self, state: ServerState):
+    transport: asyncio.Transport  # from connection_made
+
+    def __init__(self, state: ServerState) -> None:
         self.state = state
         self.buf = bytearray(READ_SIZE)
         self.view = memoryview(self.buf)
         self.acc = bytearray()  # a header or segment length being assembled
         self.need = HEADER.size
         self.remaining = 0  # payload bytes left in the current segment
-        self.check: PatternCheck | None = None
-        self.transport = None
+        self.header_seen = False
+        self.check = PatternCheck()  # replaced by the header's (its flags say how to verify)
 
-    def connection_made(self, transport):
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
 
-    def get_buffer(self, sizehint):
+    def get_buffer(self, sizehint: int) -> memoryview:
         return self.view
 
-    def buffer_updated(self, nbytes):
+    def buffer_updated(self, nbytes: int) -> None:
         remaining = self.remaining
         if nbytes <= remaining:  # hot path: the whole delivery is payload
             self.check.span(self.buf, 0, nbytes)
@@ -313,11 +337,11 @@ class SinkProtocol(asyncio.BufferedProtocol):
             return
         try:
             self._parse(nbytes)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the client through the control channel
             self.state.error(f"sink protocol: {format_exception(exc)}")
             self.transport.abort()
 
-    def _parse(self, nbytes):
+    def _parse(self, nbytes: int) -> None:
         pos = 0
         while pos < nbytes:
             if self.remaining:
@@ -333,10 +357,11 @@ class SinkProtocol(asyncio.BufferedProtocol):
             pos += take
             if len(self.acc) < self.need:
                 continue
-            if self.check is None:
+            if not self.header_seen:
                 magic, kind, flags, _size = HEADER.unpack(self.acc)
                 if magic != MAGIC or kind != KIND_STREAM:
                     raise ValueError(f"bad stream header {bytes(self.acc)!r}")
+                self.header_seen = True
                 self.check = PatternCheck(bool(flags & FLAG_FULL_VERIFY))
                 self.need = SEGMENT.size
                 self.state.note(self.transport)
@@ -347,10 +372,10 @@ class SinkProtocol(asyncio.BufferedProtocol):
                 self.remaining = length
             self.acc.clear()
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         return False
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             self.state.error(f"sink protocol: connection lost: {exc!r}")
 
@@ -360,23 +385,25 @@ class SinkProtocol(asyncio.BufferedProtocol):
 class ClientContext:
     """What a client workload needs from its process: the Api, the server's addresses, the control channel."""
 
-    def __init__(self, api: transports.Api, addrs: dict, transport: transports.Transport, ctrl_path: str):
+    def __init__(self, api: transports.Api, addrs: dict[str, list[Any]], transport: transports.Transport,
+                 ctrl_path: str) -> None:
         self.api = api
         self.addrs = addrs
         self.transport = transport
         self.ctrl_path = ctrl_path
-        self.ctrl_reader = self.ctrl_writer = None
+        self.ctrl_reader: asyncio.StreamReader | None = None
+        self.ctrl_writer: asyncio.StreamWriter | None = None
         self.modes: Counter[str] = Counter()
-        self.info: dict | None = None
+        self.info: dict[str, Any] | None = None
         self.tls: Counter[str] = Counter()  # as ServerState.tls
-        self.client_ssl = None  # ssl.SSLContext for the tls.* cases (peers.py, from --tls-dir)
+        self.client_ssl: ssl.SSLContext | None = None  # for the tls.* cases (peers.py, from --tls-dir)
         self.loop_errors: list[str] = []
 
     async def start(self) -> None:
         self.ctrl_reader, self.ctrl_writer = await asyncio.open_unix_connection(self.ctrl_path)
         asyncio.get_running_loop().set_exception_handler(self._loop_exception)
 
-    def _loop_exception(self, loop, context) -> None:
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         text = context.get("message", "")
         if exc is not None:
@@ -388,20 +415,21 @@ class ClientContext:
         if self.ctrl_writer is not None:
             self.ctrl_writer.close()
 
-    def addr(self, role: str) -> list:
+    def addr(self, role: str) -> list[Any]:
         return self.addrs[role]
 
-    def endpoint(self, role: str, p: dict) -> tuple[list, dict]:
+    def endpoint(self, role: str, p: CaseParams) -> tuple[list[Any], dict[str, Any]]:
         """(addr, keywords) to connect to the server's `role` listener for case `p`: for a TLS case its TLS
         listener, with the client's context (CA of the run) and the name its certificate must carry."""
-        if not p.get("tls"):
+        if not p.tls:
             return self.addrs[role], {}
         if self.client_ssl is None or role + TLS_ROLE_SUFFIX not in self.addrs:
-            raise TlsMismatch(f"a TLS case, but the peers have no TLS {role!r} listener (started without --tls-dir)")
+            raise TlsMismatch(f"a TLS case, but the peers have no TLS {role!r} listener (started without "
+                              "--tls-dir)")
         return self.addrs[role + TLS_ROLE_SUFFIX], {"ssl": self.client_ssl,
                                                     "server_hostname": transports.TLS_HOSTNAME}
 
-    def note(self, obj) -> None:
+    def note(self, obj: Any) -> None:
         """Record a connection's mode; a smcish connection in the wrong mode fails the case at once."""
         mode, reason = transports.mode_of(obj)
         self.modes[mode] += 1
@@ -416,19 +444,22 @@ class ClientContext:
                 f"{expect!r}; this case would have measured {what}, so it is refused. Check SMCISH_DEVICE "
                 f"(now {transports.smcish_env().get('SMCISH_DEVICE', 'unset')!r}) and the ISM device.")
 
-    async def snap(self, reset: bool = False) -> dict:
+    async def snap(self, reset: bool = False) -> dict[str, Any]:
         return await self.ctrl("reset" if reset else "snap")
 
-    async def ctrl(self, command: str) -> dict:
+    async def ctrl(self, command: str) -> dict[str, Any]:
         """One command on the server's control channel (see serve_ctrl) and its JSON answer."""
+        if self.ctrl_writer is None or self.ctrl_reader is None:
+            raise RuntimeError("ClientContext.start() was not called")
         self.ctrl_writer.write(command.encode() + b"\n")
-        return json.loads(await self.ctrl_reader.readline())
+        answer: dict[str, Any] = json.loads(await self.ctrl_reader.readline())
+        return answer
 
 
 class Window:
     """A measured phase: wall time and CPU (user+sys) of both processes."""
 
-    async def start(self, ctx: ClientContext) -> "Window":
+    async def start(self, ctx: ClientContext) -> Window:
         snap = await ctx.snap()
         self.server0, self.server_stats0 = snap["cpu"], snap["smcish_stats"]
         self.client_stats0 = transports.smcish_stats()
@@ -436,7 +467,7 @@ class Window:
         self.t0 = time.perf_counter_ns()
         return self
 
-    async def stop(self, ctx: ClientContext) -> "Window":
+    async def stop(self, ctx: ClientContext) -> Window:
         self.t1 = time.perf_counter_ns()
         self.client1 = cpu_now()
         self.client_stats1 = transports.smcish_stats()
@@ -448,14 +479,14 @@ class Window:
     def elapsed_s(self) -> float:
         return (self.t1 - self.t0) / 1e9
 
-    def cpu(self) -> dict:
+    def cpu(self) -> dict[str, Any]:
         client = {"user": self.client1[0] - self.client0[0], "sys": self.client1[1] - self.client0[1]}
         server = {"user": self.server1[0] - self.server0[0], "sys": self.server1[1] - self.server0[1]}
         total = client["user"] + client["sys"] + server["user"] + server["sys"]
         return {"client": client, "server": server, "total_s": total}
 
-    def result(self, metrics: dict, raw: dict) -> dict:
-        result = {"metrics": metrics, "cpu": self.cpu(), "elapsed_s": self.elapsed_s, "raw": raw}
+    def result(self, metrics: dict[str, float], raw: dict[str, Any]) -> Result:
+        result: Result = {"metrics": metrics, "cpu": self.cpu(), "elapsed_s": self.elapsed_s, "raw": raw}
         client = transports.stats_delta(self.client_stats0, self.client_stats1)
         server = transports.stats_delta(self.server_stats0, self.server_stats1)
         if client or server:
@@ -463,16 +494,17 @@ class Window:
         return result
 
 
-async def run_case(ctx: ClientContext, p: dict) -> dict:
+async def run_case(ctx: ClientContext, p: CaseParams) -> Result:
     """Run one measurement of case `p` (Case.params()) and return its metrics and raw data."""
     leftover = ctx.loop_errors + (await ctx.snap(reset=True))["errors"]
     if leftover:  # raised after the previous measurement had reported: a transport bug worth failing on
         ctx.loop_errors.clear()
-        raise RuntimeError("unhandled errors after the previous measurement finished:\n" + "\n".join(leftover))
+        raise RuntimeError("unhandled errors after the previous measurement finished:\n"
+                           + "\n".join(leftover))
     ctx.modes.clear()
     ctx.info = None
     ctx.tls.clear()
-    workload = WORKLOADS[p["kind"], p["api"]]
+    workload = WORKLOADS[p.kind, p.api]
     result = await workload(ctx, p)
     await asyncio.sleep(0.002)  # let both sides finish closing, so their errors land in this measurement
     server = await ctx.snap(reset=True)
@@ -480,8 +512,8 @@ async def run_case(ctx: ClientContext, p: dict) -> dict:
     if expect is not None:
         wrong = {m: n for m, n in server["modes"].items() if m != expect}
         if wrong:
-            raise ModeMismatch(f"{ctx.transport.name}: server side saw connections in modes {wrong}, expected "
-                               f"only {expect!r}")
+            raise ModeMismatch(f"{ctx.transport.name}: server side saw connections in modes {wrong}, "
+                               f"expected only {expect!r}")
         if ctx.transport.name == "smcish-nopoll":
             polls = {**transports.poll_fields(transports.smcish_config()), **transports.poll_fields(ctx.info)}
             if any(polls.values()):
@@ -493,17 +525,18 @@ async def run_case(ctx: ClientContext, p: dict) -> dict:
                     "get_extra_info('smcish') has a *poll* field")
     for side, seen in (("client", dict(ctx.tls)), ("server", server.get("tls", {}))):
         plain = seen.get("none", 0)
-        if p.get("tls") and (plain or not seen):
+        if p.tls and (plain or not seen):
             raise TlsMismatch(f"TLS case, but the {side} saw {plain} plain connection(s) ({seen})")
-        if not p.get("tls") and len(seen) > plain:
+        if not p.tls and len(seen) > plain:
             raise TlsMismatch(f"a plain case, but the {side} saw TLS connections ({seen})")
     errors = ctx.loop_errors + server["errors"]
     ctx.loop_errors.clear()
     if errors:
-        raise RuntimeError("unhandled errors during the case (client loop, then server):\n" + "\n".join(errors))
+        raise RuntimeError("unhandled errors during the case (client loop, then server):\n"
+                           + "\n".join(errors))
     result["modes"] = {"client": dict(ctx.modes), "server": server["modes"]}
     result["smcish_info"] = {"client": ctx.info, "server": server["info"]}
-    if p.get("tls"):
+    if p.tls:
         result["tls"] = {"client": dict(ctx.tls), "server": server["tls"]}  # "version cipher": connections
     result["loop_class"] = {"client": loop_name(), "server": server["loop"]}
     config = transports.smcish_config()
@@ -512,13 +545,13 @@ async def run_case(ctx: ClientContext, p: dict) -> dict:
     return result
 
 
-def _header(kind: int, size: int, flags: int = 0) -> bytes:
+def request_header(kind: int, size: int, flags: int = 0) -> bytes:
     return HEADER.pack(MAGIC, kind, flags, size)
 
 
 # latency -----------------------------------------------------------------------------------------------
 
-def _latency_result(rtts: list[int], window: Window, bad: int, warmup_ops: int) -> dict:
+def _latency_result(rtts: list[int], window: Window, bad: int, warmup_ops: int) -> Result:
     if bad:
         raise DataMismatch(f"{bad} of {len(rtts)} echoed messages differ from what was sent")
     s = sorted(rtts)
@@ -540,31 +573,31 @@ def log_histogram(sorted_ns: list[int], growth: float = 1.02) -> list[list[int]]
     """[[bucket lower bound ns, count], ...] with 2 % wide buckets: compact, and enough for any percentile."""
     scale = 1 / math.log(growth)
     counts: Counter[int] = Counter(int(math.log(max(v, 1)) * scale) for v in sorted_ns)
-    return [[int(round(growth ** b)), c] for b, c in sorted(counts.items())]
+    return [[round(growth ** b), c] for b, c in sorted(counts.items())]
 
 
-async def latency_streams(ctx: ClientContext, p: dict) -> dict:
-    size = p["size"]
+async def latency_streams(ctx: ClientContext, p: CaseParams) -> Result:
+    size = p.size
     msg = bytes(PATTERN[:size])
     addr, kw = ctx.endpoint("streams", p)
     reader, writer = await ctx.api.open_connection(*addr, **kw)
     try:
         ctx.note(writer)
-        writer.write(_header(KIND_ECHO, size))
+        writer.write(request_header(KIND_ECHO, size))
         write, read, clock = writer.write, reader.readexactly, time.perf_counter_ns
-        warm_end = clock() + int(p["warmup_s"] * 1e9)
+        warm_end = clock() + int(p.warmup_s * 1e9)
         warm = 0
-        while warm < p["max_ops"]:
+        while warm < p.max_ops:
             write(msg)
             await read(size)
             warm += 1
             if clock() >= warm_end:
                 break
         window = await Window().start(ctx)
-        deadline = clock() + int(p["duration_s"] * 1e9)
+        deadline = clock() + int(p.duration_s * 1e9)
         rtts: list[int] = []
         bad = 0
-        for _ in range(p["max_ops"]):
+        for _ in range(p.max_ops):
             t0 = clock()
             write(msg)
             reply = await read(size)
@@ -582,44 +615,41 @@ async def latency_streams(ctx: ClientContext, p: dict) -> dict:
 
 
 class _PingProtocol(asyncio.Protocol):
-    def __init__(self):
+    def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self.inbox = bytearray()
         self.need = 0
-        self.waiter: asyncio.Future | None = None
-        self.lost = loop.create_future()
-        self.transport = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.lost: asyncio.Future[Exception | None] = loop.create_future()
 
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         self.inbox += data
         waiter = self.waiter
         if waiter is not None and len(self.inbox) >= self.need:
             self.waiter = None
             waiter.set_result(None)
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc or ConnectionResetError("connection closed during a round trip"))
         if not self.lost.done():
             self.lost.set_result(exc)
 
 
-async def latency_protocol(ctx: ClientContext, p: dict) -> dict:
-    size = p["size"]
+async def latency_protocol(ctx: ClientContext, p: CaseParams) -> Result:
+    size = p.size
     msg = bytes(PATTERN[:size])
     loop = asyncio.get_running_loop()
     transport, proto = await ctx.api.create_connection(_PingProtocol, *ctx.addr("protocol"))
     try:
         ctx.note(transport)
-        transport.write(_header(KIND_ECHO, size))
+        transport.write(request_header(KIND_ECHO, size))
         proto.need = size
-        write, inbox, clock, new_future = transport.write, proto.inbox, time.perf_counter_ns, loop.create_future
-        warm_end = clock() + int(p["warmup_s"] * 1e9)
+        write, inbox = transport.write, proto.inbox
+        clock, new_future = time.perf_counter_ns, loop.create_future
+        warm_end = clock() + int(p.warmup_s * 1e9)
         warm = 0
-        while warm < p["max_ops"]:
+        while warm < p.max_ops:
             proto.waiter = fut = new_future()
             write(msg)
             await fut
@@ -628,10 +658,10 @@ async def latency_protocol(ctx: ClientContext, p: dict) -> dict:
             if clock() >= warm_end:
                 break
         window = await Window().start(ctx)
-        deadline = clock() + int(p["duration_s"] * 1e9)
+        deadline = clock() + int(p.duration_s * 1e9)
         rtts: list[int] = []
         bad = 0
-        for _ in range(p["max_ops"]):
+        for _ in range(p.max_ops):
             t0 = clock()
             proto.waiter = fut = new_future()
             write(msg)
@@ -652,8 +682,8 @@ async def latency_protocol(ctx: ClientContext, p: dict) -> dict:
 
 # rate --------------------------------------------------------------------------------------------------
 
-async def rate_streams(ctx: ClientContext, p: dict) -> dict:
-    size, conns = p["size"], p["conns"]
+async def rate_streams(ctx: ClientContext, p: CaseParams) -> Result:
+    size, conns = p.size, p.conns
     msg = bytes(PATTERN[:size])
     pairs = []
     try:
@@ -661,14 +691,14 @@ async def rate_streams(ctx: ClientContext, p: dict) -> dict:
             reader, writer = await ctx.api.open_connection(*ctx.addr("streams"))
             pairs.append((reader, writer))
             ctx.note(writer)
-            writer.write(_header(KIND_ECHO, size))
+            writer.write(request_header(KIND_ECHO, size))
         bad = 0
 
-        async def worker(reader, writer, deadline: float) -> int:
+        async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, deadline: float) -> int:
             nonlocal bad
             write, read, clock = writer.write, reader.readexactly, time.perf_counter
             done = 0
-            while done < p["max_ops"]:
+            while done < p.max_ops:
                 write(msg)
                 if await read(size) != msg:
                     bad += 1
@@ -677,9 +707,9 @@ async def rate_streams(ctx: ClientContext, p: dict) -> dict:
                     break
             return done
 
-        warm = sum(await asyncio.gather(*(worker(r, w, time.perf_counter() + p["warmup_s"]) for r, w in pairs)))
+        warm = sum(await asyncio.gather(*(worker(r, w, time.perf_counter() + p.warmup_s) for r, w in pairs)))
         window = await Window().start(ctx)
-        deadline = time.perf_counter() + p["duration_s"]
+        deadline = time.perf_counter() + p.duration_s
         ops = sum(await asyncio.gather(*(worker(r, w, deadline) for r, w in pairs)))
         await window.stop(ctx)
     finally:
@@ -696,10 +726,10 @@ async def rate_streams(ctx: ClientContext, p: dict) -> dict:
 
 # connection setup --------------------------------------------------------------------------------------
 
-async def setup_streams(ctx: ClientContext, p: dict) -> dict:
-    size = p["size"]
+async def setup_streams(ctx: ClientContext, p: CaseParams) -> Result:
+    size = p.size
     msg = bytes(PATTERN[:size])
-    request = _header(KIND_SETUP, size) + msg
+    request = request_header(KIND_SETUP, size) + msg
     open_connection, addr = ctx.api.open_connection, ctx.addr("streams")
 
     async def one() -> None:
@@ -716,16 +746,16 @@ async def setup_streams(ctx: ClientContext, p: dict) -> dict:
     async def phase(seconds: float) -> int:
         deadline = time.perf_counter() + seconds
         done = 0
-        while done < p["max_conns"]:
+        while done < p.max_conns:
             await one()
             done += 1
             if time.perf_counter() >= deadline:
                 break
         return done
 
-    warm = await phase(p["warmup_s"])
+    warm = await phase(p.warmup_s)
     window = await Window().start(ctx)
-    conns = await phase(p["duration_s"])
+    conns = await phase(p.duration_s)
     await window.stop(ctx)
     cpu = window.cpu()
     metrics = {"conns_per_s": conns / window.elapsed_s, "conns": conns,
@@ -740,17 +770,17 @@ class _StreamsSender:
 
     role = "streams"
 
-    def __init__(self, reader, writer):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, ctx: ClientContext, p: dict) -> "_StreamsSender":
+    async def open(cls, ctx: ClientContext, p: CaseParams) -> _StreamsSender:
         addr, kw = ctx.endpoint(cls.role, p)
         reader, writer = await ctx.api.open_connection(*addr, **kw)
         ctx.note(writer)
         return cls(reader, writer)
 
-    def write(self, data) -> None:
+    def write(self, data: bytes) -> None:
         self.writer.write(data)
 
     async def send(self, offset: int, nbytes: int, size: int) -> None:
@@ -762,11 +792,12 @@ class _StreamsSender:
             await drain()
             offset += size
 
-    async def reply(self) -> dict:
+    async def reply(self) -> dict[str, Any]:
         line = await self.reader.readline()
         if not line.endswith(b"\n"):
             raise ConnectionError("server closed the connection before answering a segment")
-        return json.loads(line)
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
     async def close(self) -> None:
         self.writer.close()
@@ -774,28 +805,28 @@ class _StreamsSender:
 
 
 class _SendProtocol(asyncio.Protocol):
-    def __init__(self):
+    def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self.paused = False
-        self.resume_waiter: asyncio.Future | None = None
+        self.resume_waiter: asyncio.Future[None] | None = None
         self.inbox = bytearray()
-        self.line_waiter: asyncio.Future | None = None
-        self.lost = loop.create_future()
+        self.line_waiter: asyncio.Future[None] | None = None
+        self.lost: asyncio.Future[Exception | None] = loop.create_future()
 
-    def pause_writing(self):
+    def pause_writing(self) -> None:
         self.paused = True
 
-    def resume_writing(self):
+    def resume_writing(self) -> None:
         self.paused = False
         if self.resume_waiter is not None and not self.resume_waiter.done():
             self.resume_waiter.set_result(None)
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         self.inbox += data
         if self.line_waiter is not None and b"\n" in self.inbox and not self.line_waiter.done():
             self.line_waiter.set_result(None)
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         error = exc or ConnectionResetError("connection closed")
         for waiter in (self.resume_waiter, self.line_waiter):
             if waiter is not None and not waiter.done():
@@ -809,17 +840,17 @@ class _ProtocolSender:
 
     role = "bufproto"
 
-    def __init__(self, transport, proto: _SendProtocol):
+    def __init__(self, transport: asyncio.Transport, proto: _SendProtocol) -> None:
         self.transport, self.proto = transport, proto
 
     @classmethod
-    async def open(cls, ctx: ClientContext, p: dict) -> "_ProtocolSender":
+    async def open(cls, ctx: ClientContext, p: CaseParams) -> _ProtocolSender:
         addr, kw = ctx.endpoint(cls.role, p)
         transport, proto = await ctx.api.create_connection(_SendProtocol, *addr, **kw)
         ctx.note(transport)
         return cls(transport, proto)
 
-    def write(self, data) -> None:
+    def write(self, data: bytes) -> None:
         self.transport.write(data)
 
     async def send(self, offset: int, nbytes: int, size: int) -> None:
@@ -841,7 +872,7 @@ class _ProtocolSender:
             else:
                 await asyncio.sleep(0)
 
-    async def reply(self) -> dict:
+    async def reply(self) -> dict[str, Any]:
         proto = self.proto
         if b"\n" not in proto.inbox:
             proto.line_waiter = asyncio.get_running_loop().create_future()
@@ -849,17 +880,20 @@ class _ProtocolSender:
         end = proto.inbox.index(b"\n") + 1
         line = bytes(proto.inbox[:end])
         del proto.inbox[:end]
-        return json.loads(line)
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
     async def close(self) -> None:
         self.transport.close()
         await self.proto.lost
 
 
-async def _throughput(ctx: ClientContext, p: dict, sender_cls) -> dict:
-    """Probe, warm-up and measured segments; each sized from the previous one's rate to fit its time budget."""
-    size = p["size"]
-    flags = FLAG_FULL_VERIFY if p["verify"] == "full" else 0
+async def _throughput(ctx: ClientContext, p: CaseParams,
+                      sender_cls: type[_StreamsSender] | type[_ProtocolSender]) -> Result:
+    """Probe, warm-up and measured segments; each sized from the previous one's rate to fit its time
+    budget."""
+    size = p.size
+    flags = FLAG_FULL_VERIFY if p.verify == "full" else 0
     sender = await sender_cls.open(ctx, p)
     sent = 0
     segments = []
@@ -877,22 +911,23 @@ async def _throughput(ctx: ClientContext, p: dict, sender_cls) -> dict:
         if window is not None:
             await window.stop(ctx)
         if report["bytes"] != sent or report["mismatches"]:
-            raise DataMismatch(f"receiver saw {report['bytes']} bytes with {report['mismatches']} mismatching "
-                               f"chunks (first at stream offset {report['first_bad']}); sender wrote {sent}")
+            raise DataMismatch(f"receiver saw {report['bytes']} bytes with {report['mismatches']} "
+                               f"mismatching chunks (first at stream offset {report['first_bad']}); sender "
+                               f"wrote {sent}")
         segments.append({"bytes": nbytes, "seconds": seconds, "phase": "measured" if window else "warm-up",
                          "receiver_checks": report["checks"]})
         return nbytes / seconds
 
     def plan(rate: float, seconds: float) -> int:
         nbytes = int(rate * seconds) // size * size
-        return max(16 * size, min(nbytes, p["max_bytes"] // size * size))
+        return max(16 * size, min(nbytes, p.max_bytes // size * size))
 
     try:
-        sender.write(_header(KIND_STREAM, size, flags))
+        sender.write(request_header(KIND_STREAM, size, flags))
         rate = await segment(max(16 * size, (256 * 1024) // size * size))
-        rate = await segment(plan(rate, p["warmup_s"]))
+        rate = await segment(plan(rate, p.warmup_s))
         window = Window()
-        await segment(plan(rate, p["duration_s"]), window)
+        await segment(plan(rate, p.duration_s), window)
         sender.write(SEGMENT.pack(0))
     finally:
         await sender.close()
@@ -900,18 +935,18 @@ async def _throughput(ctx: ClientContext, p: dict, sender_cls) -> dict:
     cpu = window.cpu()
     metrics = {"MBps": measured["bytes"] / measured["seconds"] / 1e6, "bytes": measured["bytes"],
                "seconds": measured["seconds"], "cpu_s_per_GiB": cpu["total_s"] / (measured["bytes"] / 2**30)}
-    return window.result(metrics, {"segments": segments, "verify": p["verify"]})
+    return window.result(metrics, {"segments": segments, "verify": p.verify})
 
 
-async def throughput_streams(ctx: ClientContext, p: dict) -> dict:
+async def throughput_streams(ctx: ClientContext, p: CaseParams) -> Result:
     return await _throughput(ctx, p, _StreamsSender)
 
 
-async def throughput_protocol(ctx: ClientContext, p: dict) -> dict:
+async def throughput_protocol(ctx: ClientContext, p: CaseParams) -> Result:
     return await _throughput(ctx, p, _ProtocolSender)
 
 
-WORKLOADS = {
+WORKLOADS: dict[tuple[str, str], Workload] = {
     ("latency", "streams"): latency_streams,
     ("latency", "protocol"): latency_protocol,
     ("throughput", "streams"): throughput_streams,

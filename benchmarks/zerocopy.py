@@ -44,6 +44,8 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 PERIOD = 251                    # byte i of a stream is i % PERIOD
 RECV_BUFFER = 256 * 1024        # the BufferedProtocol receivers' preallocated buffer
@@ -55,6 +57,7 @@ CONFIGS = {                     # name: (transport, sender, receiver)
     "smcish-zc": ("smcish", "reserve", "zerocopy"),
 }
 LOOPS = ("asyncio", "uvloop")
+Json = dict[str, Any]
 GREETING = b"ready\n"           # the receiver's first line: the sender starts the clock once it has it
 
 
@@ -66,14 +69,14 @@ def cpu_now() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def loop_factory(name: str):
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     if name == "uvloop":
         import uvloop
         return uvloop.new_event_loop
     return asyncio.new_event_loop
 
 
-def emit(message: dict) -> None:
+def emit(message: Json) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
 
@@ -91,7 +94,7 @@ def size_name(n: int) -> str:
     return f"{n} B"
 
 
-def mode_of(transport) -> str:
+def mode_of(transport: Any) -> str:
     info = transport.get_extra_info("smcish")
     return "plain" if info is None else str(info.mode)
 
@@ -99,32 +102,36 @@ def mode_of(transport) -> str:
 class Peer:
     """A child process speaking JSON lines on stdin/stdout (stderr passes through)."""
 
-    def __init__(self, module: str, spec: dict):
+    def __init__(self, module: str, spec: Json) -> None:
         env = dict(os.environ)
         for key, value in MALLOC_ENV.items():
             env.setdefault(key, value)
         env.update(spec.get("env", {}))
         self.spec = spec
-        self.proc = subprocess.Popen([sys.executable, "-m", module, "--child", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc: subprocess.Popen[str] = subprocess.Popen(
+            [sys.executable, "-m", module, "--child", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.ready = self.read()
 
-    def read(self) -> dict:
+    def read(self) -> Json:
+        assert self.proc.stdout is not None  # stdout=PIPE
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"peer {self.spec} exited (status {self.proc.poll()})")
-        message = json.loads(line)
+        message: Json = json.loads(line)
         if message.get("ok") is False or message.get("ready") is False:
             raise RuntimeError(f"peer {self.spec} failed:\n{message.get('error')}")
         return message
 
-    def ask(self, command: dict) -> dict:
+    def ask(self, command: Json) -> Json:
+        assert self.proc.stdin is not None  # stdin=PIPE
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         return self.read()
 
     def stop(self) -> None:
         try:
+            assert self.proc.stdin is not None  # stdin=PIPE
             self.proc.stdin.close()
         except OSError:
             pass
@@ -135,65 +142,65 @@ class Peer:
             self.proc.wait()
 
 
-def summary(values: list[float]) -> dict:
+def summary(values: list[float]) -> Json:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def fmt(s: dict | None, digits: int = 0) -> str:
+def fmt(s: Json | None, digits: int = 0) -> str:
     if not s:
         return "-"
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
 
 
-def environment() -> dict:
-    env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+def environment() -> Json:
+    env: Json = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
            "loadavg_start": os.getloadavg(), "malloc_env": MALLOC_ENV,
            "smcish_env": {k: v for k, v in os.environ.items() if k.startswith("SMCISH_")}}
     try:
         import uvloop
-        env["uvloop"] = uvloop.__version__
+        env["uvloop"] = uvloop.__version__  # type: ignore[attr-defined]
     except ImportError:
         env["uvloop"] = None
     try:
         import smcish
         env["smcish"] = smcish.__version__
-        env["smcish_config"] = {k: v for k, v in vars(smcish.Config.from_env()).items()}
+        env["smcish_config"] = dict(vars(smcish.Config.from_env()))
     except Exception as exc:  # noqa: BLE001 - recorded, the run fails later if it matters
         env["smcish"] = repr(exc)
     return env
 
 
 def default_out(name: str) -> str:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     return os.path.join("bench-results", f"{name}-{stamp}.json")
 
 
-def write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: Json) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
 
 
-# --- receiver ------------------------------------------------------------------------------------------------
+# --- receiver -----------------------------------------------------------------------------------------------
 
 class _Check:
     """Count and sampled pattern check of the received stream."""
 
-    __slots__ = ("offset", "checks", "mismatches", "first_bad", "cpu0", "transport")
+    __slots__ = ("checks", "cpu0", "first_bad", "mismatches", "offset", "transport")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.offset = self.checks = self.mismatches = 0
-        self.first_bad = None
+        self.first_bad: int | None = None
         self.cpu0 = 0.0
-        self.transport = None
+        self.transport: Any = None  # from start()
 
-    def start(self, transport) -> None:
+    def start(self, transport: Any) -> None:
         self.transport = transport
         self.cpu0 = cpu_now()
         transport.write(GREETING)
 
-    def span(self, buf, n: int) -> None:
+    def span(self, buf: bytearray | memoryview, n: int) -> None:
         offset, last, mid = self.offset, n - 1, n >> 1
         if not (buf[0] == offset % PERIOD and buf[mid] == (offset + mid) % PERIOD
                 and buf[last] == (offset + last) % PERIOD):
@@ -206,55 +213,56 @@ class _Check:
     def report(self) -> None:
         cpu = cpu_now() - self.cpu0
         transport = self.transport
-        transport.write(json.dumps({"bytes": self.offset, "checks": self.checks, "mismatches": self.mismatches,
-                                    "first_bad": self.first_bad, "cpu": cpu,
+        transport.write(json.dumps({"bytes": self.offset, "checks": self.checks,
+                                    "mismatches": self.mismatches, "first_bad": self.first_bad, "cpu": cpu,
                                     "mode": mode_of(transport)}).encode() + b"\n")
 
 
 class BufferedReceiver(asyncio.BufferedProtocol):
-    def __init__(self):
+    def __init__(self) -> None:
         self.buf = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buf)
         self.check = _Check()
 
-    def connection_made(self, transport):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.check.start(transport)
 
-    def get_buffer(self, sizehint):
+    def get_buffer(self, sizehint: int) -> memoryview:
         return self.view
 
-    def buffer_updated(self, nbytes):
+    def buffer_updated(self, nbytes: int) -> None:
         self.check.span(self.buf, nbytes)
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         self.check.report()
         return False                    # close once the report is written
 
 
-def _zerocopy_receiver():
+def _zerocopy_receiver() -> type[asyncio.BaseProtocol]:
     import smcish
 
     class ZeroCopyReceiver(smcish.ZeroCopyProtocol):
-        def __init__(self):
+        def __init__(self) -> None:
             self.check = _Check()
 
-        def connection_made(self, transport):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.check.start(transport)
 
-        def view_received(self, view):
+        def view_received(self, view: memoryview) -> None:
             self.check.span(view, len(view))
             self.release_view()
 
-        def view_eof_received(self):
+        def view_eof_received(self) -> bool | None:
             self.check.report()
             return None
 
     return ZeroCopyReceiver
 
 
-async def _receive(spec: dict) -> None:
+async def _receive(spec: Json) -> None:
     loop = asyncio.get_running_loop()
-    factory = _zerocopy_receiver() if spec["receiver"] == "zerocopy" else BufferedReceiver
+    factory: type[asyncio.BaseProtocol] = (_zerocopy_receiver() if spec["receiver"] == "zerocopy"
+                                           else BufferedReceiver)
     if spec["transport"] == "tcp":
         server = await loop.create_server(factory, "127.0.0.1", 0)
     else:
@@ -265,35 +273,35 @@ async def _receive(spec: dict) -> None:
     server.close()
 
 
-# --- sender --------------------------------------------------------------------------------------------------
+# --- sender -------------------------------------------------------------------------------------------------
 
 class SenderProtocol(asyncio.Protocol):
     """Flow control (pause/resume_writing), the receiver's greeting line and its one-line report."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self.paused = False
-        self.resume_waiter = None
+        self.resume_waiter: asyncio.Future[None] | None = None
         self.inbox = bytearray()
-        self.greeting = loop.create_future()
-        self.reply = loop.create_future()
-        self.lost = loop.create_future()
+        self.greeting: asyncio.Future[bytes] = loop.create_future()
+        self.reply: asyncio.Future[Json] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
 
-    def pause_writing(self):
+    def pause_writing(self) -> None:
         self.paused = True
 
-    def resume_writing(self):
+    def resume_writing(self) -> None:
         self.paused = False
         waiter, self.resume_waiter = self.resume_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait_writable(self):
+    async def wait_writable(self) -> None:
         if self.paused:
             self.resume_waiter = asyncio.get_running_loop().create_future()
             await self.resume_waiter
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         self.inbox += data
         while b"\n" in self.inbox:
             end = self.inbox.index(b"\n") + 1
@@ -304,30 +312,34 @@ class SenderProtocol(asyncio.Protocol):
             elif not self.reply.done():
                 self.reply.set_result(json.loads(line))
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         return False
 
-    def connection_lost(self, exc):
-        for fut in (self.resume_waiter, self.greeting, self.reply):
+    def connection_lost(self, exc: Exception | None) -> None:
+        futures: tuple[asyncio.Future[Any] | None, ...] = (self.resume_waiter, self.greeting, self.reply)
+        for fut in futures:
             if fut is not None and not fut.done():
                 fut.set_exception(exc or ConnectionError("connection closed before the receiver's report"))
         if not self.lost.done():
             self.lost.set_result(None)
 
 
-async def connect(spec: dict, port: int, factory=SenderProtocol):
+async def connect(spec: Json, port: int,
+                  factory: Callable[[], SenderProtocol] = SenderProtocol) -> tuple[Any, SenderProtocol]:
     loop = asyncio.get_running_loop()
     if spec["transport"] == "tcp":
         return await loop.create_connection(factory, "127.0.0.1", port)
     import smcish
-    return await smcish.create_connection(factory, "127.0.0.1", port, **spec.get("smcish", {}))
+    pair: tuple[Any, SenderProtocol] = await smcish.create_connection(factory, "127.0.0.1", port,
+                                                                      **spec.get("smcish", {}))
+    return pair
 
 
-def expected_mode(spec: dict) -> str:
+def expected_mode(spec: Json) -> str:
     return spec.get("expect_mode") or ("plain" if spec["transport"] == "tcp" else "ism")
 
 
-def check_mode(spec: dict, transport, side: str, mode: str | None = None) -> None:
+def check_mode(spec: Json, transport: Any, side: str, mode: str | None = None) -> None:
     mode = mode_of(transport) if mode is None else mode
     if mode != expected_mode(spec):
         info = transport.get_extra_info("smcish") if transport is not None else None
@@ -335,8 +347,9 @@ def check_mode(spec: dict, transport, side: str, mode: str | None = None) -> Non
                            f"(reason {getattr(info, 'reason', None)!r})")
 
 
-async def _send_write(transport, proto, src: memoryview, size: int, deadline: float, stats: dict) -> int:
-    write, clock, loop = transport.write, time.perf_counter, asyncio.get_running_loop()
+async def _send_write(transport: Any, proto: SenderProtocol, src: memoryview, size: int, deadline: float,
+                      stats: Json) -> int:
+    write, clock = transport.write, time.perf_counter
     offset = unyielded = 0
     while clock() < deadline:
         phase = offset % PERIOD
@@ -353,7 +366,8 @@ async def _send_write(transport, proto, src: memoryview, size: int, deadline: fl
     return offset
 
 
-async def _send_reserve(transport, proto, src: memoryview, size: int, deadline: float, stats: dict) -> int:
+async def _send_reserve(transport: Any, proto: SenderProtocol, src: memoryview, size: int, deadline: float,
+                        stats: Json) -> int:
     """smcish.send_buffer's loop (wait for ring space, reserve, one slice copy, commit; wait while
     paused), with counters."""
     reserve, commit, buffered = transport.reserve, transport.commit, transport.get_write_buffer_size
@@ -387,12 +401,13 @@ async def _send_reserve(transport, proto, src: memoryview, size: int, deadline: 
     return offset
 
 
-async def _measure(spec: dict, port: int, size: int, duration: float, src: memoryview, mismatch: bool) -> dict:
+async def _measure(spec: Json, port: int, size: int, duration: float, src: memoryview,
+                   mismatch: bool) -> Json:
     transport, proto = await connect(spec, port)
     check_mode(spec, transport, "sender")
     await proto.greeting         # the receiver has the connection (smcish: the set-up is confirmed)
     send = _send_reserve if spec["sender"] == "reserve" else _send_write
-    stats: dict = {}
+    stats: Json = {}
     if mismatch:                 # check the check: every message one byte off the pattern
         src = src[1:]
     cpu0, t0 = cpu_now(), time.perf_counter()
@@ -415,7 +430,7 @@ async def _measure(spec: dict, port: int, size: int, duration: float, src: memor
             "receiver_checks": report["checks"], **stats}
 
 
-def _child(spec: dict) -> None:
+def _child(spec: Json) -> None:
     runner = asyncio.Runner(loop_factory=loop_factory(spec["loop"]))
     with runner:
         if spec["role"] == "receiver":
@@ -426,10 +441,12 @@ def _child(spec: dict) -> None:
         for line in sys.stdin:
             cmd = json.loads(line)
             try:
-                runner.run(asyncio.wait_for(_measure(spec, spec["port"], cmd["size"], cmd["warmup"], src, False),
-                                            cmd["warmup"] + 60))
+                runner.run(asyncio.wait_for(
+                    _measure(spec, spec["port"], cmd["size"], cmd["warmup"], src, False),
+                    cmd["warmup"] + 60))
                 result = runner.run(asyncio.wait_for(
-                    _measure(spec, spec["port"], cmd["size"], cmd["duration"], src, cmd.get("mismatch", False)),
+                    _measure(spec, spec["port"], cmd["size"], cmd["duration"], src,
+                             cmd.get("mismatch", False)),
                     cmd["duration"] + 60))
             except BaseException as exc:  # noqa: BLE001 - reported to the parent, which stops the run
                 emit({"ok": False, "error": "".join(traceback.format_exception(exc))})
@@ -437,7 +454,7 @@ def _child(spec: dict) -> None:
                 emit({"ok": True, "result": result})
 
 
-# --- parent --------------------------------------------------------------------------------------------------
+# --- parent -------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -463,13 +480,14 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown configuration {name!r}")
     out = args.out or default_out("zerocopy")
     pairs = [(c, lp) for c in configs for lp in loops]
-    data = {"benchmark": "zerocopy", "argv": sys.argv, "environment": environment(),
+    data: Json = {"benchmark": "zerocopy", "argv": sys.argv, "environment": environment(),
             "settings": {"sizes": sizes, "rounds": args.rounds, "duration_s": args.duration,
                          "warmup_s": args.warmup, "recv_buffer": RECV_BUFFER, "pattern_period": PERIOD,
-                         "configs": {c: dict(zip(("transport", "sender", "receiver"), CONFIGS[c]))
+                         "configs": {c: Json(zip(("transport", "sender", "receiver"), CONFIGS[c],
+                                                 strict=True))
                                      for c in configs}},
             "measurements": []}
-    peers: dict = {}
+    peers: dict[tuple[str, str], tuple[Peer, Peer | None]] = {}
     try:
         for config, loop in pairs:
             transport, sender, receiver = CONFIGS[config]
@@ -483,9 +501,10 @@ def main(argv: list[str] | None = None) -> int:
             for size in sizes:
                 shift = rnd % len(pairs)
                 for config, loop in pairs[shift:] + pairs[:shift]:
-                    answer = peers[config, loop][1].ask({"size": size, "duration": args.duration,
-                                                         "warmup": args.warmup,
-                                                         "mismatch": args.inject_mismatch})
+                    sending = peers[config, loop][1]
+                    assert sending is not None  # started with its receiver above
+                    answer = sending.ask({"size": size, "duration": args.duration, "warmup": args.warmup,
+                                         "mismatch": args.inject_mismatch})
                     r = answer["result"]
                     r.update(round=rnd, size=size, config=config, loop=loop)
                     data["measurements"].append(r)
@@ -499,10 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, data)
         return 1
     finally:
-        for recv, send in peers.values():
-            for peer in (send, recv):
-                if peer is not None:
-                    peer.stop()
+        for receiving, sending in peers.values():
+            for child in (sending, receiving):
+                if child is not None:
+                    child.stop()
     data["environment"]["loadavg_end"] = os.getloadavg()
     data["summary"] = _summarise(data["measurements"], sizes, pairs)
     write_json(out, data)
@@ -511,24 +530,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _summarise(ms: list[dict], sizes: list[int], pairs: list) -> dict:
-    out: dict = {}
+def _summarise(ms: list[Json], sizes: list[int], pairs: list[tuple[str, str]]) -> Json:
+    out: Json = {}
     for size in sizes:
         for config, loop in pairs:
             rows = [m for m in ms if m["size"] == size and m["config"] == config and m["loop"] == loop]
             gib = [m["bytes"] / (1 << 30) for m in rows]
             entry = {
                 "mb_s": summary([m["bytes"] / m["seconds"] / 1e6 for m in rows]),
-                "cpu_s_per_gib": summary([(m["cpu_sender"] + m["cpu_receiver"]) / g for m, g in zip(rows, gib)]),
-                "cpu_sender_s_per_gib": summary([m["cpu_sender"] / g for m, g in zip(rows, gib)]),
-                "cpu_receiver_s_per_gib": summary([m["cpu_receiver"] / g for m, g in zip(rows, gib)]),
+                "cpu_s_per_gib": summary([(m["cpu_sender"] + m["cpu_receiver"]) / g
+                                          for m, g in zip(rows, gib, strict=True)]),
+                "cpu_sender_s_per_gib": summary([m["cpu_sender"] / g
+                                                 for m, g in zip(rows, gib, strict=True)]),
+                "cpu_receiver_s_per_gib": summary([m["cpu_receiver"] / g
+                                                   for m, g in zip(rows, gib, strict=True)]),
                 "bytes_per_receive": summary([m["bytes"] / max(1, m["receiver_checks"]) for m in rows]),
             }
             if all("private_bytes" in m for m in rows):
                 entry["private_pct"] = summary([100 * m["private_bytes"] / m["bytes"] for m in rows])
             out[f"{size}/{loop}/{config}"] = entry
         for loop in {lp for _, lp in pairs}:
-            for a, b in (("smcish-zc", "smcish-copy"), ("smcish-copy", "tcp-copy"), ("smcish-zc", "tcp-copy")):
+            for a, b in (("smcish-zc", "smcish-copy"), ("smcish-copy", "tcp-copy"),
+                         ("smcish-zc", "tcp-copy")):
                 ra = sorted((m for m in ms if m["size"] == size and m["loop"] == loop and m["config"] == a),
                             key=lambda m: m["round"])
                 rb = sorted((m for m in ms if m["size"] == size and m["loop"] == loop and m["config"] == b),
@@ -536,22 +559,24 @@ def _summarise(ms: list[dict], sizes: list[int], pairs: list) -> dict:
                 if ra and len(ra) == len(rb):
                     out[f"{size}/{loop}/{a}:{b}"] = {
                         "mb_s_ratio": summary([(x["bytes"] / x["seconds"]) / (y["bytes"] / y["seconds"])
-                                               for x, y in zip(ra, rb)]),
+                                               for x, y in zip(ra, rb, strict=True)]),
                         "cpu_ratio": summary([((x["cpu_sender"] + x["cpu_receiver"]) / x["bytes"])
                                               / ((y["cpu_sender"] + y["cpu_receiver"]) / y["bytes"])
-                                              for x, y in zip(ra, rb)])}
+                                              for x, y in zip(ra, rb, strict=True)])}
     return out
 
 
-def _print(s: dict, sizes: list[int], pairs: list, args) -> None:
-    print(f"\nzero-copy against the copy path: {args.rounds} interleaved rounds x {args.duration} s per measurement; "
-          f"median [min-max] over rounds. MB/s = 10^6 B/s; CPU = user+sys seconds per GiB (sender + receiver).")
+def _print(s: Json, sizes: list[int], pairs: list[tuple[str, str]], args: argparse.Namespace) -> None:
+    print(f"\nzero-copy against the copy path: {args.rounds} interleaved rounds x {args.duration} s per "
+          "measurement; median [min-max] over rounds. MB/s = 10^6 B/s; CPU = user+sys seconds per GiB "
+          "(sender + receiver).")
     print(f"{'size':>7} {'loop':8} {'config':12} {'MB/s':>20} {'CPU s/GiB':>18} {'sender':>7} {'recv':>6}"
           f" {'B/recv':>8} {'private %':>10}")
     for size in sizes:
         for config, loop in sorted(pairs, key=lambda p: (p[1], list(CONFIGS).index(p[0]))):
             e = s[f"{size}/{loop}/{config}"]
-            print(f"{size_name(size):>7} {loop:8} {config:12} {fmt(e['mb_s']):>20} {fmt(e['cpu_s_per_gib'], 2):>18} "
+            print(f"{size_name(size):>7} {loop:8} {config:12} {fmt(e['mb_s']):>20} "
+                  f"{fmt(e['cpu_s_per_gib'], 2):>18} "
                   f"{e['cpu_sender_s_per_gib']['median']:7.2f} {e['cpu_receiver_s_per_gib']['median']:6.2f} "
                   f"{e['bytes_per_receive']['median'] / 1024:7.0f}K "
                   f"{fmt(e.get('private_pct'), 1) if 'private_pct' in e else '':>10}")

@@ -185,7 +185,7 @@ class RpcServerProtocol(asyncio.BufferedProtocol):
         except TypeError as exc:
             self._error(rid, notification, INVALID_PARAMS, exc)
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a method's error goes back to the caller (JSON-RPC -32603)
             self._error(rid, notification, INTERNAL_ERROR, exc)
             return
         if asyncio.iscoroutine(result):
@@ -198,7 +198,7 @@ class RpcServerProtocol(asyncio.BufferedProtocol):
     async def _finish(self, rid, notification, coro) -> None:
         try:
             result = await coro
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a method's error goes back to the caller (JSON-RPC -32603)
             self._error(rid, notification, INTERNAL_ERROR, exc)
             return
         if not notification:
