@@ -20,7 +20,6 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, "tests"))
 sys.path.insert(0, _ROOT)
 from device_helpers import Agent, Ismd, child_env, short_tmpdir  # type: ignore[import-not-found]  # noqa: E402
-
 from ism_backend import sockets  # noqa: E402
 from ism_backend.client import DaemonDevice  # noqa: E402
 from ism_backend.contract import PeerInfo  # noqa: E402

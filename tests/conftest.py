@@ -17,6 +17,11 @@ os.environ.setdefault("SMCISH_RUNTIME_DIR", _RUNTIME)
 os.environ.pop("SMCISH_DEVICE", None)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAMS = os.path.join(ROOT, "tests", "programs")  # the child programs the tests run
+if ROOT not in sys.path:  # benchmarks/ (children.py) for plain `pytest`, not `python -m pytest`
+    sys.path.insert(0, ROOT)
+
+from benchmarks import children  # noqa: E402 - needs ROOT on sys.path
 
 # Wheel mode: `python3 scripts/wheel.py test` runs this suite against the installed wheel, from a
 # copy of tests/ (with examples/, benchmarks/) that holds no smcish/ nor ism_backend/, with
@@ -123,11 +128,14 @@ def loop_kind(request):
 
 
 def python_env(**extra) -> dict:
-    """Environment for child processes: this checkout importable, same runtime dir."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    """Environment for child processes: this checkout importable, same runtime dir (see
+    benchmarks/children.py python_env)."""
+    return children.python_env(**extra)
+
+
+def program(name: str) -> str:
+    """The path of tests/programs/``name``."""
+    return os.path.join(PROGRAMS, name)
 
 
 PYTHON = sys.executable

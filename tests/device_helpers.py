@@ -9,13 +9,12 @@ runs a real daemon (optionally as another uid). Bytes cross the JSON lines as he
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import selectors
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,8 +22,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).resolve()
+PROGRAMS = HELPER.parent / "programs"
 if str(REPO) not in sys.path:  # plain `pytest` (not `python -m pytest`) from anywhere
     sys.path.insert(0, str(REPO))
+
+from benchmarks.children import Child, ChildTimeout, python_argv, spawn_python  # noqa: E402
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -69,76 +71,57 @@ class AgentError(Exception):
         self.name = name
 
 
+def _is_hello(line: str) -> bool:
+    return bool(json.loads(line).get("ready"))
+
+
 class Agent:
     """A separate process executing device operations (see ``agent_main``)."""
 
     def __init__(self, env: dict[str, str] | None = None, prefix: list[str] | None = None,
                  setuid: int | None = None) -> None:
-        argv = [*(prefix or []), sys.executable, str(HELPER)]
-        if setuid is not None:
-            argv.append(f"--setuid={setuid}")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env=env or child_env(), text=True, bufsize=1,
-                                     cwd=str(REPO))
-        self.pid = self.proc.pid
-        hello = self._read(20.0)
-        assert hello.get("ready"), hello
+        args = [f"--setuid={setuid}"] if setuid is not None else []
+        self.child = spawn_python(script=HELPER, args=args, prefix=prefix or (), env=env or child_env(),
+                                  cwd=str(REPO), name="agent", handshake=_is_hello,
+                                  handshake_timeout=20.0)
+        self.proc = self.child.proc
+        self.pid = self.child.pid
+        hello = json.loads(self.child.hello)
         self.real_pid = hello["pid"]  # differs from self.pid when started through a wrapper
 
     def _read(self, timeout: float) -> dict:
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        try:
-            if not sel.select(timeout):
-                raise TimeoutError(f"agent {self.pid} did not answer within {timeout} s")
-        finally:
-            sel.close()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise EOFError(f"agent {self.pid} exited (rc={self.proc.poll()})")
-        return json.loads(line)
+        return json.loads(self.child.read_line(timeout))
 
     def call(self, op: str, timeout: float = 20.0, **args):
-        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
-        self.proc.stdin.flush()
+        self.child.send_json({"op": op, **args})
         reply = self._read(timeout)
         if not reply["ok"]:
             raise AgentError(reply["error"], reply["message"])
         return reply.get("result")
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.child.alive():
             os.kill(self.real_pid, signal.SIGKILL)
             if self.real_pid != self.pid:
-                try:
-                    self.proc.kill()
-                except ProcessLookupError:
-                    pass
-        self.proc.wait(10)
+                self.child.send_signal(signal.SIGKILL)
+        self.child.wait(10)
 
     def exit(self) -> int:
         """Ask the agent to return from main normally (atexit hooks run)."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
-                self.proc.stdin.flush()
-            except BrokenPipeError:
-                pass
-        return self.proc.wait(10)
+        if self.child.alive():
+            with contextlib.suppress(BrokenPipeError):
+                self.child.send_json({"op": "exit"})
+        return self.child.wait(10)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        if self.child.alive():
             try:
                 self.exit()
-            except subprocess.TimeoutExpired:
+            except ChildTimeout:
                 self.kill()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        self.child.stop()
 
-    def __enter__(self) -> "Agent":
+    def __enter__(self) -> Agent:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -147,17 +130,21 @@ class Agent:
 
 # Runs ismd as another uid: imports everything as root (the interpreter lives under root's
 # home), then drops privileges.
-AS_UID = (
-    "import os, sys, locale, gettext; import ism_backend.daemon as d; uid = int(sys.argv[1]); "
-    "d.build_parser().parse_args(sys.argv[2:]); "  # loads what argparse imports lazily
-    "os.setgroups([]); os.setgid(uid); os.setuid(uid); sys.exit(d.main(sys.argv[2:]))"
-)
+AS_UID = PROGRAMS / "ismd_as_uid.py"
+
+
+def ismd_argv(*args: str, setuid: int | None = None, prefix: list[str] | None = None) -> list[str]:
+    """``ismd *args`` (as uid ``setuid``: tests/programs/ismd_as_uid.py), behind ``prefix``."""
+    if setuid is not None:
+        return python_argv(script=AS_UID, args=[setuid, *args], prefix=prefix or ())
+    return python_argv(module="ism_backend.daemon", args=args, prefix=prefix or ())
 
 
 class Ismd:
     """An ismd subprocess on a socket in its own short temp dir (world-traversable).
 
     ``setuid``: run the daemon as that uid (needs root; the socket dir is given to that uid).
+    Its stderr is kept: ``stop()`` returns it.
     """
 
     def __init__(self, *args: str, socket_dir: str | None = None,
@@ -168,18 +155,16 @@ class Ismd:
         self.spec = f"unix:{self.path}"
         if setuid is not None:
             os.chown(self.dir, setuid, setuid)
-            argv = [sys.executable, "-c", AS_UID, str(setuid)]
-        else:
-            argv = [sys.executable, "-m", "ism_backend.daemon"]
-        self.proc = subprocess.Popen(
-            [*(prefix or []), *argv, "serve", "--socket", self.path, *args],
-            env=env or child_env(), cwd=str(REPO), stderr=subprocess.PIPE, text=True)
-        self.pid = self.proc.pid
+        self.child = Child(ismd_argv("serve", "--socket", self.path, *args, setuid=setuid,
+                                     prefix=prefix),
+                           env=env or child_env(), cwd=str(REPO), stdin=None, stdout=None, name="ismd")
+        self.proc = self.child.proc
+        self.pid = self.child.pid
         deadline = time.monotonic() + 15
         try:
             while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"ismd exited: {self.proc.stderr.read()}")
+                if not self.child.alive():
+                    raise RuntimeError(f"ismd exited: {self.child.stderr_text(None)}")
                 probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 try:
                     probe.connect(self.path)
@@ -200,21 +185,12 @@ class Ismd:
         time.sleep(0.05)
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.child.alive()
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stderr.closed:
-            return ""
-        err = self.proc.stderr.read()
-        self.proc.stderr.close()
-        return err
+        """Stop it (SIGTERM, SIGKILL after 10 s; reaped); everything it wrote on stderr."""
+        self.child.stop(10)
+        return self.child.stderr_text(None)
 
 
 # --- the agent side ----------------------------------------------------------------------------
@@ -227,9 +203,9 @@ def agent_main(argv: list[str]) -> None:
     for arg in argv:
         if arg.startswith("--setuid="):
             uid = int(arg.split("=", 1)[1])
-            import ism_backend.client  # noqa: F401 - import everything before dropping root
-            import ism_backend.embedded  # noqa: F401
-            import ism_backend.factory  # noqa: F401
+            import ism_backend.client  # import everything before dropping root
+            import ism_backend.embedded
+            import ism_backend.factory
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
@@ -521,7 +497,7 @@ def agent_main(argv: list[str]) -> None:
         try:
             result = ops[op](**request)
             reply = {"ok": True, "result": result}
-        except Exception as exc:  # noqa: BLE001 - reported to the test
+        except Exception as exc:  # reported to the test
             reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
         print(json.dumps(reply), flush=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,7 +76,7 @@ def test_random_alloc_free_keeps_blocks_disjoint(ops):
         else:
             a.free(live.pop(pick % len(live)))
         spans = sorted((b.ext, b.off, b.off + b.size) for b in live)
-        for (e1, s1, t1), (e2, s2, t2) in zip(spans, spans[1:]):
+        for (e1, _s1, t1), (e2, s2, _t2) in itertools.pairwise(spans):
             assert e1 != e2 or t1 <= s2, "overlapping blocks"
         for b in live:
             assert b.off % b.size == 0

@@ -26,8 +26,9 @@ TLS_CASES = ["tls.latency.64B.streams", "tls.throughput.64KiB.streams", "tls.thr
 
 def run_harness(out_dir, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, dict, float]:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-plots", "-q", "--out", str(out_dir),
-                           *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-plots", "-q",
+                           "--out", str(out_dir), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
     elapsed = time.monotonic() - started
     path = os.path.join(out_dir, "results.json")
     assert os.path.exists(path), f"no results.json\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -111,7 +112,8 @@ def test_quick_smcish_run(tmp_path):
     probe = _smcish_probe()
     if not probe.get("available") or probe.get("mode") != "ism":
         error = (probe.get("error") or "").strip().splitlines()
-        why = probe.get("reason") or (error[-1] if error else f"mode {probe.get('mode')!r} ({probe.get('reason')})")
+        why = probe.get("reason") or (error[-1] if error
+                                      else f"mode {probe.get('mode')!r} ({probe.get('reason')})")
         pytest.skip(f"smcish does not negotiate shared memory here: {why}")
     proc, doc, _ = run_harness(tmp_path, "--cases", SMOKE_CASES, "--transports", "tcp,smcish,smcish-fallback",
                                "--loops", "asyncio", "--repeat", "1")
@@ -155,7 +157,8 @@ def test_quick_tls_run(tmp_path):
                                "--loops", "asyncio,uvloop", "--repeat", "1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert [c["name"] for c in doc["cases"]] == TLS_CASES and all(c["tls"] for c in doc["cases"])
-    assert doc["settings"]["tls"]["server_hostname"] == "localhost" and doc["settings"]["tls"]["client_verifies"]
+    tls_settings = doc["settings"]["tls"]
+    assert tls_settings["server_hostname"] == "localhost" and tls_settings["client_verifies"]
     ms = doc["measurements"]
     assert len(ms) == len(TLS_CASES) * 2 * len(chosen)
     expect_mode = {"tcp": "none", "smcish": "ism"}
@@ -180,8 +183,9 @@ def test_tls_without_trustme_is_unavailable_not_fatal(monkeypatch, tmp_path):
         raise ImportError("No module named 'trustme'")
 
     monkeypatch.setattr(harness, "write_tls_files", no_trustme)
-    status = harness.main(["--quick", "--no-plots", "-q", "--cases", "tls.latency.64B.streams", "--repeat", "1",
-                           "--transports", "tcp", "--loops", "asyncio", "--out", str(tmp_path)])
+    status = harness.main(["--quick", "--no-plots", "-q", "--cases", "tls.latency.64B.streams",
+                           "--repeat", "1", "--transports", "tcp", "--loops", "asyncio",
+                           "--out", str(tmp_path)])
     assert status == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     (m,) = doc["measurements"]
@@ -209,15 +213,18 @@ def test_tls_client_verifies_the_server_certificate(tmp_path):
         port = server.sockets[0].getsockname()[1]
         async with server:
             reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=transports.client_ssl_context(str(run)), server_hostname=transports.TLS_HOSTNAME)
+                "127.0.0.1", port, ssl=transports.client_ssl_context(str(run)),
+                server_hostname=transports.TLS_HOSTNAME)
             writer.write(b"hi")
             assert await reader.readexactly(2) == b"hi"
             assert transports.tls_of(writer)["version"].startswith("TLS")
             writer.close()
-            for directory, hostname in ((other, transports.TLS_HOSTNAME), (run, "not-" + transports.TLS_HOSTNAME)):
+            for directory, hostname in ((other, transports.TLS_HOSTNAME),
+                                        (run, "not-" + transports.TLS_HOSTNAME)):
                 with pytest.raises(ssl.SSLCertVerificationError):
-                    await asyncio.open_connection("127.0.0.1", port, ssl=transports.client_ssl_context(str(directory)),
-                                                  server_hostname=hostname)
+                    await asyncio.open_connection(
+                        "127.0.0.1", port, ssl=transports.client_ssl_context(str(directory)),
+                        server_hostname=hostname)
 
     asyncio.run(main())
 
@@ -334,12 +341,13 @@ def test_targets_use_paired_rounds():
 def test_absolute_and_runs_targets():
     def m(case, config, rnd, status="ok", **metrics):
         return {"case": case, "config": config, "round": rnd, "status": status,
-                "error": None if status == "ok" else "benchmarks.workloads.ModeMismatch: 3 tcp", "metrics": metrics}
+                "error": None if status == "ok" else "benchmarks.workloads.ModeMismatch: 3 tcp",
+                "metrics": metrics}
 
-    scale = dict(rss_KiB_per_conn=10.0, shm_rss_KiB_per_conn=8.0, client_rss_KiB_per_conn=11.0,
-                 client_shm_rss_KiB_per_conn=8.0, open_s=1.0, server_rss_MiB=100.0, server_shm_mapped_MiB=1000.0,
-                 server_shm_rss_MiB=80.0, client_rss_MiB=110.0, client_shm_mapped_MiB=1000.0,
-                 client_shm_rss_MiB=80.0)
+    scale = {"rss_KiB_per_conn": 10.0, "shm_rss_KiB_per_conn": 8.0, "client_rss_KiB_per_conn": 11.0,
+             "client_shm_rss_KiB_per_conn": 8.0, "open_s": 1.0, "server_rss_MiB": 100.0,
+             "server_shm_mapped_MiB": 1000.0, "server_shm_rss_MiB": 80.0, "client_rss_MiB": 110.0,
+             "client_shm_mapped_MiB": 1000.0, "client_shm_rss_MiB": 80.0}
     doc = {"cases": [{"name": "scale.2000"}, {"name": "scale.10000"}],
            "measurements": [
                m("scale.2000", "uvloop/smcish", 0, fds_per_conn=1.02, client_fds_per_conn=1.3,
@@ -368,7 +376,8 @@ def test_absolute_and_runs_targets():
         "10,000 concurrent connections in one process, all shared memory"]
     assert runs["status"] == "FAIL" and "ModeMismatch" in runs["why"]
     assert runs["partial"]["server_rss_MiB"]["median"] == 123.0
-    assert doc["summary"]["scale.10000"]["uvloop/smcish"]["n_ok"] == 0  # partial figures stay out of summaries
+    # partial figures stay out of summaries
+    assert doc["summary"]["scale.10000"]["uvloop/smcish"]["n_ok"] == 0
     assert any("measured anyway" in line and "server RSS 123 MiB" in line
                for line in report.target_lines(report.evaluate_targets(doc)))
 
@@ -406,8 +415,9 @@ def test_scale_tiny_run(tmp_path):
     probe = _smcish_probe()
     smcish_ok = probe.get("available") and probe.get("mode") == "ism"
     transports = "tcp,smcish" if smcish_ok else "tcp"
-    proc, doc, _ = run_harness(tmp_path, "--cases", f"scale.{n}", "--transports", transports, "--loops", "asyncio",
-                               "--repeat", "1", "--scale-inflight", "4", timeout=110)
+    proc, doc, _ = run_harness(tmp_path, "--cases", f"scale.{n}", "--transports", transports,
+                               "--loops", "asyncio", "--repeat", "1", "--scale-inflight", "4",
+                               timeout=110)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ms = {m["transport"]: m for m in doc["measurements"]}
     tcp = ms["tcp"]
@@ -418,7 +428,8 @@ def test_scale_tiny_run(tmp_path):
         assert per_conn[side]["fd_kinds_delta"].get("socket") == n, per_conn[side]
         assert per_conn[side]["shm_mapped_KiB_per_conn"] == 0
     assert tcp["metrics"]["conns"] == n and tcp["metrics"]["open_s"] > 0
-    assert tcp["raw"]["snapshots"]["server"]["baseline"]["pid"] != tcp["raw"]["snapshots"]["client"]["baseline"]["pid"]
+    snapshots = tcp["raw"]["snapshots"]
+    assert snapshots["server"]["baseline"]["pid"] != snapshots["client"]["baseline"]["pid"]
     assert "scale.12" in proc.stdout and "2,000 connections" in proc.stdout
     if smcish_ok:
         ism = ms["smcish"]

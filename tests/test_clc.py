@@ -8,9 +8,19 @@ from hypothesis import strategies as st
 
 from smcish import clc
 from smcish.clc import (
-    PHASE_ACCEPTED, PHASE_CLAIMED, PHASE_DECLINED, PHASE_FINAL_ISM, PHASE_FINAL_TCP, Aborted,
-    DeclineReason as R, Established, FellBack, SetupMachine, SetupState as S, SetupStateError,
+    PHASE_ACCEPTED,
+    PHASE_CLAIMED,
+    PHASE_DECLINED,
+    PHASE_FINAL_ISM,
+    PHASE_FINAL_TCP,
+    Aborted,
+    Established,
+    FellBack,
+    SetupMachine,
+    SetupStateError,
 )
+from smcish.clc import DeclineReason as R
+from smcish.clc import SetupState as S
 
 T = 2.0
 
@@ -155,7 +165,7 @@ def test_illegal_local_calls_are_refused():
 
 def test_every_transition_in_the_table_is_reachable():
     seen = set()
-    for (role, state, inp), nxt in clc._TRANSITIONS.items():
+    for (role, state, _inp), nxt in clc._TRANSITIONS.items():
         assert nxt in S
         seen.add((role, state))
     assert ("client", S.IDLE) in seen and ("server", S.IDLE) in seen

@@ -8,13 +8,11 @@ random try collides once three connections are open.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 import smcish
-from smcish import discovery
-
 from conftest import Env
+from smcish import discovery
 
 HOST = "127.0.0.1"
 

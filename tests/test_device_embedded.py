@@ -1,8 +1,9 @@
-"""The embedded device with real processes: lifecycle, the runtime dir, crashes, advertisement
-files, pooling, the own-region short-circuit (the contract shared with ismd: test_device_contract)
+"""What only the embedded device has, with real processes: its runtime dir and the files in it
+(endpoints, advertisements, what crashed processes leave), the own-region short-circuit, the peer
+connection cache, its timeouts, selection and forks (the contract shared with ismd, regions,
+pooling and crashes included: test_device_contract.py).
 """
 
-import asyncio
 import fcntl
 import os
 import shutil
@@ -12,9 +13,9 @@ import time
 
 import pytest
 
-from device_helpers import Agent, AgentError, child_env, short_tmpdir
 import ism_backend
-from ism_backend import DeviceGone, NoDevice, UnknownToken, get_device, open_device, sockets
+from device_helpers import Agent, AgentError, child_env, short_tmpdir
+from ism_backend import DeviceGone, NoDevice, get_device, open_device, sockets
 from ism_backend.embedded import EmbeddedDevice
 
 HUB = bytes(range(16))
@@ -67,115 +68,11 @@ def leftovers(path):
     return sorted(set(os.listdir(path)) - {"gid", ".mutex"})
 
 
-def test_bytes_cross_processes_both_ways_and_many_regions(device, agents):
-    peer = agents()
-    info = peer.call("open")
-    assert bytes.fromhex(info["gid"]) == device.gid  # same runtime dir, same domain
-    mine = [device.alloc(SIZE) for _ in range(32)]
-    for i, region in enumerate(mine):
-        region.mem[0:8] = i.to_bytes(8, "little")
-        region.mem[SIZE - 4:SIZE] = b"tail"
-    attached = [peer.call("attach", token=r.token.hex(), endpoint=device.endpoint_id.hex())
-                for r in mine]
-    for i, a in enumerate(attached):
-        assert peer.call("read", id=a["id"], n=8) == i.to_bytes(8, "little").hex()
-        assert peer.call("read", id=a["id"], n=4, offset=SIZE - 4) == b"tail".hex()
-    mine[0].mem[100:105] = b"later"  # written after attach: the mapping is shared
-    assert peer.call("read", id=attached[0]["id"], n=5, offset=100) == b"later".hex()
-    assert device.status()["served_attachments"] == 32
-
-    theirs = peer.call("alloc", size=SIZE, fill=b"from the peer".hex())
-    region = device.attach(bytes.fromhex(theirs["token"]), bytes.fromhex(theirs["endpoint"]))
-    assert region.access == "r" and region.size == SIZE
-    assert bytes(region.mem[:13]) == b"from the peer"
-    peer.call("write", id=theirs["id"], data=b"updated".hex())
-    assert bytes(region.mem[:7]) == b"updated"
-    device.detach(region)
-    assert region.closed and region.mem is None
-
-    for a in attached:
-        peer.call("detach", id=a["id"])
-    for r in mine:
-        device.free(r)
-    status = device.status()
-    assert status["served_attachments"] == 0 and status["regions"] == 0
-
-
-def test_attacher_cannot_write_by_any_route(device, agents):
-    region = device.alloc(SIZE)
-    region.mem[:4] = b"keep"
-    peer = agents()
-    a = peer.call("attach", token=region.token.hex(), endpoint=device.endpoint_id.hex())
-    result = peer.call("try_write", id=a["id"])
-    assert result["api"].startswith("refused")
-    # the handed-out fd is O_RDONLY (EACCES); the seal would refuse it anyway (EPERM)
-    assert result["mmap"].startswith("refused")
-    # the /proc re-open upgrades the fd to O_RDWR, but the seals refuse mapping and writing
-    assert result["proc_mmap"] == "refused: Operation not permitted"
-    assert result["proc_write"] == "refused: Operation not permitted"
-    assert result["truncate"] == "refused: Operation not permitted"
-    assert result["seals"] & 0x1F == 0x17  # seal, shrink, grow, future_write
-    assert bytes(region.mem[:4]) == b"keep"
-
-
 def test_attach_to_a_missing_endpoint_is_device_gone(device):
     started = time.monotonic()
     with pytest.raises(DeviceGone, match="fall back to TCP"):
         device.attach(os.urandom(16), os.urandom(16))
     assert time.monotonic() - started < 2.5
-
-
-def test_pool_reuses_only_after_every_attacher_is_gone(device, agents):
-    region = device.alloc(SIZE)
-    region.mem[:6] = b"secret"
-    fd, old_token = region.fd, region.token
-    peer = agents()
-    a = peer.call("attach", token=region.token.hex(), endpoint=device.endpoint_id.hex())
-    device.free(region)
-    assert device.status()["draining"] == 1
-    fresh = device.alloc(SIZE)  # the freed one is still mapped by the peer: not reused
-    assert fresh.fd != fd
-    assert peer.call("read", id=a["id"], n=6) == b"secret".hex()  # peer still reads its copy
-    peer.call("detach", id=a["id"])
-    assert device.status()["pooled"] == 1
-    reused = device.alloc(SIZE)
-    assert reused.fd == fd, "the drained region comes back from the pool"
-    assert reused.token != old_token and len(reused.token) == 16
-    assert bytes(reused.mem[:SIZE]) == bytes(SIZE), "zeroed before reuse"
-    # the new token is attachable once, the old one never again
-    with pytest.raises(UnknownToken):
-        device.attach(old_token, device.endpoint_id)
-    b = peer.call("attach", token=reused.token.hex(), endpoint=device.endpoint_id.hex())
-    assert peer.call("read", id=b["id"], n=6) == bytes(6).hex()
-
-
-def test_pool_entry_returns_when_the_attacher_dies(device, agents):
-    region = device.alloc(SIZE)
-    fd = region.fd
-    peer = agents()
-    peer.call("attach", token=region.token.hex(), endpoint=device.endpoint_id.hex())
-    device.free(region)
-    peer.kill()  # its connection closes: the attachment is released by the endpoint thread
-    deadline = time.monotonic() + 5
-    while device.status()["pooled"] != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert device.alloc(SIZE).fd == fd
-
-
-def test_sigkilled_owner_leaves_the_peer_reading_and_no_files(device, agents, rtdir):
-    shm_before = set(os.listdir("/dev/shm"))
-    owner = agents()
-    info = owner.call("alloc", size=SIZE, fill=b"published before death".hex())
-    region = device.attach(bytes.fromhex(info["token"]), bytes.fromhex(info["endpoint"]))
-    assert any(n.startswith("ep-" + info["endpoint"]) for n in os.listdir(rtdir))
-    owner.kill()
-    assert bytes(region.mem[:22]) == b"published before death"
-    assert bytes(region.mem[:22]) == b"published before death"  # still mapped, still readable
-    device.detach(region)  # the owner is gone: no error, and its endpoint files are reaped
-    mine = {f"ep-{device.endpoint_id.hex()}.lock", f"ep-{device.endpoint_id.hex()}.sock"}
-    assert set(leftovers(rtdir)) == mine
-    assert set(os.listdir("/dev/shm")) == shm_before
 
 
 def test_stale_files_of_a_killed_process_are_cleaned_at_open(rtdir, agents):
@@ -256,21 +153,6 @@ def test_a_dead_advertisement_is_removed_by_the_reader(device, agents, rtdir):
     assert not os.path.exists(path)
 
 
-def test_find_listener_answers_repeatedly_without_leaking(device):
-    """find_listener is on every connect: 2,000 hits and misses, no fd left behind (its cost is
-    measured by benchmarks/bench_device.py)."""
-    lsock = listener()
-    inode = sockets.socket_inode(lsock)
-    handle = device.advertise(lsock, HUB)
-    before = len(os.listdir("/proc/self/fd"))
-    for probe, expected in ((inode, True), (inode + 7919, False)):
-        for _ in range(2000):
-            assert (device.find_listener(probe) is not None) is expected
-    assert len(os.listdir("/proc/self/fd")) == before
-    device.withdraw(handle)
-    lsock.close()
-
-
 def test_own_region_attach_never_uses_the_endpoint_socket(device, agents, monkeypatch):
     """Attaching our own region is local: it works with the endpoint unreachable, counts as
     an attachment (the pool waits for it) and spends the one-shot token like a peer's."""
@@ -294,24 +176,6 @@ def test_own_region_attach_never_uses_the_endpoint_socket(device, agents, monkey
     assert device.status()["draining"] == 1
     device.detach(view)
     assert device.status()["pooled"] == 1 and device.status()["served_attachments"] == 0
-
-
-def test_doorbell_across_processes_wakes_the_owner_loop(device, agents):
-    region = device.alloc(SIZE)
-    peer = agents()
-    a = peer.call("attach", token=region.token.hex(), endpoint=device.endpoint_id.hex())
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        rung = loop.create_future()
-        loop.add_reader(region.doorbell_fd, lambda: rung.done() or rung.set_result(region.drain()))
-        try:
-            await loop.run_in_executor(None, lambda: peer.call("ring", id=a["id"]))
-            return await asyncio.wait_for(rung, 5)
-        finally:
-            loop.remove_reader(region.doorbell_fd)
-
-    assert asyncio.run(main()) >= 1
 
 
 def test_peers_info_asks_every_live_endpoint(device, agents):
@@ -372,40 +236,13 @@ def test_selection_and_caching(rtdir, monkeypatch):
     dev.close()
     again = get_device()
     assert again is not dev and again.available  # a closed device is reopened
-    none = open_device("none")
-    assert not none.available and none.kind == "none"
-    with pytest.raises(NoDevice, match="SMCISH_DEVICE"):
-        none.alloc(SIZE)
-    monkeypatch.setenv("SMCISH_DEVICE", "none")
+    monkeypatch.setenv("SMCISH_DEVICE", "none")  # (the none device: test_device_contract)
     assert get_device().kind == "none"
     with pytest.raises(NoDevice, match="unknown ISM device spec"):
         open_device("bogus")
     with pytest.raises(NoDevice, match="start ismd"):
         open_device("unix:/nonexistent/ismd.sock")
     assert isinstance(ism_backend.IsmError("x"), Exception)
-
-
-def test_forked_child_gets_its_own_device(rtdir):
-    dev = get_device()
-    lsock = listener()
-    inode = sockets.socket_inode(lsock)
-    h = dev.advertise(lsock, HUB)
-    pid = os.fork()
-    if pid == 0:  # child: must not reuse the parent's endpoint or connections
-        code = 1
-        try:
-            child = get_device()
-            ok = child is not dev and child.endpoint_id != dev.endpoint_id
-            region = child.alloc(SIZE)
-            view = child.attach(region.token, child.endpoint_id)
-            code = 0 if ok and view.size == SIZE else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert dev.find_listener(inode) is not None, "the child's exit dropped our advertisement"
-    dev.withdraw(h)
-    lsock.close()
 
 
 def test_a_fork_after_devices_closed_touches_no_stale_fd(rtdir):
@@ -435,21 +272,6 @@ def test_a_fork_after_devices_closed_touches_no_stale_fd(rtdir):
     assert dev.available
 
 
-def test_detach_waits_for_buffer_exports_before_releasing(device):
-    region = device.alloc(SIZE)
-    view = device.attach(region.token, device.endpoint_id)
-    exported = memoryview(view.mem)  # e.g. a ring still holding ffi.from_buffer(mem)
-    device.detach(view)
-    assert view.closed and device.status()["zombies"] == 1
-    device.free(region)
-    assert device.status()["draining"] == 1, "still mapped here: the owner must not reuse it"
-    assert exported[:1] == b"\0"
-    exported.release()
-    device.alloc(4096)  # any later call retries the unmap, then tells the owner
-    status = device.status()
-    assert (status["zombies"], status["draining"], status["pooled"]) == (0, 0, 1)
-
-
 def test_peer_connection_cache_is_bounded(device, agents):
     device.peer_cache_max = 2
     owners = [agents() for _ in range(4)]
@@ -468,7 +290,7 @@ def test_peer_connection_cache_is_bounded(device, agents):
     chatty_ep = bytes.fromhex(chatty.call("open")["endpoint"])
     chatty.call("set_handler")
     device.peer_request(chatty_ep, "group_close", group_id=GROUP, side="server")
-    for info in infos[2:]:
+    for _info in infos[2:]:
         more = agents().call("alloc", size=SIZE)
         device.detach(device.attach(bytes.fromhex(more["token"]), bytes.fromhex(more["endpoint"])))
     assert chatty_ep in device._peer_ops      # (peer ops have a connection of their own)
@@ -494,11 +316,3 @@ def test_attach_to_a_stalled_endpoint_is_bounded(rtdir):
         os.close(lock)
 
 
-def test_status_accounts_for_pooled_fds(device):
-    def fds():
-        return len(os.listdir("/proc/self/fd"))
-
-    before, pooled_fds = fds(), device.status()["pooled_fds"]
-    device.free(device.alloc(SIZE))
-    device.free(device.alloc(SIZE + 4096))
-    assert fds() - before == device.status()["pooled_fds"] - pooled_fds > 0

@@ -14,7 +14,8 @@ import socket
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from device_helpers import Ismd, fd_count, wait_for
 from ism_backend import memfd, proto

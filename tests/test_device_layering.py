@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from device_helpers import REPO, child_env
-
 import ism_backend  # (after device_helpers, which makes a bare checkout importable)
+from benchmarks.children import python_argv
+from device_helpers import PROGRAMS, REPO, child_env
 
 # The package under test, wherever it was imported from: the checkout, or the installed wheel.
 PACKAGE = Path(ism_backend.__file__).resolve().parent
@@ -61,21 +61,9 @@ def test_no_module_imports_its_layer_or_a_later_one():
 
 def test_each_module_loads_alone_in_layer_order():
     order = sorted((m for m in LAYERS if not m.startswith("__")), key=LAYERS.get)
-    script = f"""
-import importlib, json, sys, types
-pkg = types.ModuleType("ism_backend")
-pkg.__path__ = [{str(PACKAGE)!r}]
-sys.modules["ism_backend"] = pkg          # the package without its __init__ (which loads all)
-order = {order!r}
-report = {{}}
-for name in order:
-    importlib.import_module("ism_backend." + name)
-    report[name] = sorted(m.split(".", 1)[1] for m in sys.modules
-                          if m.startswith("ism_backend."))
-print(json.dumps(report))
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=child_env(), cwd=str(REPO), timeout=60)
+    proc = subprocess.run(python_argv(script=PROGRAMS / "load_in_layer_order.py",
+                                      args=[PACKAGE, json.dumps(order)]),
+                          capture_output=True, text=True, env=child_env(), cwd=str(REPO), timeout=60)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     for name in order:

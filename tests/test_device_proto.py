@@ -4,11 +4,11 @@ import json
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import device_helpers  # noqa: F401 - puts the repo on sys.path
-from ism_backend import DeviceProtocolError, PermissionDenied, QuotaExceeded, UnknownToken
-from ism_backend import proto
+from ism_backend import DeviceProtocolError, PermissionDenied, QuotaExceeded, UnknownToken, proto
 
 TOKEN = bytes(range(16))
 

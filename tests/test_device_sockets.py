@@ -5,17 +5,17 @@ addresses per name, specific-over-wildcard, a recycled port in TIME_WAIT, a list
 under the same address): the kernel's own lookup names exactly the socket that receives.
 """
 
+import errno
 import json
 import os
-import errno
 import socket
 import subprocess
-import sys
 import threading
 
 import pytest
 
-from device_helpers import REPO, child_env
+from benchmarks.children import python_argv
+from device_helpers import PROGRAMS, REPO, child_env
 from ism_backend import sockets
 from ism_backend.sockets import TCP_ESTABLISHED, TCP_LISTEN, TCP_TIME_WAIT
 
@@ -268,23 +268,10 @@ def test_route_source_and_netns_inode():
     assert sockets.netns_inode(2 ** 30) is None
 
 
-UNPRIVILEGED = r'''
-import json, os, socket, sys
-from ism_backend import sockets
-os.setgroups([]); os.setgid(1234); os.setuid(1234)
-server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen()
-port = server.getsockname()[1]
-hit = sockets.diag().lookup(socket.AF_INET, ("127.0.0.1", port), ("127.0.0.1", 40008))
-print(json.dumps({"uid": os.getuid(), "inode": hit.inode, "mine": os.fstat(server.fileno()).st_ino,
-                  "hit_uid": hit.uid, "netns": sockets.socket_netns(server),
-                  "facts_netns": sockets.listener_facts(server).netns}))
-'''
-
-
 @pytest.mark.skipif(not ROOT, reason="needs root to run a child as another uid")
 def test_an_unprivileged_user_can_use_the_oracle_but_not_read_namespaces():
-    proc = subprocess.run([sys.executable, "-c", UNPRIVILEGED], capture_output=True, text=True,
-                          env=child_env(), cwd=str(REPO), timeout=60)
+    proc = subprocess.run(python_argv(script=PROGRAMS / "oracle_as_uid.py"), capture_output=True,
+                          text=True, env=child_env(), cwd=str(REPO), timeout=60)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["uid"] == 1234 and out["inode"] == out["mine"] and out["hit_uid"] == 1234

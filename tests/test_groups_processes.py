@@ -14,9 +14,13 @@ import shutil
 import time
 
 import pytest
-
 from hardening.conftest import (
-    Agent, idle_device, published_size, raise_nofile, shm_listing, wait_until,
+    Agent,
+    idle_device,
+    published_size,
+    raise_nofile,
+    shm_listing,
+    wait_until,
 )
 
 N_GROUP = 64                    # connections in the group when a peer is killed
@@ -113,11 +117,12 @@ def _private_netns() -> dict:
 def test_2000_concurrent_connections_in_one_server_process(in_flight):
     """A client process opens 2,000 connections at once to one server process: all on shared
     memory, in one (or a few) link groups. (Until a4914a2, 1,620 of them fell back NO_MEMORY:
-    a set-up waited for one extent's growth only; docs/reliability.md, finding 1.) Each sends a random payload of random size (uniform, 1 B to 256 KiB),
-    echoed back and CRC-checked, all 2,000 at once. The server's fds and shared memory per
-    connection are measured (fds from /proc/<pid>/fd; mapped and resident shared memfd memory
-    from /proc/<pid>/smaps) and held to the design: <= 1.1 fds per connection, <= 512 KiB of
-    mapped shared memory per idle connection (both directions' rings and the group's share)."""
+    a set-up waited for one extent's growth only; docs/reliability.md, finding 1.) Each sends a
+    random payload of random size (uniform, 1 B to 256 KiB), echoed back and CRC-checked, all
+    2,000 at once. The server's fds and shared memory per connection are measured (fds from
+    /proc/<pid>/fd; mapped and resident shared memfd memory from /proc/<pid>/smaps) and held
+    to the design: <= 1.1 fds per connection, <= 512 KiB of mapped shared memory per idle
+    connection (both directions' rings and the group's share)."""
     n = N_MANY
     nofile = 4 * n + 1000
     raise_nofile(nofile)

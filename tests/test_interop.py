@@ -8,9 +8,8 @@ import os
 import pytest
 
 import smcish
-from smcish.clc import DeclineReason as R
-
 from conftest import new_loop
+from smcish.clc import DeclineReason as R
 
 HOST = "127.0.0.1"
 GREETING = b"220 hello from a server-speaks-first protocol\r\n"

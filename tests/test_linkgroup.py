@@ -14,10 +14,9 @@ import pytest
 
 import ism_backend
 import smcish
+from conftest import new_loop
 from smcish import linkgroup
 from smcish import ring as _ring
-
-from conftest import new_loop
 
 HOST = "127.0.0.1"
 KiB, MiB = 1024, 1024 * 1024
@@ -71,17 +70,17 @@ def test_one_group_for_many_connections_and_no_device_work_per_connection(loop_k
         device = ism_backend.get_device()
         server, port = await start_echo()
         async with server:
-            r, w = await smcish.open_connection(HOST, port)
+            _r, w = await smcish.open_connection(HOST, port)
             assert w.get_extra_info("smcish").mode == "ism"
             group = w.transport._group
             before = device.status()
             fds_before = open_fds()
             conns = [await smcish.open_connection(HOST, port) for _ in range(100)]
-            for i, (r2, w2) in enumerate(conns):
+            for i, (_r2, w2) in enumerate(conns):
                 assert w2.get_extra_info("smcish").mode == "ism"
                 assert w2.transport._group is group           # the same link group
                 w2.write(b"%d" % i)
-            for i, (r2, w2) in enumerate(conns):
+            for i, (r2, _w2) in enumerate(conns):
                 assert await r2.readexactly(len(b"%d" % i)) == b"%d" % i
             after = device.status()
             # No region allocated or attached for these 100 connections (earlier tests' groups
@@ -90,7 +89,7 @@ def test_one_group_for_many_connections_and_no_device_work_per_connection(loop_k
             # ...and one fd each on our side (the TCP socket) plus one on the server side.
             assert open_fds() - fds_before <= 2 * 100 + 2
             assert len(hub_of(w).client_groups) == 1
-            for r2, w2 in conns:
+            for _r2, w2 in conns:
                 w2.close()
             w.close()
 
@@ -155,11 +154,11 @@ def test_new_extents_when_extent_zero_is_full_and_returned_when_idle(loop_kind):
             assert all(w.get_extra_info("smcish").mode == "ism" for _, w in conns)
             group = conns[0][1].transport._group
             assert len(group.my_exts) >= 2, "12 x 1 MiB rings do not fit the 7.75 MiB heap of extent 0"
-            for r, w in conns:
+            for _r, w in conns:
                 w.write(b"ping")
-            for r, w in conns:
+            for r, _w in conns:
                 assert await r.readexactly(4) == b"ping"
-            for r, w in conns:
+            for _r, w in conns:
                 w.close()
             await asyncio.sleep(0.2)
             server_group = group.hub.server_groups[group.id]

@@ -6,19 +6,19 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import itertools
 import json
 import logging
 import subprocess
-import textwrap
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import smcish
+from benchmarks.children import spawn_python
+from conftest import PYTHON, new_loop, program, python_env
 from smcish import DeclineReason as R
-
-from conftest import PYTHON, new_loop, python_env
 
 _stats = importlib.import_module("smcish.stats")
 HOST = "127.0.0.1"
@@ -227,7 +227,7 @@ def test_counters_never_go_down(loop_kind):
     samples.append(smcish.stats())
     keys = ("connections_ism", "bytes_sent", "bytes_received", "doorbells", "poll_hits",
             "poll_misses", "poll_colocated", "notifications")
-    for a, b in zip(samples, samples[1:]):
+    for a, b in itertools.pairwise(samples):
         for key in keys:
             assert b[key] >= a[key], (key, a[key], b[key])
 
@@ -249,7 +249,7 @@ def test_ring_full_counted(loop_kind):
 
         server = await smcish.start_server(handle, HOST, 0, ring_size=4096, max_ring_size=4096)
         port = server.sockets[0].getsockname()[1]
-        reader, writer = await smcish.open_connection(HOST, port, ring_size=4096,
+        _reader, writer = await smcish.open_connection(HOST, port, ring_size=4096,
                                                       max_ring_size=4096)
         assert writer.get_extra_info("smcish").mode == "ism"
         writer.write(b"f" * 100_000)
@@ -282,38 +282,14 @@ def test_info_provider_leads_with_a_bounded_process_record():
 
 # ------------------------------------------------------------------ `smcish stat` across processes
 
-HOLDER = textwrap.dedent('''
-    import asyncio, sys, smcish
-    async def main():
-        async def handle(reader, writer):
-            await reader.read()
-        server = await smcish.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        reader, writer = await smcish.open_connection("127.0.0.1", port)
-        writer.write(b"y" * 12345)
-        await writer.drain()
-        r2, w2 = await smcish.open_connection("127.0.0.1", port, device="none")
-        w2.write(b"z" * 10)
-        await w2.drain()
-        while smcish.stats()["bytes_received"] < 12345:
-            await asyncio.sleep(0.01)
-        print("ready", port, flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    asyncio.run(main())
-''')
-
-
 @pytest.fixture
 def holder():
-    proc = subprocess.Popen([PYTHON, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=python_env())
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("ready"), line
-        yield proc, int(line.split()[1])
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=10)
+    """tests/programs/stat_holder.py: an smcish server and client (and a TCP connection) held open."""
+    with spawn_python(script=program("stat_holder.py"), args=["--with-tcp"], env=python_env(),
+                      handshake="ready") as proc:
+        yield proc, int(proc.hello.split()[1])
+        proc.close_stdin()
+        proc.wait(10)
 
 
 def smcish_stat(*args: str) -> str:

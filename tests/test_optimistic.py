@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import threading
 import time
 
 import pytest
 
 import smcish
-from smcish.clc import DeclineReason
-
 from conftest import Env, new_loop
 from device_helpers import Ismd
+from smcish.clc import DeclineReason
 
 HOST = "127.0.0.1"
 MiB = 1 << 20
@@ -81,7 +79,7 @@ def test_server_out_of_memory_after_optimistic_writes_resends_over_tcp(loop_kind
                 after = smcish.stats()
             assert modes[:4] == ["ism"] * 4, modes
             assert "tcp" in modes[4:], modes
-            assert DeclineReason.NO_MEMORY in [r for m, r in zip(modes, reasons) if m == "tcp"]
+            assert DeclineReason.NO_MEMORY in [r for m, r in zip(modes, reasons, strict=False) if m == "tcp"]
             assert after["migrations"] > before["migrations"]
             assert after["migrated_bytes"] > before["migrated_bytes"]
 
@@ -212,12 +210,12 @@ def test_close_right_after_writing_while_the_server_is_stalled(loop_kind):
     srv = ThreadServer(loop_kind, record)
     try:
         async def main():
-            reader, writer = await smcish.open_connection(HOST, srv.port)   # opens the group
+            _reader, writer = await smcish.open_connection(HOST, srv.port)   # opens the group
             writer.close()
             await writer.wait_closed()
             srv.stall(1.0)
             await asyncio.sleep(0.05)
-            reader, writer = await smcish.open_connection(HOST, srv.port, handshake_timeout=0.3)
+            _reader, writer = await smcish.open_connection(HOST, srv.port, handshake_timeout=0.3)
             writer.write(b"last words")
             writer.close()
             await writer.wait_closed()
@@ -246,7 +244,7 @@ def test_close_right_after_writing_on_shared_memory(loop_kind, rounds):
         async with server:
             modes = []
             for i in range(rounds):
-                reader, writer = await smcish.open_connection(HOST, port)
+                _reader, writer = await smcish.open_connection(HOST, port)
                 writer.write(b"conn %d" % i)
                 modes.append(writer.get_extra_info("smcish").mode)
                 writer.close()

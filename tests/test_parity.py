@@ -24,7 +24,6 @@ import weakref
 import pytest
 
 import smcish
-
 from conftest import new_loop
 
 HOST = "127.0.0.1"
@@ -191,7 +190,7 @@ _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 def outcome(fn, *args, msg: bool = True, **kwargs):
     try:
         return ("ok", fn(*args, **kwargs))
-    except Exception as exc:  # noqa: BLE001 - observed
+    except Exception as exc:  # observed
         return ("raise", kind(exc), text(exc)) if msg else ("raise", kind(exc))
 
 
@@ -204,7 +203,7 @@ async def aoutcome(awaitable, msg: bool = True, timeout: float = T):
         return ("raise", "IncompleteReadError", exc.partial, exc.expected)
     except asyncio.LimitOverrunError as exc:
         return ("raise", "LimitOverrunError", text(exc), exc.consumed)
-    except Exception as exc:  # noqa: BLE001 - observed
+    except Exception as exc:  # observed
         return ("raise", kind(exc), text(exc)) if msg else ("raise", kind(exc))
 
 
@@ -396,7 +395,7 @@ def test_write_eof(env):
 
 
 async def sc_write_argument_types(api):
-    srv, t, c, s = await pair(api)
+    srv, t, _c, s = await pair(api)
     obs = {}
     obs["empty"] = outcome(t.write, b"")
     obs["bytearray"] = outcome(t.write, bytearray(b"1"))
@@ -420,7 +419,7 @@ def test_write_argument_types(env):
 
 
 async def sc_write_type_errors(api):
-    srv, t, c, s = await pair(api)
+    srv, t, _c, s = await pair(api)
     obs = {}
     obs["str"] = outcome(t.write, "text")
     obs["int"] = outcome(t.write, 5)
@@ -544,7 +543,7 @@ async def sc_write_after_connection_lost(api):
                     "buffer": t.get_write_buffer_size()}
         await asyncio.wait_for(s.lost, T)
         await shut(srv)
-    srv, reader, writer, (sr, sw) = await stream_pair(api)
+    srv, _reader, writer, (_sr, sw) = await stream_pair(api)
     writer.close()
     await writer.wait_closed()
     obs["stream"] = {"write": outcome(writer.write, b"x"), "drain": await aoutcome(writer.drain())}
@@ -726,7 +725,7 @@ def test_write_buffer_limits(env):
 
 
 async def sc_default_write_buffer_limits(api):
-    srv, t, c, s = await pair(api)
+    srv, t, _c, s = await pair(api)
     obs = {"client": t.get_write_buffer_limits(), "server": s.transport.get_write_buffer_limits()}
     await shut(srv, t, s.transport)
     return obs
@@ -807,7 +806,7 @@ async def sc_set_protocol(api):
     for new_cls in (Rec, Buffered):
         new = new_cls()
 
-        def client():
+        def client(new=new):
             proto = Switch()
             proto.new = new
             return proto
@@ -818,7 +817,7 @@ async def sc_set_protocol(api):
         s.transport.write(b"two" * 1000)
         s.transport.close()
         await asyncio.wait_for(s.lost, T)
-        await until(lambda: any(str(e).startswith("connection_lost") for e in new.events),
+        await until(lambda new=new: any(str(e).startswith("connection_lost") for e in new.events),
                     what="connection_lost of the new protocol")
         obs[new_cls.__name__] = {"old": (c.events, bytes(c.data)),
                                  "new": (new.events, bytes(new.data) == b"two" * 1000),
@@ -934,7 +933,7 @@ def test_stream_writer(env):
 
 async def sc_stream_reader_limits(api):
     obs = {}
-    srv, reader, writer, (sr, sw) = await stream_pair(api, limit=16)
+    srv, reader, writer, (_sr, sw) = await stream_pair(api, limit=16)
     sw.write(b"short\n" + b"x" * 40 + b"\n" + b"tail")
     sw.write_eof()
     await until(lambda: len(reader._buffer) == 51, what="51 bytes in the reader")
@@ -946,7 +945,7 @@ async def sc_stream_reader_limits(api):
     obs["read_after"] = await aoutcome(reader.read())
     obs["shut"] = await stream_shut(srv, writer, sw)
 
-    srv, reader, writer, (sr, sw) = await stream_pair(api, limit=16)
+    srv, reader, writer, (_sr, sw) = await stream_pair(api, limit=16)
     sw.write(b"y" * 20)                       # over the limit, no separator yet
     await until(lambda: len(reader._buffer) == 20, what="20 bytes in the reader")
     obs["readuntil_overrun"] = await aoutcome(reader.readuntil(b"\n"))
@@ -974,7 +973,7 @@ def test_stream_reader_limits(env):
 
 async def sc_stream_reader_flow(api):
     """A reader with a small limit pauses its transport and resumes it as it is read."""
-    srv, reader, writer, (sr, sw) = await stream_pair(api, limit=1024)
+    srv, reader, writer, (_sr, sw) = await stream_pair(api, limit=1024)
     payload = bytes(range(256)) * 4096
     sw.write(payload)
     sw.write_eof()
@@ -1019,7 +1018,7 @@ def test_is_reading_after_eof(env, request):
 
 async def sc_stream_exceptions(api):
     obs = {}
-    srv, reader, writer, (sr, sw) = await stream_pair(api)
+    srv, reader, writer, (_sr, sw) = await stream_pair(api)
     reader.set_exception(ValueError("mine"))
     obs["read"] = await aoutcome(reader.read())
     obs["exception"] = kind(reader.exception())
@@ -1027,7 +1026,7 @@ async def sc_stream_exceptions(api):
     obs["shut"] = await stream_shut(srv, writer, sw)
 
     # the peer resets (it aborts holding bytes it never read): read raises, so does wait_closed
-    srv, reader, writer, (sr, sw) = await stream_pair(api)
+    srv, reader, writer, (_sr, sw) = await stream_pair(api)
     sw.transport.pause_reading()
     writer.write(b"never read")
     await writer.drain()
@@ -1049,7 +1048,7 @@ def test_stream_exception_propagation(env):
 
 async def sc_stream_feed_eof(api):
     """The application ends its reader itself; the peer's later bytes are then a protocol error."""
-    srv, reader, writer, (sr, sw) = await stream_pair(api)
+    srv, reader, writer, (_sr, sw) = await stream_pair(api)
     sw.write(b"early")
     await settle()
     reader.feed_eof()
@@ -1074,7 +1073,7 @@ def test_stream_feed_eof_then_peer_data(env, request):
 
 async def sc_cancel_reads(api):
     obs = {}
-    srv, reader, writer, (sr, sw) = await stream_pair(api)
+    srv, reader, writer, (_sr, sw) = await stream_pair(api)
     for name, call, first, second in (
             ("read", lambda: reader.read(100), b"", b"hello"),
             ("readexactly", lambda: reader.readexactly(10), b"12345", b"67890"),
@@ -1131,7 +1130,7 @@ def test_cancel_drain_mid_transfer(env):
 
 async def sc_cancel_protocol_reader_task(api):
     """A task cancelled while the peer streams: nothing is lost for the next reader."""
-    srv, reader, writer, (sr, sw) = await stream_pair(api, limit=4096)
+    srv, reader, writer, (_sr, sw) = await stream_pair(api, limit=4096)
     payload = bytes(range(256)) * 4096
     half = asyncio.Event()
 
@@ -1256,7 +1255,7 @@ async def sc_deferred_serving(api):
     obs["start_serving"] = await aoutcome(srv.start_serving())
     obs["is_serving_started"] = srv.is_serving()
     obs["start_serving_twice"] = await aoutcome(srv.start_serving())
-    got, (reader, writer) = await _roundtrip(api, port)
+    got, (_reader, writer) = await _roundtrip(api, port)
     obs["connect"] = got
     writer.close()
     await writer.wait_closed()
@@ -1268,7 +1267,7 @@ async def sc_deferred_serving(api):
     task = asyncio.ensure_future(srv.serve_forever())
     await settle(0.05)
     obs["serve_forever_serving"] = srv.is_serving()
-    got, (reader, writer) = await _roundtrip(api, port)
+    got, (_reader, writer) = await _roundtrip(api, port)
     obs["serve_forever_connect"] = got
     writer.close()
     await writer.wait_closed()
@@ -1323,7 +1322,7 @@ async def sc_serve_forever_twice(api):
     await settle(0.05)
     obs = {"second": await aoutcome(srv.serve_forever(), msg=False),
            "serving": srv.is_serving(), "pending": not task.done()}
-    got, (reader, writer) = await _roundtrip(api, port)     # still served as before
+    got, (_reader, writer) = await _roundtrip(api, port)     # still served as before
     obs["connect"] = got
     writer.close()
     await writer.wait_closed()
@@ -1395,7 +1394,7 @@ def test_server_close_abort_clients(env, method):
 async def _drop_writer(api, port, payload, written):
     """Open a connection, write, and drop the reader and writer (and so the transport, as
     far as the application is concerned) without close()."""
-    reader, writer = await asyncio.wait_for(api.open_connection(HOST, port), T)
+    _reader, writer = await asyncio.wait_for(api.open_connection(HOST, port), T)
     api.check(writer)
     writer.write(payload)
     written.set()
@@ -1408,7 +1407,7 @@ async def sc_unclosed_writer(api):
         written = asyncio.Event()
         ended = loop.create_future()
 
-        async def handle(reader, writer):
+        async def handle(reader, writer, written=written, ended=ended):
             await written.wait()
             await settle(0.05)           # (the client dropped its writer meanwhile)
             ended.set_result(await reader.read())
@@ -1420,7 +1419,7 @@ async def sc_unclosed_writer(api):
             gc.collect()                     # garbage of earlier tests does not count
         unraisable: list = []
         old_hook = sys.unraisablehook
-        sys.unraisablehook = lambda u: unraisable.append(kind(u.exc_value))
+        sys.unraisablehook = lambda u, unraisable=unraisable: unraisable.append(kind(u.exc_value))
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -1533,7 +1532,7 @@ async def sc_installed_loop(api):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     obs["sock_connect"] = await aoutcome(loop.sock_connect(sock, (HOST, port)))
-    t2, c2 = await asyncio.wait_for(loop.create_connection(Rec, sock=sock), T)
+    t2, _c2 = await asyncio.wait_for(loop.create_connection(Rec, sock=sock), T)
     api.check(t2)
     s2 = await accepts.next()
     t2.write(b"via sock=")

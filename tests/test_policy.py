@@ -13,10 +13,9 @@ import textwrap
 import pytest
 
 import smcish
+from conftest import PYTHON, new_loop, python_env
 from smcish import policy
 from smcish.clc import DeclineReason as R
-
-from conftest import PYTHON, new_loop, python_env
 from test_optimistic import ThreadServer, expected, payload, sha_echo
 
 HOST = "127.0.0.1"
@@ -351,7 +350,7 @@ def test_transparent_sock_connect_reports_the_policy_reason(monkeypatch, loop_ki
                 await loop.sock_connect(sock, (HOST, port))
                 reader = asyncio.StreamReader()
                 transport, _ = await loop.create_connection(
-                    lambda: asyncio.StreamReaderProtocol(reader), sock=sock)
+                    lambda reader=reader: asyncio.StreamReaderProtocol(reader), sock=sock)
                 transport.write(b"x" * 1000)
                 assert await asyncio.wait_for(reader.readexactly(1000), 10) == b"x" * 1000
                 infos.append(transport.get_extra_info("smcish"))

@@ -3,94 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
-import zlib
 
 import pytest
 
 import ism_backend
 import smcish
-
-from conftest import PYTHON, new_loop, python_env
+from benchmarks.children import Child, spawn_python
+from conftest import new_loop, program, python_env
 
 HOST = "127.0.0.1"
-
-# A child peer: `serve` streams or echoes; `client` connects, reports, and checksums.
-PEER = r'''
-import asyncio, json, os, sys, zlib
-import smcish
-
-role, loop_kind, action = sys.argv[1], sys.argv[2], sys.argv[3]
-port = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-
-def new_loop():
-    if loop_kind == "uvloop":
-        import uvloop
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-async def serve():
-    done = asyncio.Event()
-    async def handle(reader, writer):
-        mode = writer.get_extra_info("smcish").mode
-        if action == "checksum":               # read until EOF, answer mode + crc + count
-            crc = n = 0
-            while data := await reader.read(1 << 20):
-                crc = zlib.crc32(data, crc); n += len(data)
-            writer.write(json.dumps({"mode": mode, "crc": crc, "n": n}).encode() + b"\n")
-            await writer.drain()
-            writer.close()
-            done.set()
-        elif action == "stream":               # send forever (until killed)
-            chunk = b"s" * 65536
-            print(json.dumps({"event": "streaming", "mode": mode}), flush=True)
-            while True:
-                writer.write(chunk)
-                await writer.drain()
-        elif action == "stall":                # never read (until killed)
-            print(json.dumps({"event": "stalling", "mode": mode}), flush=True)
-            await asyncio.sleep(3600)
-        elif action == "sink":                 # read forever (until killed)
-            print(json.dumps({"event": "sinking", "mode": mode}), flush=True)
-            while await reader.read(1 << 20):
-                pass
-    server = await smcish.start_server(handle, "127.0.0.1", 0)
-    print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
-    async with server:
-        await done.wait()
-
-async def client():
-    reader, writer = await smcish.open_connection("127.0.0.1", port)
-    mode = writer.get_extra_info("smcish").mode
-    if action == "checksum":
-        crc = n = 0
-        block = os.urandom(1 << 20)
-        for i in range(64):
-            chunk = block[i * 997:]
-            crc = zlib.crc32(chunk, crc); n += len(chunk)
-            writer.write(chunk)
-            await writer.drain()
-        writer.write_eof()
-        reply = json.loads(await reader.readline())
-        print(json.dumps({"mode": mode, "crc": crc, "n": n, "server": reply}), flush=True)
-        writer.close()
-        await writer.wait_closed()
-    elif action == "stream":
-        print(json.dumps({"event": "streaming", "mode": mode}), flush=True)
-        chunk = b"c" * 65536
-        while True:
-            writer.write(chunk)
-            await writer.drain()
-
-loop = new_loop()
-loop.run_until_complete(serve() if role == "serve" else client())
-'''
-
 
 def run_on(loop_kind: str, coro, timeout: float = 30.0):
     loop = new_loop(loop_kind)
@@ -100,22 +24,9 @@ def run_on(loop_kind: str, coro, timeout: float = 30.0):
         loop.close()
 
 
-def spawn(*args) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-c", PEER, *args], stdout=subprocess.PIPE, text=True,
-                            env=python_env())
-
-
-def read_json(proc, timeout=20.0) -> dict:
-    import selectors
-
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            proc.kill()
-            raise AssertionError("child said nothing in time")
-    line = proc.stdout.readline()
-    assert line, f"child exited with {proc.wait()}"
-    return json.loads(line)
+def spawn(*args) -> Child:
+    """tests/programs/stream_peer.py with ``args`` (role, loop, action[, port])."""
+    return spawn_python(script=program("stream_peer.py"), args=args, env=python_env(), stdin=None)
 
 
 def open_fds() -> int:
@@ -161,28 +72,27 @@ async def assert_no_leaks(baseline, settle: float = 2.0) -> None:
 def test_two_processes_both_ism_checksum(server_loop, client_loop):
     server = spawn("serve", server_loop, "checksum")
     try:
-        port = read_json(server)["port"]
-        client = spawn("client", client_loop, "checksum", str(port))
-        result = read_json(client, timeout=60)
-        assert client.wait(30) == 0
+        port = server.read_json()["port"]
+        with spawn("client", client_loop, "checksum", str(port)) as client:
+            result = client.read_json(60)
+            assert client.wait(30) == 0
         assert result["mode"] == "ism" and result["server"]["mode"] == "ism", result
         assert result["server"]["crc"] == result["crc"] and result["server"]["n"] == result["n"]
         assert server.wait(30) == 0
     finally:
-        server.kill()
-        server.wait()
+        server.stop()
 
 
 def test_server_killed_mid_transfer_client_gets_reset(loop_kind):
     server = spawn("serve", "asyncio", "stream")
     try:
-        port = read_json(server)["port"]
+        port = server.read_json()["port"]
 
         async def main():
             baseline = leak_baseline()
             reader, writer = await smcish.open_connection(HOST, port)
             assert writer.get_extra_info("smcish").mode == "ism"
-            assert read_json(server)["mode"] == "ism"
+            assert server.read_json()["mode"] == "ism"
             got = 0
             while got < (8 << 20):
                 got += len(await reader.read(1 << 20))
@@ -199,8 +109,7 @@ def test_server_killed_mid_transfer_client_gets_reset(loop_kind):
 
         run_on(loop_kind, main())
     finally:
-        server.kill()
-        server.wait()
+        server.stop()
 
 
 def test_client_killed_mid_transfer_server_sees_reset(loop_kind):
@@ -217,7 +126,7 @@ def test_client_killed_mid_transfer_server_sees_reset(loop_kind):
                         outcome.set_result(("eof", total))
                         return
                     total += len(data)
-            except ConnectionResetError as exc:
+            except ConnectionResetError:
                 outcome.set_result(("reset", total, time.monotonic()))
             finally:
                 writer.close()
@@ -229,7 +138,7 @@ def test_client_killed_mid_transfer_server_sees_reset(loop_kind):
             client = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: spawn("client", "asyncio", "stream", str(port)))
             try:
-                msg = await asyncio.get_running_loop().run_in_executor(None, read_json, client)
+                msg = await asyncio.get_running_loop().run_in_executor(None, client.read_json)
                 assert msg["mode"] == "ism"
                 await asyncio.sleep(0.3)
                 killed = time.monotonic()
@@ -238,9 +147,7 @@ def test_client_killed_mid_transfer_server_sees_reset(loop_kind):
                 assert result[0] == "reset", result
                 assert result[2] - killed < 1.0
             finally:
-                client.kill()
-                client.wait()
-                client.stdout.close()
+                client.stop()
             await assert_no_leaks(baseline)
 
     run_on(loop_kind, main())
@@ -250,12 +157,12 @@ def test_peer_killed_while_close_drains(loop_kind):
     """close() waits for pending data; if the peer dies meanwhile, close must not hang."""
     server = spawn("serve", "asyncio", "stall")
     try:
-        port = read_json(server)["port"]
+        port = server.read_json()["port"]
 
         async def main():
-            reader, writer = await smcish.open_connection(HOST, port, ring_size=1 << 16)
+            _reader, writer = await smcish.open_connection(HOST, port, ring_size=1 << 16)
             assert writer.get_extra_info("smcish").mode == "ism"
-            assert read_json(server)["event"] == "stalling"
+            assert server.read_json()["event"] == "stalling"
             writer.write(b"z" * (1 << 20))       # far more than the ring holds: most stays pending
             assert writer.transport.get_write_buffer_size() > 0
             writer.close()
@@ -269,5 +176,4 @@ def test_peer_killed_while_close_drains(loop_kind):
 
         run_on(loop_kind, main())
     finally:
-        server.kill()
-        server.wait()
+        server.stop()

@@ -13,12 +13,22 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from smcish import ring
 from smcish.ring import (
-    HEADER_SIZE, MAX_CAPACITY, MIN_CAPACITY, ST_ABORT, ST_CLOSED, ST_DATA, ST_EOF, ST_SPACE,
-    Ring, drain_doorbell, region_size,
+    HEADER_SIZE,
+    MAX_CAPACITY,
+    MIN_CAPACITY,
+    ST_ABORT,
+    ST_CLOSED,
+    ST_DATA,
+    ST_EOF,
+    ST_SPACE,
+    Ring,
+    drain_doorbell,
+    region_size,
 )
 
 U64 = 1 << 64
@@ -220,7 +230,7 @@ def test_wrap_at_every_offset():
     with Pair(cap, 4096) as p:
         full = payload(cap, 7)
         out = bytearray(cap)
-        for offset in range(cap):
+        for _offset in range(cap):
             assert p.a.write(full) == cap
             assert p.b.read_into(out) == cap and out == full
             assert p.a.write(b"!") == 1 and p.b.read(1) == b"!"  # advance the start by one
@@ -323,7 +333,7 @@ def test_any_interleaving_delivers_exact_bytes_in_order(scenario):
                 assert sender.tx_space() == cap - len(queue)
                 assert bool(receiver.status() & ST_DATA) == bool(queue)
         # drain everything left: still exactly the queued bytes
-        for sender, receiver, cap, queue in side.values():
+        for _sender, receiver, _cap, queue in side.values():
             assert receiver.read() == bytes(queue)
         assert p.a.tx_bytes == p.b.rx_bytes and p.b.tx_bytes == p.a.rx_bytes
 

@@ -12,14 +12,15 @@ import mmap
 import os
 import random
 import struct
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from benchmarks.children import spawn_python
+from conftest import program
 from slot_helpers import U64, Memfd, hdr, sealed_memfd
 from smcish import ring
 from smcish.ring import Extent, Group, GroupCorrupted, Ring, RingCorrupted, drain_doorbell
@@ -396,7 +397,8 @@ def test_switch_pos_beyond_the_old_ring(victim, pos):
     (1, 0, 11, "log2 11 outside"), (1, 0, 31, "log2 31 outside"), (1, 0, 0xFFFFFFFF, "log2"),
     (2, 0, 12, "extent 2 is not attached"), (31, 0, 12, "extent 31"), (32, 0, 12, "extent 32"),
     (0xFFFFFFFF, 0, 12, "extent 4294967295"), (1, 4096, 13, "not a multiple"),
-    (1, 65536, 13, "exceeds the extent's 69632 bytes"), (1, 69632, 12, "exceeds"), (1, 65540, 12, "not a multiple"),
+    (1, 65536, 13, "exceeds the extent's 69632 bytes"), (1, 69632, 12, "exceeds"),
+    (1, 65540, 12, "not a multiple"),
     (1, U64 - 4096, 12, "exceeds"), (0, 0, 20, "exceeds"),
 ])
 def test_switch_to_a_bad_block(victim, ext, off, log2, match):
@@ -616,43 +618,17 @@ def test_values_flipped_from_a_thread_while_reading():
     assert group_errors > 0 and ring_errors > 0 and calls > 0
 
 
-_FLIPPER_CHILD = r"""
-import mmap, random, struct, sys, time
-fd, span, offset, millis, hdr0 = (int(x) for x in sys.argv[1:6])
-fields = [tuple(f.split(":")) for f in sys.argv[6].split(",")]
-fields = [(int(off), fmt) for off, fmt in fields]
-m = mmap.mmap(fd, span)
-rnd = random.Random(2)
-end = time.monotonic() + millis / 1000
-sys.stdout.write("go\n"); sys.stdout.flush()
-while time.monotonic() < end:
-    for off, fmt in fields:
-        if rnd.random() < 0.1:
-            v = rnd.getrandbits(64 if fmt == "<Q" else 32)
-        elif off >= hdr0 and off - hdr0 in (8, 32):  # sw_seq, sw_ext
-            v = rnd.randrange(3)
-        elif off >= hdr0 and off - hdr0 == 12:  # sw_log2
-            v = rnd.choice([12, 13, 16])
-        else:
-            v = rnd.randrange(4097)
-        struct.pack_into(fmt, m, offset + off, v)
-"""
-
-
 def test_values_flipped_from_another_process_while_reading():
     v = Victim()
     spec = ",".join(f"{off}:{fmt}" for off, fmt in FIELDS)
-    child = subprocess.Popen(
-        [sys.executable, "-c", _FLIPPER_CHILD, str(v.evil0.fd), str(v.evil0.span),
-         str(v.evil0.offset), "1500", str(hdr(0)), spec],
-        pass_fds=[v.evil0.fd], stdout=subprocess.PIPE)
+    child = spawn_python(script=program("group_flipper.py"),
+                         args=[v.evil0.fd, v.evil0.span, v.evil0.offset, 1500, hdr(0), spec],
+                         pass_fds=[v.evil0.fd], stdin=None)
     try:
-        assert child.stdout.readline() == b"go\n"
+        child.read_until("go")
         group_errors, ring_errors, calls = _exercise(v, time.monotonic() + 1.0)
     finally:
-        child.kill()
-        child.wait()
-        child.stdout.close()
+        child.stop()
         v.close()
     assert group_errors > 0 and ring_errors > 0 and calls > 0
 

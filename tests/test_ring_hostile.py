@@ -13,14 +13,15 @@ import mmap
 import os
 import random
 import struct
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from benchmarks.children import spawn_python
+from conftest import program
 from smcish import ring
 from smcish.ring import ST_DATA, ST_EOF, ST_SPACE, Ring, RingCorrupted, drain_doorbell, region_size
 
@@ -358,9 +359,9 @@ def _exercise(v, deadline):
     data = b"q" * 5000
     while time.monotonic() < deadline:
         r = v.ring
-        ops = (lambda: r.read_into(buf), r.status, lambda: r.write(data),
-               lambda: r.writev([data[:700], data[:900]]), r.readable, r.tx_space,
-               r.prepare_sleep_rx, lambda: r.spin(0), lambda: r.spin_tx(0))
+        ops = (lambda r=r: r.read_into(buf), r.status, lambda r=r: r.write(data),
+               lambda r=r: r.writev([data[:700], data[:900]]), r.readable, r.tx_space,
+               r.prepare_sleep_rx, lambda r=r: r.spin(0), lambda r=r: r.spin_tx(0))
         try:
             for _ in range(50):
                 for call in ops:
@@ -402,42 +403,15 @@ def test_values_flipped_from_a_thread_while_reading():
     assert corruptions > 0 and calls > 0
 
 
-_FLIPPER_CHILD = r"""
-import mmap, os, random, struct, sys, time
-fd, span, offset, seconds = (int(x) for x in sys.argv[1:5])
-m = mmap.mmap(fd, span)
-rnd = random.Random(2)
-end = time.monotonic() + seconds / 1000
-offs = [(0, "<Q"), (128, "<Q"), (256, "<I"), (260, "<I"), (264, "<I"), (272, "<Q")]
-i = 0
-os.write(1, b"go\n")
-while time.monotonic() < end:
-    for off, fmt in offs:
-        i += 1
-        if rnd.random() < 0.1:  # garbage
-            v = rnd.getrandbits(64 if fmt == "<Q" else 32)
-        elif off == 256:
-            v = rnd.getrandbits(3)
-        else:  # plausible for a fresh 4 KiB ring
-            v = rnd.randrange(4097)
-        struct.pack_into(fmt, m, offset + off, v)
-    # and the payload, which is never trusted for anything
-    m[offset + 512 + (i % 4096)] = i & 0xFF
-"""
-
-
 def test_values_flipped_from_another_process_while_reading():
     v = Victim()
-    child = subprocess.Popen(
-        [sys.executable, "-c", _FLIPPER_CHILD, str(v.evil.fd), str(v.evil.span), str(v.evil.offset),
-         "1500"],
-        pass_fds=[v.evil.fd], stdout=subprocess.PIPE)
+    child = spawn_python(script=program("ring_flipper.py"),
+                         args=[v.evil.fd, v.evil.span, v.evil.offset, 1500], pass_fds=[v.evil.fd],
+                         stdin=None)
     try:
-        assert child.stdout.readline() == b"go\n"
+        child.read_until("go")
         corruptions, calls = _exercise(v, time.monotonic() + 1.0)
     finally:
-        child.kill()
-        child.wait()
-        child.stdout.close()
+        child.stop()
         v.close()
     assert corruptions > 0 and calls > 0

@@ -10,19 +10,20 @@ must be followed, and a wait not woken within WAKE_TIMEOUT fails the test (a los
 Run directly, this file is the producer: python test_ring_slot_stress.py producer ARGS...
 """
 
+import itertools
 import math
 import mmap
 import os
 import random
 import select
-import subprocess
 import sys
 import time
 import zlib
 
 import pytest
 
-from slot_helpers import REPO, sealed_memfd
+from benchmarks.children import spawn_python
+from slot_helpers import sealed_memfd
 
 WAKE_TIMEOUT = 3.0  # seconds: far above any honest wake-up, far below the test's bound
 STRESS_BYTES = int(os.environ.get("SMCISH_RING_SLOT_STRESS_BYTES", 256 << 20))
@@ -105,7 +106,7 @@ def producer(p0, p1, c0, c1, my_efd, peer_efd, total, seed, caps_log2_max, switc
         elif style < 0.8:  # gather, pieces of random sizes
             cuts = sorted(rnd.randrange(size + 1) for _ in range(rnd.randrange(1, 8)))
             bounds = [0, *cuts, size]
-            pending = [pool[start + a:start + b] for a, b in zip(bounds, bounds[1:]) if b > a]
+            pending = [pool[start + a:start + b] for a, b in itertools.pairwise(bounds) if b > a]
         else:  # a burst of small bytes messages (the per-message fast path)
             pending = [bytes(pool[start + i:start + min(i + 64, size)]) for i in range(0, size, 64)]
         for part in pending:
@@ -160,14 +161,11 @@ def test_two_process_slot_stream_with_switches(total, caps_log2_max, switch_ever
     fds = {name: sealed_memfd(size, "smcish-slot-stress") for name, size in sizes.items()}
     prod_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # the producer's hub sleeps on it
     cons_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # ours
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     seed = random.randrange(1 << 30)
     args = [fds["p0"], fds["p1"], fds["c0"], fds["c1"], prod_efd, cons_efd, total, seed,
             caps_log2_max, switch_every, spin_us]
-    child = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "producer", *map(str, args)],
-        pass_fds=[*fds.values(), prod_efd, cons_efd], stdout=subprocess.PIPE, env=env)
+    child = spawn_python(script=os.path.abspath(__file__), args=["producer", *args],
+                         pass_fds=[*fds.values(), prod_efd, cons_efd], stdin=None, name="producer")
     ep = Endpoint((fds["c0"], fds["c1"], fds["p0"], fds["p1"]),
                   (sizes["c0"], sizes["c1"], sizes["p0"], sizes["p1"]), ROLE_SERVER, prod_efd)
     r = Ring.in_slot(ep.group, SLOT, ep.heap, 0, 4096, 1, 0, 16)  # the producer's ring0: 64 KiB at (1, 0)
@@ -194,8 +192,8 @@ def test_two_process_slot_stream_with_switches(total, caps_log2_max, switch_ever
             assert not bits & ST_ABORT
             if bits & ST_EOF and not bits & ST_DATA:
                 break
-        out, _ = child.communicate(timeout=30)
-        assert child.returncode == 0
+        returncode, out = child.output(30)
+        assert returncode == 0
         (sent, sent_crc, switches, refused, producer_sleeps, producer_prepares, producer_doorbells,
          tx_switches) = map(int, out.split())
         assert received == sent == total
@@ -212,11 +210,7 @@ def test_two_process_slot_stream_with_switches(total, caps_log2_max, switch_ever
               f"{ep.sleeps}/{ep.group_prepares}, producer sleeps {producer_sleeps}/{producer_prepares}, "
               f"group doorbells {producer_doorbells} + {ep.group.doorbells}")
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        if child.stdout:
-            child.stdout.close()
+        child.stop()
         ep.close(r)
         for fd in (*fds.values(), prod_efd, cons_efd):
             os.close(fd)

@@ -9,12 +9,21 @@ import struct
 import threading
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from slot_helpers import U64, Blocks, GroupPair, Memfd, hdr, payload
 from smcish import ring
 from smcish.ring import (
-    ST_DATA, ST_EOF, ST_SPACE, Extent, Group, GroupCorrupted, Ring, RingCorrupted, Setup,
+    ST_DATA,
+    ST_EOF,
+    ST_SPACE,
+    Extent,
+    Group,
+    GroupCorrupted,
+    Ring,
+    RingCorrupted,
+    Setup,
     drain_doorbell,
 )
 
@@ -57,8 +66,8 @@ def test_group_init_writes_magic_and_validates_arguments():
 
     try:
         mine, peer = ext(big.rw, True), ext(other.ro, False)
-        for bad in [dict(max_slots=100), dict(max_slots=64), dict(max_slots=32768),
-                    dict(max_slots=512), dict(role=3), dict(fd=-2)]:
+        for bad in [{"max_slots": 100}, {"max_slots": 64}, {"max_slots": 32768},
+                    {"max_slots": 512}, {"role": 3}, {"fd": -2}]:
             with pytest.raises(ValueError):
                 Group(mine, peer, bad.get("fd", -1), bad.get("role", ring.ROLE_SERVER),
                       bad.get("max_slots", 256))
@@ -238,9 +247,7 @@ def test_switches_across_the_2_64_wrap(start):
         ra, rb = p.slot_rings(5, 4096, 4096, start_a=start)
         blocks = [(1, 8192, 8192), (2, 0, 4096), (1, 65536, 65536), (2, 4096, 4096)]
         sent, got = bytearray(), bytearray()
-        seed = 0
-        for ext, off, cap in blocks:
-            seed += 1
+        for seed, (ext, off, cap) in enumerate(blocks, start=1):
             data = payload(3 * cap // 2 + 7, seed)
             n = ra.write(data)
             sent += data[:n]
@@ -399,12 +406,12 @@ def test_several_slots_are_independent():
             rings[slot] = p.slot_rings(slot, 4096, 8192, at_a=(1, i * 65536), at_b=(2, i * 65536))
         expected = {slot: bytearray() for slot in rings}
         for round_ in range(20):
-            for slot, (ra, rb) in rings.items():
+            for slot, (ra, _rb) in rings.items():
                 data = payload(1000 + 37 * round_ + slot, round_ * 131 + slot)
                 expected[slot] += data[:ra.write(data)]
                 if round_ == 7 + slot % 5:
                     ra.switch_tx(p.a.rw[2], (4 + slot % 3) * 65536, 16384, 2)
-            for slot, (ra, rb) in rings.items():
+            for slot, (_ra, rb) in rings.items():
                 got = rb.read(2500)
                 assert got == expected[slot][:len(got)]
                 del expected[slot][:len(got)]
@@ -529,7 +536,7 @@ def test_queue_overflow_is_flagged_and_recovers():
         p.ga.notify(7)  # room again (the peer's consumption is re-read when the queue looks full)
         assert p.gb.take() == ([7], False)
         # overflow alone (nothing queued) still counts as pending
-        for i in range(ring.G_NQ_ENTRIES + 1):
+        for _ in range(ring.G_NQ_ENTRIES + 1):
             p.ga.notify(1)
         slots, overflow = p.gb.take(10)
         assert len(slots) == 10 and overflow
@@ -592,7 +599,7 @@ def test_group_spin_runs_without_the_gil():
 
 def test_ring_doorbell_in_slot_mode_queues_the_slot():
     with GroupPair() as p:
-        ra, rb = p.slot_rings(33)
+        ra, _rb = p.slot_rings(33)
         ra.doorbell()
         assert p.gb.take() == ([33], False) and ra.doorbells == 1
 

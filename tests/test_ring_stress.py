@@ -9,17 +9,19 @@ Run directly, this file is the producer: python test_ring_stress.py producer ARG
 """
 
 import fcntl
+import itertools
 import math
 import mmap
 import os
 import random
 import select
-import subprocess
 import sys
 import time
 import zlib
 
 import pytest
+
+from benchmarks.children import spawn_python
 
 WAKE_TIMEOUT = 3.0  # seconds: far above any honest wake-up, far below the test's bound
 STRESS_BYTES = int(os.environ.get("SMCISH_RING_STRESS_BYTES", 1 << 30))
@@ -68,7 +70,7 @@ def producer(my_fd, peer_fd, my_cap, peer_cap, my_efd, peer_efd, total, seed):
         elif style < 0.8:  # gather, pieces of random sizes
             cuts = sorted(rnd.randrange(size + 1) for _ in range(rnd.randrange(1, 8)))
             bounds = [0, *cuts, size]
-            pending = [pool[start + a:start + b] for a, b in zip(bounds, bounds[1:]) if b > a]
+            pending = [pool[start + a:start + b] for a, b in itertools.pairwise(bounds) if b > a]
         else:  # a burst of small bytes messages (the per-message fast path)
             pending = [bytes(pool[start + i:start + min(i + 64, size)]) for i in range(0, size, 64)]
         for part in pending:
@@ -107,21 +109,17 @@ def producer(my_fd, peer_fd, my_cap, peer_cap, my_efd, peer_efd, total, seed):
     (4096, min(STRESS_BYTES, 24 << 20), 0),  # tiny ring, no spinning: thousands of sleeps
 ])
 def test_two_process_stream(ring_cap, total, spin_us):
-    import smcish
     from smcish.ring import ST_ABORT, ST_DATA, ST_EOF, Ring, region_size
 
     back_cap = 4096
     prod_fd, cons_fd = make_region(ring_cap), make_region(back_cap)
     prod_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # the producer sleeps on it
     cons_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # we sleep on it
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(smcish.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     seed = random.randrange(1 << 30)
-    child = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "producer", str(prod_fd), str(cons_fd),
-         str(ring_cap), str(back_cap), str(prod_efd), str(cons_efd), str(total), str(seed)],
-        pass_fds=[prod_fd, cons_fd, prod_efd, cons_efd], stdout=subprocess.PIPE, env=env)
+    child = spawn_python(script=os.path.abspath(__file__),
+                         args=["producer", prod_fd, cons_fd, ring_cap, back_cap, prod_efd, cons_efd,
+                               total, seed],
+                         pass_fds=[prod_fd, cons_fd, prod_efd, cons_efd], stdin=None, name="producer")
     mine = mmap.mmap(cons_fd, region_size(back_cap))
     peer = mmap.mmap(prod_fd, region_size(ring_cap), prot=mmap.PROT_READ)
     r = Ring(mine, peer, back_cap, ring_cap, prod_efd)
@@ -151,8 +149,8 @@ def test_two_process_stream(ring_cap, total, spin_us):
             assert not bits & ST_ABORT
             if bits & ST_EOF and not bits & ST_DATA:
                 break
-        out, _ = child.communicate(timeout=30)
-        assert child.returncode == 0
+        returncode, out = child.output(30)
+        assert returncode == 0
         sent, sent_crc, producer_sleeps, producer_prepares, producer_doorbells = map(int, out.split())
         assert received == sent == total
         assert crc == sent_crc
@@ -165,11 +163,7 @@ def test_two_process_stream(ring_cap, total, spin_us):
               f"producer sleeps {producer_sleeps}/{producer_prepares}, doorbells "
               f"{producer_doorbells} + {r.doorbells}")
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        if child.stdout:
-            child.stdout.close()
+        child.stop()
         r.close()
         mine.close()
         peer.close()

@@ -19,16 +19,17 @@ import tempfile
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from slot_helpers import GroupPair
-from smcish import ring
-from smcish import _ring as _ring_module
-from smcish._ring import ffi as _ffi
-from smcish.ring import ST_DATA, ST_SPACE, Ring, RingCorrupted, drain_doorbell
-from test_ring import Pair, payload
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_ring_group_hostile import Victim as GroupVictim
 from test_ring_hostile import Victim
+
+from slot_helpers import GroupPair
+from smcish import _ring as _ring_module
+from smcish import ring
+from smcish._ring import ffi as _ffi
+from smcish.ring import ST_DATA, ST_SPACE, RingCorrupted, drain_doorbell
+from test_ring import Pair, payload
 
 U64 = 1 << 64
 HYP = settings(deadline=None, max_examples=150,
@@ -380,7 +381,8 @@ def test_write_from_fd_runs_without_the_gil():
         text = src.read_text()
         body = text[text.index("_cffi_f_smc_tx_write_fd(PyObject"):]
         body = body[:body.index("Py_END_ALLOW_THREADS")]
-        assert "Py_BEGIN_ALLOW_THREADS" in body and "smc_tx_write_fd(x0" in body.split("Py_BEGIN_ALLOW_THREADS")[1]
+        assert "Py_BEGIN_ALLOW_THREADS" in body
+        assert "smc_tx_write_fd(x0" in body.split("Py_BEGIN_ALLOW_THREADS")[1]
         checked.append(str(src))
     if not checked:
         pytest.skip("neither objdump (with the module's symbols) nor the generated _ring.c here")
@@ -681,7 +683,7 @@ def test_write_from_fd_bounces_in_several_threads_at_once(datafile):
                     assert got == data[off:off + n]
                     total += n if in_window(dist) else 0
                 assert bounced(a) == total > 0
-        except BaseException as exc:   # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:   # reported by the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]

@@ -179,9 +179,8 @@ def test_sendfile_while_optimistic_set_up_falls_through(loop_kind, big_file):
     """sendfile right after connect, the server's loop stalled past the set-up timeout: the
     file fills the send-only ring, the claim is withdrawn, the connection moves to TCP with the
     ring's bytes resent, and the rest of the file follows over TCP: every byte once, in order."""
-    from test_optimistic import ThreadServer, sha_echo
-
     from conftest import Env
+    from test_optimistic import ThreadServer, sha_echo
 
     path, digest = big_file
     srv = ThreadServer(loop_kind, sha_echo)
@@ -219,7 +218,7 @@ def test_write_during_sendfile_raises_as_asyncio(env, big_file):
     (the bytes would land inside the file's)."""
     if env.loop_kind == "uvloop" and env.path == "tcp":
         pytest.skip("uvloop has no loop.sendfile")
-    path, digest = big_file
+    path, _digest = big_file
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -271,7 +270,7 @@ def test_writer_after_peer_abort_fails_instead_of_spinning(env):
 
         server = await smcish.create_server(Server, "127.0.0.1", 0, **env.kw)
         port = server.sockets[0].getsockname()[1]
-        reader, writer = await smcish.open_connection("127.0.0.1", port, **env.kw)
+        _reader, writer = await smcish.open_connection("127.0.0.1", port, **env.kw)
         peer = await asyncio.wait_for(made, 5)
         writer.write(os.urandom(8 << 20))
         await asyncio.sleep(0.05)

@@ -21,11 +21,23 @@ import time
 import pytest
 
 import smcish
-
 from conftest import PYTHON, ROOT, python_env
 from tls_helpers import (
-    CLIENT_CN, HOST, SERVER_NAME, Api, Certs, LineProtocol, client_hello, defuse,
-    describe_errors, mode_of, reason_of, run_collect, smtp_client, smtp_server, subject_cn,
+    CLIENT_CN,
+    HOST,
+    SERVER_NAME,
+    Api,
+    Certs,
+    LineProtocol,
+    client_hello,
+    defuse,
+    describe_errors,
+    mode_of,
+    reason_of,
+    run_collect,
+    smtp_client,
+    smtp_server,
+    subject_cn,
     tls_summary,
 )
 
@@ -57,7 +69,7 @@ async def _smtp_exchange(api: Api, certs: Certs):
     async def handle(reader, writer):
         try:
             await smtp_server(reader, writer, sctx, server_rec)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:  # handed to the test
             if not done.done():
                 done.set_exception(exc)
         else:
@@ -229,7 +241,7 @@ async def _bulk(api: Api, certs: Certs):
             writer.close()
             await writer.wait_closed()
             server_done.set_result((n, got, sent, tail, mode))
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:  # handed to the test
             server_done.set_exception(exc)
 
     server = await api.start_server(handle, HOST, 0, ssl=certs.server_ctx())
@@ -331,7 +343,7 @@ async def _client_gives_up(api: Api, certs: Certs, stall: bool):
             transport.abort()
         try:
             exc = await asyncio.wait_for(asyncio.shield(proto.lost), HS_TIMEOUT + 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             outcome = ("hang", None)             # the server never closed the connection
             transport.abort()
         else:
@@ -383,9 +395,9 @@ async def _server_gives_up(api: Api, certs: Certs, stall: bool):
         def data_received(self, data):
             super().data_received(data)
             if self.index == 0:
-                if not stall and len(self.buf) >= 5:
-                    if len(self.buf) >= 5 + int.from_bytes(self.buf[3:5], "big"):
-                        self.transport.abort()
+                if (not stall and len(self.buf) >= 5
+                        and len(self.buf) >= 5 + int.from_bytes(self.buf[3:5], "big")):
+                    self.transport.abort()
             elif not self.upgraded and self.buf == b"STARTTLS\n":
                 self.upgraded = True
                 self.buf.clear()
@@ -400,7 +412,7 @@ async def _server_gives_up(api: Api, certs: Certs, stall: bool):
                 self.tls_mode = mode_of(tls)
                 tls.write(await self.read_line())
                 tls.close()
-            except Exception as exc:  # noqa: BLE001 - reported to the test
+            except Exception as exc:  # reported to the test
                 self.error = exc
 
     server = await api.create_server(RawServer, HOST, 0)
@@ -408,12 +420,12 @@ async def _server_gives_up(api: Api, certs: Certs, stall: bool):
         port = server.sockets[0].getsockname()[1]
         t0 = loop.time()
         try:
-            reader, writer = await asyncio.wait_for(api.open_connection(
+            _reader, writer = await asyncio.wait_for(api.open_connection(
                 HOST, port, ssl=certs.client_ctx(), server_hostname=SERVER_NAME,
                 ssl_handshake_timeout=HS_TIMEOUT), HS_TIMEOUT + 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             outcome = "hang: open_connection outlived its ssl_handshake_timeout"
-        except Exception as exc:  # noqa: BLE001 - compared with asyncio's
+        except Exception as exc:  # compared with asyncio's
             outcome = type(exc)
         else:
             if writer.transport is None:
@@ -519,8 +531,8 @@ async def _sha_roundtrip(reader, writer) -> bool:
 
 def _blocking_client(port: int, cafile: str) -> tuple[bool, str]:
     ctx = ssl.create_default_context(cafile=cafile)
-    with socket.create_connection((HOST, port), timeout=15) as raw:
-        with ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
+    with socket.create_connection((HOST, port), timeout=15) as raw, \
+            ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
             tls.sendall(b"%d\n" % len(PAYLOAD) + PAYLOAD)
             buf = bytearray()
             want = 65 + len(PAYLOAD)
@@ -614,7 +626,7 @@ def test_unchanged_starttls_program(env, certs, server_kind):
         async def handle(reader, writer):
             try:
                 await smtp_server(reader, writer, certs.server_ctx(), record)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 if not done.done():
                     done.set_exception(exc)
             else:
@@ -668,7 +680,7 @@ async def _loop_start_tls(env, certs: Certs):
                 del self.buf[:self.buf.index(b"STARTTLS\n") + 9]
                 self.transport.pause_reading()          # nothing of the ClientHello for us
                 self.transport.write(b"OK\n")
-                loop.create_task(self.upgrade())
+                self.upgrading = loop.create_task(self.upgrade())  # (kept: not collected)
 
         async def upgrade(self):
             try:
@@ -682,7 +694,7 @@ async def _loop_start_tls(env, certs: Certs):
                 tls.write(b"bye " + line)
                 tls.close()
                 server_done.set_result(await self.lost)
-            except BaseException as exc:  # noqa: BLE001 - handed to the test
+            except BaseException as exc:  # handed to the test
                 server_done.set_exception(exc)
 
     server = await api.create_server(Server, HOST, 0)

@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 import warnings
@@ -16,8 +15,8 @@ import warnings
 import pytest
 
 import smcish
-
-from conftest import PYTHON, new_loop, python_env
+from benchmarks.children import spawn_python
+from conftest import PYTHON, new_loop, program, python_env
 
 HOST = "127.0.0.1"
 
@@ -201,26 +200,8 @@ def test_stats_count_connections_and_bytes(loop_kind):
 
 
 def test_stat_command_lists_other_processes(tmp_path):
-    holder = textwrap.dedent('''
-        import asyncio, sys, smcish
-        async def main():
-            async def handle(reader, writer):
-                await reader.read()
-            server = await smcish.start_server(handle, "127.0.0.1", 0)
-            port = server.sockets[0].getsockname()[1]
-            reader, writer = await smcish.open_connection("127.0.0.1", port)
-            writer.write(b"y" * 12345)
-            await writer.drain()
-            print("ready", port, flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        asyncio.run(main())
-    ''')
-    proc = subprocess.Popen([PYTHON, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=python_env())
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("ready"), line
-        port = int(line.split()[1])
+    with spawn_python(script=program("stat_holder.py"), env=python_env(), handshake="ready") as proc:
+        port = int(proc.hello.split()[1])
         out = subprocess.run([PYTHON, "-m", "smcish", "stat", "--json", "--connections"], env=python_env(),
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
@@ -229,9 +210,8 @@ def test_stat_command_lists_other_processes(tmp_path):
         assert all(r["mode"] == "ism" for r in rows)
         client = next(r for r in rows if r["role"] == "client")
         assert client["peer"] == f"{HOST}:{port}" and client["bytes_sent"] == 12345
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=10)
+        proc.close_stdin()
+        proc.wait(10)
 
 
 def test_unclosed_transport_warns(loop_kind):

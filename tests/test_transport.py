@@ -6,7 +6,6 @@ import asyncio
 import os
 import zlib
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -368,7 +367,7 @@ def test_extra_info(env):
     async def main():
         server, port = await echo_server(env)
         async with server:
-            reader, writer = await smcish.open_connection(HOST, port, **env.kw)
+            _reader, writer = await smcish.open_connection(HOST, port, **env.kw)
             assert writer.get_extra_info("peername")[1] == port
             assert writer.get_extra_info("sockname")[0] == HOST
             assert writer.get_extra_info("socket") is not None

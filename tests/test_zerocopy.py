@@ -539,7 +539,7 @@ def test_commit_after_write_eof_raises_like_write(env):
         made: list = []
         server = await smcish.create_server(factory(made, ZCReceiver, greet=True), HOST, 0, **env.kw)
         async with server:
-            reader, writer = await confirmed_client(env, port_of(server))
+            _reader, writer = await confirmed_client(env, port_of(server))
             t = writer.transport
             t.write(b"before")
             view = t.reserve(10)
@@ -720,7 +720,7 @@ def test_close_with_outstanding_reservation(env, how):
             finally:
                 stop = True
                 await scribbler
-            del alias, view
+            alias = view = None               # (not `del`: scribble() closes over alias)
 
     env.run(main(), timeout=60)
 
@@ -777,7 +777,7 @@ def test_commit_after_connection_ended_is_a_noop(env):
         made: list = []
         server = await smcish.create_server(factory(made, ZCReceiver, greet=True), HOST, 0, **env.kw)
         async with server:
-            reader, writer = await confirmed_client(env, port_of(server))
+            _reader, writer = await confirmed_client(env, port_of(server))
             t = writer.transport
             t.write(b"hi")
             while not made or made[0].nbytes < 2:
@@ -798,7 +798,7 @@ def test_commit_after_connection_ended_is_a_noop(env):
     env.run(main())
 
 
-# =============================================================================== 6. hostile: abort under a view
+# ========================================================================== 6. hostile: abort under a view
 
 @pytest.mark.parametrize("aborter", ["client", "server"])
 def test_peer_aborts_while_view_held(env, aborter):
@@ -832,7 +832,7 @@ def test_peer_aborts_while_view_held(env, aborter):
             t.abort()
             try:
                 await asyncio.wait_for(asyncio.shield(rcv.closed), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 # reading is paused while the view is held: the peer's close (it had nothing
                 # unread: a FIN, as over TCP) is only seen once reading resumes (release_view)
                 pass
@@ -1016,7 +1016,7 @@ def test_concurrent_send_buffers_both_finish(env):
 
         server = await smcish.create_server(Sink, HOST, 0, **env.kw)
         async with server:
-            reader, writer = await smcish.open_connection(HOST, port_of(server), **env.kw)
+            _reader, writer = await smcish.open_connection(HOST, port_of(server), **env.kw)
             assert writer.get_extra_info("smcish").mode == env.expected_mode
             a, b = b"A" * (3 << 20), b"B" * (3 << 20)
             await asyncio.wait_for(asyncio.gather(smcish.send_buffer(writer, a),
@@ -1053,7 +1053,7 @@ def test_cancelling_one_waiter_leaves_the_other(env):
 
         server = await smcish.create_server(Sink, HOST, 0, **env.kw)
         async with server:
-            reader, writer = await smcish.open_connection(HOST, port_of(server), **env.kw)
+            _reader, writer = await smcish.open_connection(HOST, port_of(server), **env.kw)
             assert writer.get_extra_info("smcish").mode == env.expected_mode
             peer = await asyncio.wait_for(made, 5)
             a = asyncio.ensure_future(smcish.send_buffer(writer, b"A" * (8 << 20)))

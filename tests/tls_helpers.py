@@ -12,7 +12,6 @@ import ssl
 import trustme
 
 import smcish
-
 from conftest import new_loop
 
 HOST = "127.0.0.1"
@@ -255,7 +254,7 @@ async def smtp_server(reader, writer, ctx: ssl.SSLContext, record: dict) -> None
                 break
             if line.startswith(b"EHLO"):
                 writer.write(b"250-localhost\r\n250 SIZE 1000000\r\n")
-            elif line.startswith(b"MAIL FROM:") or line.startswith(b"RCPT TO:"):
+            elif line.startswith((b"MAIL FROM:", b"RCPT TO:")):
                 writer.write(b"250 OK\r\n")
             elif line == b"DATA\r\n":
                 writer.write(b"354 end with .\r\n")
@@ -273,7 +272,7 @@ async def smtp_server(reader, writer, ctx: ssl.SSLContext, record: dict) -> None
         writer.close()
         await writer.wait_closed()
         record["done"] = True
-    except BaseException as exc:   # noqa: BLE001 - reported to the test
+    except BaseException as exc:   # reported to the test
         record["error"] = repr(exc)
         writer.close()
         raise

@@ -19,12 +19,8 @@ import asyncio
 import json
 import os
 import random
-import selectors
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import zlib
@@ -39,6 +35,8 @@ OTHER_UID = 1234
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from benchmarks import children  # noqa: E402 - needs ROOT on sys.path (also as a child program)
 
 
 def child_env(**extra) -> dict:
@@ -80,21 +78,19 @@ def exc_info(exc) -> dict | None:
 
 # ====================================================================== parent side
 
-class ChildError(AssertionError):
-    pass
+ChildError = children.ChildError   # a child exited, stayed silent, or answered with an error
 
 
 class JsonProc:
-    """A child process speaking JSON lines: commands carry an ``id``, replies echo it."""
+    """A child process speaking JSON lines: commands carry an ``id``, replies echo it. Its stderr
+    is kept (``stderr_tail``); every read is bounded (benchmarks/children.py)."""
 
     def __init__(self, argv: list, env: dict | None = None, name: str = "child",
                  hello_timeout: float = 30.0) -> None:
         self.name = name
-        self._err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._err, env=env or child_env(), cwd=ROOT)
-        self.pid = self.proc.pid
-        self._buf = b""
+        self.child = children.Child(argv, env=env or child_env(), cwd=ROOT, name=name)
+        self.proc = self.child.proc
+        self.pid = self.child.pid
         self._replies: dict = {}
         self._next = 0
         try:
@@ -106,43 +102,15 @@ class JsonProc:
             raise ChildError(f"{name} did not start: {self.hello} {self.stderr_tail()}")
 
     def stderr_tail(self, n: int = 3000) -> str:
-        try:
-            self._err.seek(0, os.SEEK_END)
-            size = self._err.tell()
-            self._err.seek(max(0, size - n))
-            return self._err.read().decode(errors="replace")
-        except (OSError, ValueError):
-            return ""
+        return self.child.stderr_text(n)
 
     def read_line(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ChildError(f"{self.name} (pid {self.pid}) silent for {timeout} s; "
-                                 f"stderr: {self.stderr_tail()}")
-            sel = selectors.DefaultSelector()
-            sel.register(fd, selectors.EVENT_READ)
-            try:
-                ready = sel.select(left)
-            finally:
-                sel.close()
-            if not ready:
-                continue
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                raise ChildError(f"{self.name} (pid {self.pid}) exited rc={self.proc.poll()}; "
-                                 f"stderr: {self.stderr_tail()}")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
+        return json.loads(self.child.read_line(timeout))
 
     def send(self, /, **cmd) -> int:
         self._next += 1
         cmd["id"] = self._next
-        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.proc.stdin.flush()
+        self.child.send_json(cmd)
         return self._next
 
     def wait(self, ident: int, timeout: float = 30.0) -> dict:
@@ -159,32 +127,24 @@ class JsonProc:
         return self.wait(self.send(**cmd), bound)
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.child.alive()
 
     def exit(self, timeout: float = 15.0) -> int | None:
         """Ask the child to exit; its return code (negative: killed by that signal)."""
-        if self.proc.poll() is None:
+        if self.child.alive():
             try:
                 self.send(cmd="exit", op="exit")
-                self.proc.wait(timeout)
-            except (BrokenPipeError, subprocess.TimeoutExpired, OSError):
+                self.child.wait(timeout)
+            except (BrokenPipeError, children.ChildTimeout, OSError):
                 self.kill()
                 return None
-        self._close_pipes()
+        self.child.stop()
         return self.proc.returncode
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self._close_pipes()
-
-    def _close_pipes(self) -> None:
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        if self.child.alive():
+            self.child.kill(10)
+        self.child.stop()
 
 
 class HostilePeer(JsonProc):
@@ -476,7 +436,7 @@ def _stdin_commands(loop, handle) -> asyncio.Future:
         try:
             result = await handle(cmd)
             _emit({"id": cmd.get("id"), "ok": True, "result": result})
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:  # reported to the parent
             _emit({"id": cmd.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500],
                    "trace": traceback.format_exc()[-2000:]})
 
@@ -588,11 +548,11 @@ async def _victim(cfg: dict) -> None:
         try:
             reader, writer = await asyncio.wait_for(
                 smcish.open_connection(cmd.get("host", HOST), cmd["port"], **ckw), bound)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             out["hang"] = True
             out["connect_s"] = round(loop.time() - t0, 3)
             return out
-        except Exception as exc:  # noqa: BLE001 - reported
+        except Exception as exc:  # reported
             out["connect_error"] = exc_info(exc)
             out["connect_s"] = round(loop.time() - t0, 3)
             return out
@@ -614,9 +574,9 @@ async def _victim(cfg: dict) -> None:
                     out["eof"] = True
                     break
                 got += chunk
-        except asyncio.TimeoutError:
+        except TimeoutError:
             out["read_timeout"] = True
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             out["read_error"] = exc_info(exc)
         out["reply"] = bytes(got).hex()
         info = writer.get_extra_info("smcish")          # an optimistic connection may have moved
@@ -624,7 +584,7 @@ async def _victim(cfg: dict) -> None:
         writer.close()
         try:
             await asyncio.wait_for(writer.wait_closed(), 2.0)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             out["close_error"] = exc_info(exc)
         return out
 
@@ -643,7 +603,7 @@ async def _victim(cfg: dict) -> None:
                 got.append(data.hex())
                 writer.write(b"PLAIN:" + data)
                 await writer.drain()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 got.append("error:" + type(exc).__name__)
             writer.close()
 
@@ -740,7 +700,7 @@ async def _healthy(cfg: dict) -> None:
                 state["pings"] += 1
                 state["bytes"] += len(payload)
                 await asyncio.sleep(0.004)
-        except Exception as exc:  # noqa: BLE001 - reported
+        except Exception as exc:  # reported
             state["error"] = repr(exc)[:300]
 
     task = loop.create_task(pinger())
@@ -759,12 +719,12 @@ async def _healthy(cfg: dict) -> None:
     stop.set()
     try:
         await asyncio.wait_for(task, 10)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     writer.close()
     try:
         await asyncio.wait_for(writer.wait_closed(), 5)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
 
 

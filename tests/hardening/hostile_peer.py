@@ -49,10 +49,11 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import concurrent.futures.thread  # noqa: E402,F401 - everything is imported before a setuid drop
+
 import ism_backend  # noqa: E402
-import ism_backend.client  # noqa: E402,F401
-import ism_backend.sockets  # noqa: E402,F401
-import ism_backend.control  # noqa: E402,F401
+import ism_backend.client  # noqa: E402
+import ism_backend.control  # noqa: E402
+import ism_backend.sockets  # noqa: E402
 import smcish  # noqa: E402
 from smcish import clc, discovery, linkgroup  # noqa: E402
 from smcish import ring as R  # noqa: E402
@@ -129,7 +130,7 @@ class Ctx:
         self.rings: list = []
         self.server = None
         self.server_hub = None
-        self.tcp: dict[int, "TcpRecorder"] = {}      # hostile server: victim port -> recorder
+        self.tcp: dict[int, TcpRecorder] = {}      # hostile server: victim port -> recorder
         self.answered: set = set()
         self.echo_tcp = True
         self.banner = b""
@@ -147,13 +148,13 @@ class Ctx:
         for ring in self.rings:
             try:
                 ring.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         self.rings.clear()
         for w in self.writers:
             try:
                 w.transport.abort()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         self.writers.clear()
         for s in self.socks:
@@ -185,7 +186,7 @@ class Ctx:
                 h = hdr_off(slot)
                 put(mem, h + R.OFF_STATE, "I", get(mem, h + R.OFF_STATE, "I") | R.STATE_ABORT)
                 group.group.notify(slot)
-            except Exception:  # noqa: BLE001 - a broken group: nothing to tell
+            except Exception:  # a broken group: nothing to tell
                 pass
             told += ring_doorbell(group)
         self.used.clear()
@@ -196,7 +197,7 @@ class Ctx:
             for group in list(hub.client_groups.values()) + list(hub.server_groups.values()):
                 try:
                     group.close()                  # fail + group_close to the peer
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
                 closed += 1
             hub.close()
@@ -268,7 +269,7 @@ class Conn:
         t.pause_reading()
 
     @classmethod
-    async def open(cls, ctx: Ctx, port: int, **kw) -> "Conn":
+    async def open(cls, ctx: Ctx, port: int, **kw) -> Conn:
         reader, writer = await asyncio.wait_for(
             smcish.open_connection(HOST, port, ring_size=RING, handshake_timeout=2.0, **kw), 10)
         ctx.writers.append(writer)
@@ -299,7 +300,7 @@ class Conn:
         """Tell the victim to look: a legitimate notification, and its doorbell."""
         try:
             self.lg.notify(self.slot)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         self.doorbell()
 
@@ -589,7 +590,7 @@ async def _random_everything(c: Conn, args: dict) -> dict:
     while time.monotonic() < deadline:
         try:
             await c.exchange(data, 0.5)
-        except Exception as exc:  # noqa: BLE001 - our own view of the victim: anything goes
+        except Exception as exc:  # our own view of the victim: anything goes
             errors.append(type(exc).__name__)
             await asyncio.sleep(0.01)
     n = flipper.stop()
@@ -732,7 +733,7 @@ class Manual:
         self.ring = None
 
     @classmethod
-    async def open(cls, ctx: Ctx, port: int, group=None) -> "Manual":
+    async def open(cls, ctx: Ctx, port: int, group=None) -> Manual:
         hub = ctx.hub()
         acc = await discovery.find_acceptor(ctx.loop, hub, socket.AF_INET, HOST, port, None)
         ctx.socks.append(acc.sock)
@@ -756,10 +757,10 @@ class Manual:
         if self.block is None:
             self.block, self.ext = self.group.alloc_block(RING)
         ino = os.fstat(self.sock.fileno()).st_ino
-        values = dict(gen=self.gen, phase=clc.PHASE_CLAIMED, reason=0, family=socket.AF_INET,
-                      ring0_off=self.block.off, ring0_ext=self.block.ext, ring0_log2=LOG2,
-                      sock_ino=ino, cport=self.local[1], sport=self.vport,
-                      caddr=addr_bytes(self.local[0]), saddr=addr_bytes(HOST))
+        values = {"gen": self.gen, "phase": clc.PHASE_CLAIMED, "reason": 0, "family": socket.AF_INET,
+                      "ring0_off": self.block.off, "ring0_ext": self.block.ext, "ring0_log2": LOG2,
+                      "sock_ino": ino, "cport": self.local[1], "sport": self.vport,
+                      "caddr": addr_bytes(self.local[0]), "saddr": addr_bytes(HOST)}
         values.update(fields)
         for key in ("ring0_off", "sock_ino"):
             values[key] &= U64
@@ -806,7 +807,7 @@ class Manual:
         out = {"sent": len(payload)}
         try:
             await asyncio.wait_for(loop.sock_sendall(self.sock, payload), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             out["send_error"] = type(exc).__name__
         return dict(out, **await self.tcp_read(len(payload), timeout))
 
@@ -821,7 +822,7 @@ class Manual:
                 break
             try:
                 chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             except ConnectionResetError:
                 end = "rst"
@@ -965,7 +966,7 @@ async def _then_flip_record(m: Manual, args: dict) -> dict:
         if rng.random() < 0.05:
             try:
                 m.lg.notify(m.slot)
-            except Exception:  # noqa: BLE001 - the loop thread uses the group too: best effort
+            except Exception:  # the loop thread uses the group too: best effort
                 pass
     flipper = Flipper(fn, args.get("seconds", 0.25))
     m.ctx.flippers.append(flipper)
@@ -1084,7 +1085,7 @@ async def _case_extent_add_garbage(ctx: Ctx, port: int, args: dict) -> dict:
         try:
             answers[name] = ("ok", str(dev.peer_request(g.peer_endpoint, op, group_id=g.id,
                                                         side=g.peer_side, **fields))[:120])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             answers[name] = (type(exc).__name__, str(exc)[:160])
 
     region = dev.alloc(1 << 16)
@@ -1270,10 +1271,10 @@ class Answer:
                                   self.block.size, self.snap.ring0_ext, self.snap.ring0_off,
                                   self.snap.ring0_log2)
             self.ctx.rings.append(self.ring)
-        values = dict(gen=self.snap.gen, phase=clc.PHASE_ACCEPTED, reason=0,
-                      family=self.snap.family, ring0_off=self.block.off, ring0_ext=self.block.ext,
-                      ring0_log2=LOG2, sock_ino=0, cport=self.snap.cport, sport=self.snap.sport,
-                      caddr=self.snap.caddr, saddr=self.snap.saddr)
+        values = {"gen": self.snap.gen, "phase": clc.PHASE_ACCEPTED, "reason": 0,
+                      "family": self.snap.family, "ring0_off": self.block.off, "ring0_ext": self.block.ext,
+                      "ring0_log2": LOG2, "sock_ino": 0, "cport": self.snap.cport, "sport": self.snap.sport,
+                      "caddr": self.snap.caddr, "saddr": self.snap.saddr}
         values.update(fields)
         values["ring0_off"] &= U64
         for key in ("gen", "phase", "reason", "ring0_ext", "ring0_log2"):
@@ -1289,7 +1290,7 @@ class Answer:
     def kick(self) -> None:
         try:
             self.lg.notify(self.slot)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         ring_doorbell(self.group)
 
@@ -1759,7 +1760,7 @@ async def main() -> None:
         try:
             result = await handle(ctx, cmd)
             reply({"id": cmd.get("id"), "ok": True, "result": result})
-        except BaseException as exc:  # noqa: BLE001 - reported to the driver
+        except BaseException as exc:  # reported to the driver
             reply({"id": cmd.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500],
                    "trace": traceback.format_exc()[-2000:]})
 

@@ -72,7 +72,7 @@ def test_forged_claim_for_a_plain_clients_4tuple_costs_it_nothing(arena, proto, 
     naming another inode): the victim's server serves that client as plain TCP at once, bytes
     exact, and the hostile gets nothing (it would have answered FINAL_ISM to an ACCEPTED)."""
     port, banner = (arena.port, b"") if proto == "client_first" else (arena.banner_port, BANNER)
-    res, forged = _forge_then_connect(arena, port, banner, INODES[variant])
+    res, _forged = _forge_then_connect(arena, port, banner, INODES[variant])
     print(proto, variant, "first byte after", round(res["first_byte_s"] or -1, 4), "s")
     assert "error" not in res, res
     assert res["got"] == banner + res["payload"], res
@@ -115,7 +115,7 @@ def test_claims_for_hundreds_of_ports_then_plain_clients(arena):
 @pytest.mark.parametrize("proto", ["client_first", "server_first"])
 def test_forged_claim_with_the_real_inode_same_uid(arena, proto):
     port, banner = (arena.port, b"") if proto == "client_first" else (arena.banner_port, BANNER)
-    res, forged = _forge_then_connect(arena, port, banner, lambda ino: ino, timeout=1.5)
+    res, _forged = _forge_then_connect(arena, port, banner, lambda ino: ino, timeout=1.5)
     try:
         assert "error" not in res and res["got"] == banner + res["payload"], res
         assert res["first_byte_s"] < NO_DELAY, res
@@ -211,7 +211,7 @@ def test_other_uid_cannot_claim_or_delay_a_root_plain_client(two_uids, proto):
     as plain TCP at once, bytes exact."""
     a = two_uids
     port, banner = (a.port, b"") if proto == "client_first" else (a.banner_port, BANNER)
-    res, forged = _forge_then_connect(a, port, banner, lambda ino: ino)
+    res, _forged = _forge_then_connect(a, port, banner, lambda ino: ino)
     print(proto, "uid 1234, real inode: first byte after", round(res["first_byte_s"] or -1, 4), "s")
     assert "error" not in res and res["got"] == banner + res["payload"], res
     assert res["first_byte_s"] < NO_DELAY, res
@@ -251,7 +251,7 @@ def test_other_uids_closed_listener_replaced_by_a_root_plain_server(two_uids):
 
 
 def test_other_uid_cannot_capture_connections_to_a_root_plain_server(two_uids):
-    res, captured, plain, payload = _capture(two_uids)
+    _res, captured, plain, payload = _capture(two_uids)
     try:
         assert not captured.get("captured"), captured
         assert plain["received"] == [payload.hex()], plain

@@ -32,7 +32,11 @@ import pytest
 from device_helpers import Ismd
 
 from .conftest import (
-    Agent, idle_device, published_size, runtime_files, shm_listing,
+    Agent,
+    idle_device,
+    published_size,
+    runtime_files,
+    shm_listing,
     wait_until,
 )
 
@@ -253,7 +257,7 @@ def test_kill_server_during_setup(kind, point, bystanders):
                           via="sock" if kind == "classic" else "create")
         ev = (server if where == "server" else client).hook_event(hook)
         res = None
-        if point == "after_final_ism" or kind == "optimistic" and point == "after_accepted":
+        if point == "after_final_ism" or (kind == "optimistic" and point == "after_accepted"):
             res = client.result(rid, 10)             # the client decided ISM; the server froze
             assert res["summary"] == {"ism": 1}, res
         time.sleep(0.1)
@@ -395,7 +399,7 @@ def test_kill_during_close(killed, how):
         case.check_new_connection(survivor, victim, groups)
         case.check_runtime_dir(victim)
         print(f"\n{killed} killed {how}: {sum(c['rx'] for c in conns.values())} B delivered "
-              f"({[c['lost'] for c in conns.values()][0]}); clean after {took * 1000:.0f} ms")
+              f"({next(c['lost'] for c in conns.values())}); clean after {took * 1000:.0f} ms")
     finally:
         case.close()
 

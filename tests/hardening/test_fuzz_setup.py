@@ -14,6 +14,15 @@ claim tables and records, and the real server-side set-up path fed arbitrary pee
   a real socket, optionally gives a final word and TCP bytes; the server decides within its
   bound, never raises anything but connection errors, echoes TCP bytes exactly when it served
   TCP, and afterwards holds no slot and serves ordinary clients.
+
+Bounded and deterministic by default (what CI runs, a few seconds): a fixed number of examples per
+target, derandomized (the same examples on every run, no example database), so a run cannot fail
+on an input the previous one did not see. To fuzz for long by hand, set SMCISH_FUZZ_EXAMPLES: that
+many fresh random examples per target, e.g.
+
+    SMCISH_FUZZ_EXAMPLES=200000 python -m pytest tests/hardening/test_fuzz_setup.py -k machine
+
+(These succeed tests/fuzz_clc.py, which fuzzed the v1 handshake codec and went with it in v2.)
 """
 
 from __future__ import annotations
@@ -40,9 +49,19 @@ from smcish.linkgroup import addr_bytes
 from .hostile_helpers import HOST, ROOT, plain_client
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from slot_helpers import GroupPair, hdr  # noqa: E402
+from slot_helpers import GroupPair, hdr
 
 S = clc.SetupState
+LONG_RUN = int(os.environ.get("SMCISH_FUZZ_EXAMPLES", "0"))
+
+
+def fuzz_settings(examples: int, **kw) -> settings:
+    """``examples`` derandomized examples, or SMCISH_FUZZ_EXAMPLES random ones (see above)."""
+    if LONG_RUN:
+        return settings(max_examples=LONG_RUN, deadline=None, derandomize=False, **kw)
+    return settings(max_examples=examples, deadline=None, derandomize=True, database=None, **kw)
+
+
 T = 2.0
 U32 = (1 << 32) - 1
 OPTIMISTIC = getattr(clc, "PHASE_OPTIMISTIC", None)
@@ -61,7 +80,7 @@ op_st = st.tuples(st.sampled_from(OPS), gen_st, phase_st, st.integers(0, U32),
                   st.floats(0, 3 * T, allow_nan=False))
 
 
-@settings(max_examples=400, deadline=None)
+@fuzz_settings(400)
 @given(kind=st.sampled_from(["client", "optimistic", "server"]), gen=st.integers(1, U32),
        ops=st.lists(op_st, max_size=16))
 def test_setup_machine_any_inputs(kind, gen, ops):
@@ -173,7 +192,7 @@ entry_st = st.tuples(st.integers(0, R.G_CLAIM_ENTRIES - 1),
                                          st.integers(0, 300)).map(lambda t: (t[0] << 32) | t[1])))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(300, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(records=st.lists(record_st, max_size=12), entries=st.lists(entry_st, max_size=40),
        honest=st.booleans())
 def test_find_claim_any_claim_table_and_records(pair, records, entries, honest):
@@ -301,8 +320,7 @@ spec_st = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                              HealthCheck.too_slow])
+@fuzz_settings(40, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(spec=spec_st)
 def test_server_setup_path_with_arbitrary_peer_records(inproc, spec):
     h = inproc
@@ -381,7 +399,7 @@ def test_server_setup_path_with_arbitrary_peer_records(inproc, spec):
                 try:
                     chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096),
                                                    max(0.01, deadline - loop.time()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 except ConnectionResetError:
                     end = "rst"
@@ -398,7 +416,7 @@ def test_server_setup_path_with_arbitrary_peer_records(inproc, spec):
                 ring.close()
 
     try:
-        snap, got, end = h.run(one(), 10)
+        _snap, got, end = h.run(one(), 10)
     finally:
         sock.close()
         lg.clear_claim(cport, slot)

@@ -20,6 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import program
+
 from .hostile_helpers import PYTHON, ROOT, Arena, child_env, plain_client
 
 T = 0.3
@@ -80,7 +82,7 @@ def test_live_server_is_clean_and_serves_after_the_fuzzing(arena):
     print("outcomes (victim phase, action, tcp end):", sorted(arena.outcomes.items(), key=str))
     arena.hostile.reset()
     arena.check("the live fuzzing")
-    client = subprocess.run([PYTHON, "-c", FRESH_CLIENT, str(arena.port)], capture_output=True,
+    client = subprocess.run([PYTHON, program("echo_check_client.py"), str(arena.port)], capture_output=True,
                             text=True, env=child_env(), cwd=ROOT, timeout=60)
     assert client.returncode == 0, client.stderr[-2000:]
     out = json.loads(client.stdout.strip().splitlines()[-1])
@@ -91,19 +93,3 @@ def test_live_server_is_clean_and_serves_after_the_fuzzing(arena):
     arena.check("fresh clients after the live fuzzing")
     closed = arena.close(check=True)
     assert closed["victim_rc"] == 0, closed
-
-
-FRESH_CLIENT = r'''
-import asyncio, json, os, sys
-import smcish
-async def main():
-    r, w = await smcish.open_connection("127.0.0.1", int(sys.argv[1]))
-    data = os.urandom(100_000)
-    w.write(data)
-    got = await asyncio.wait_for(r.readexactly(len(data)), 10)
-    mode = w.get_extra_info("smcish").mode
-    w.close()
-    await w.wait_closed()
-    print(json.dumps({"mode": mode, "echo": got == data}))
-asyncio.run(main())
-'''

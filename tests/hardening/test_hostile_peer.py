@@ -302,7 +302,7 @@ def test_server_setup_ends_when_accept_notification_fails(broken):
 
 
 def test_client_setup_ends_when_withdraw_notification_fails(broken):
-    payload, res, hostile, tcp_log = run_server_case(broken, "srv_nq_cons_peer_garbage_then_silent",
+    payload, res, _hostile, _tcp_log = run_server_case(broken, "srv_nq_cons_peer_garbage_then_silent",
                                                      read_timeout=1.0)
     ended = res.get("read_error") or (res.get("final_mode") == "tcp"
                                       and res.get("reply") == payload.hex())
@@ -317,7 +317,7 @@ def test_optimistic_client_fails_on_an_unusable_accepted_block(broken, case):
     with ConnectionResetError; after, the application's read fails. Either way the claim's
     slot, ring and block are released once the hostile let go."""
     before = broken.victim.status()
-    payload, res, hostile, tcp_log = run_server_case(broken, case, read_timeout=1.0)
+    payload, res, _hostile, tcp_log = run_server_case(broken, case, read_timeout=1.0)
     assert bytes.fromhex(tcp_log.get(str(res.get("local_port")), "")) in (b"", payload)
     connect_error = (res.get("connect_error") or {}).get("type")
     assert res.get("read_error") or connect_error == "ConnectionResetError", res

@@ -90,7 +90,7 @@ def test_1000_concurrent_connections_two_rounds_of_random_traffic():
             ends = {}
             for a in agents:
                 start = fds_besides_memory(base[a.role])
-                end = wait_until(a.status, lambda st: st["conns_open"] == 0
+                end = wait_until(a.status, lambda st, start=start: st["conns_open"] == 0
                                  and st["linkgroups"]["slots"] == 0
                                  and fds_besides_memory(st) <= start, 10)
                 assert end["conns_open"] == 0 and end["linkgroups"]["slots"] == 0, end

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import ctypes
 import errno
+import itertools
 import json
 import mmap
 import os
@@ -29,6 +30,7 @@ import pytest
 
 import ism_backend
 import smcish
+from conftest import program
 from ism_backend.embedded import EmbeddedDevice
 
 from .hostile_helpers import HOST, PYTHON, ROOT, EchoProto, child_env, run_loop
@@ -37,60 +39,10 @@ ROOT_USER = os.geteuid() == 0
 OTHER = 1234
 SIZE = 512 + 16384
 
-# Runs as root until DROP, then as uid/gid 1234; prints one JSON line of outcomes.
-OTHER_UID = r'''
-import json, os, socket, sys
-import ism_backend, ism_backend.client, ism_backend.control, ism_backend.embedded
-import ism_backend.memfd, ism_backend.daemon
-from ism_backend import IsmError
-args = json.loads(sys.argv[1])
-os.setgroups([])
-os.setgid(%(uid)d)
-os.setuid(%(uid)d)
-out = {"uid": os.getuid()}
-def attempt(name, fn):
-    try:
-        out[name] = "ok: " + repr(fn())[:80]
-    except (IsmError, OSError) as exc:
-        out[name] = f"{type(exc).__name__}: {exc}"[:200]
-if "runtime_dir" in args:
-    d = args["runtime_dir"]
-    attempt("listdir", lambda: os.listdir(d))
-    attempt("open_device", lambda: ism_backend.embedded.EmbeddedDevice(d))
-    def raw():
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.connect(args["endpoint_path"])
-        return "connected"
-    attempt("connect_endpoint", raw)
-    def request():
-        c = ism_backend.control.ControlClient(args["endpoint_path"], 2.0, "endpoint")
-        return c.request("attach", token=bytes.fromhex(args["token"]), access="r")
-    attempt("attach_via_endpoint", request)
-    if "hub_id" in args:
-        def group_open():
-            c = ism_backend.control.ControlClient(args["endpoint_path"], 2.0, "endpoint")
-            c.request("hello", endpoint_id=os.urandom(16))
-            return c.request("group_open", group_id=os.urandom(16),
-                             hub_id=bytes.fromhex(args["hub_id"]),
-                             token=bytes.fromhex(args["token"]), size=args["size"],
-                             max_slots=128, version=1)
-        attempt("group_open_via_endpoint", group_open)
-if "ismd" in args:
-    def daemon_attach(token):
-        dev = ism_backend.client.DaemonDevice(args["ismd"])
-        try:
-            return dev.attach(bytes.fromhex(token), bytes(16))
-        finally:
-            dev.close()
-    attempt("ismd_attach_live_token", lambda: daemon_attach(args["token"]))
-    attempt("ismd_attach_random_token", lambda: daemon_attach(os.urandom(16).hex()))
-print(json.dumps(out), flush=True)
-''' % {"uid": OTHER}
-
-
 def _as_other_uid(args: dict) -> dict:
-    proc = subprocess.run([PYTHON, "-c", OTHER_UID, json.dumps(args)], capture_output=True,
-                          text=True, env=child_env(), cwd=ROOT, timeout=60)
+    """tests/programs/device_as_other_uid.py: ``args`` tried as uid OTHER; its outcomes."""
+    proc = subprocess.run([PYTHON, program("device_as_other_uid.py"), str(OTHER), json.dumps(args)],
+                          capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -257,7 +209,7 @@ def test_other_uid_cannot_attach_via_ismd():
     for allow in ([], ["--allow-uid", str(OTHER)]):
         daemon = Ismd(*allow)
         try:
-            async def main():
+            async def main(daemon=daemon):
                 server, reader, writer = await _ism_pair(device=daemon.spec)
                 group = writer.transport._group
                 tokens = [group.my_exts[0][0].token.hex(), group.peer_exts[0][0].token.hex()]
@@ -298,20 +250,6 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 MAP_FAILED = ctypes.c_void_p(-1).value
 
-SEGV_CHILD = r'''
-import ctypes, sys
-fd, size = int(sys.argv[1]), int(sys.argv[2])
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_long]
-addr = libc.mmap(None, size, 1, 1, fd, 0)        # PROT_READ, MAP_SHARED: what an attacher has
-print("mapped", flush=True)
-ctypes.memset(addr, 0x41, 1)                     # must die with SIGSEGV
-print("WROTE", flush=True)
-'''
-
-
 def _write_attempts(peer) -> dict:
     """Every route to write through an attached (read-only) region ``peer``; each must fail."""
     results = {}
@@ -347,7 +285,7 @@ def _write_attempts(peer) -> dict:
         rc = _libc.fallocate(rw, 0x02 | 0x01, 0, page)     # PUNCH_HOLE | KEEP_SIZE
         results["punch_hole"] = f"rc={rc} errno={errno.errorcode.get(ctypes.get_errno())}"
         os.close(rw)
-    proc = subprocess.run([PYTHON, "-c", SEGV_CHILD, str(peer.fd), str(page)],
+    proc = subprocess.run([PYTHON, program("store_into_readonly_map.py"), str(peer.fd), str(page)],
                           pass_fds=(peer.fd,), capture_output=True, text=True, timeout=30)
     results["raw_store_child"] = (proc.returncode, proc.stdout.split())
     return results
@@ -396,9 +334,9 @@ def test_readonly_mapping_stays_readonly_device(kind):
 def test_readonly_mapping_stays_readonly():
     """v2, live connections: the peer's extents as this process holds them (the server's
     extent 0, with the slot headers and the rings it writes, and an extent it grew for more
-    rings): every route to write fails (buffer write, mprotect, writable mmap of its fd, O_RDWR re-open via /proc +
-    mmap, pwrite, ftruncate, hole punching), and a raw store through a mapping kills a process
-    (SIGSEGV); the connection is unharmed."""
+    rings): every route to write fails (buffer write, mprotect, writable mmap of its fd, O_RDWR
+    re-open via /proc + mmap, pwrite, ftruncate, hole punching), and a raw store through a
+    mapping kills a process (SIGSEGV); the connection is unharmed."""
     async def main():
         mib = 1 << 20
         server = await smcish.create_server(EchoProto, HOST, 0, ring_size=mib)
@@ -437,19 +375,6 @@ def test_readonly_mapping_stays_readonly():
 
 # ------------------------------------------------------------------ tokens
 
-TOKEN_CHILD = r'''
-import json, os, sys
-import ism_backend
-dev = ism_backend.get_device()
-out = []
-for _ in range(int(sys.argv[1])):
-    r = dev.alloc(512 + 16384)
-    out.append(r.token.hex())
-    dev.free(r)
-print(json.dumps({"pid": os.getpid(), "tokens": out}))
-'''
-
-
 def _token_checks(tokens: list[bytes], pids: list[int]) -> dict:
     n = len(tokens)
     assert all(len(t) == 16 for t in tokens)
@@ -473,11 +398,12 @@ def _token_checks(tokens: list[bytes], pids: list[int]) -> dict:
     assert worst_chi < 400, f"byte distribution chi2 {worst_chi:.0f}"
     # no shared prefixes beyond chance: longest common prefix between neighbours once sorted
     ordered = sorted(tokens)
-    lcp = max(len(os.path.commonprefix([a, b])) for a, b in zip(ordered, ordered[1:]))
+    lcp = max(len(os.path.commonprefix([a, b]))  # noqa: RUF071 - byte-wise: what we measure
+              for a, b in itertools.pairwise(ordered))
     assert lcp <= 5, f"two tokens share a {lcp}-byte prefix"
     # consecutive tokens are unrelated: Hamming distance averages 64 bits (sd of mean ~0.06)
     hamming = [bin(int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).count("1")
-               for a, b in zip(tokens, tokens[1:])]
+               for a, b in itertools.pairwise(tokens)]
     mean_h = sum(hamming) / len(hamming)
     assert abs(mean_h - 64) < 1.0, mean_h
     # not derived from the pid: its bytes appear no more often than chance would put them there
@@ -517,7 +443,7 @@ def _device_tokens() -> tuple[list[bytes], dict, list[bytes], int]:
             held = []
     for region in held:
         dev.free(region)
-    proc = subprocess.run([PYTHON, "-c", TOKEN_CHILD, "2000"], capture_output=True, text=True,
+    proc = subprocess.run([PYTHON, program("device_tokens.py"), "2000"], capture_output=True, text=True,
                           env=child_env(), cwd=ROOT, timeout=120)
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     daemon = Ismd()
@@ -591,10 +517,11 @@ def test_tokens_are_128_bit_random_without_structure():
     worst_bit = max(abs(c - n / 2) / sd for c in ones)
     assert worst_bit < 5.5, worst_bit
     ordered = sorted(wire)
-    lcp = max(len(os.path.commonprefix([a, b])) for a, b in zip(ordered, ordered[1:]))
+    lcp = max(len(os.path.commonprefix([a, b]))  # noqa: RUF071 - byte-wise: what we measure
+              for a, b in itertools.pairwise(ordered))
     assert lcp <= 5, lcp
     hamming = [bin(int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).count("1")
-               for a, b in zip(wire, wire[1:])]
+               for a, b in itertools.pairwise(wire)]
     mean_h = sum(hamming) / len(hamming)
     assert abs(mean_h - 64) < 4.0, mean_h
     local = set()

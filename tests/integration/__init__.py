@@ -9,13 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import selectors
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
+
+from benchmarks import children
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -35,79 +34,38 @@ def example(name: str) -> str:
     return os.path.join(EXAMPLES, name)
 
 
-class Child:
-    """A child process printing JSON lines on stdout; stderr is kept for failure messages."""
+class Child(children.Child):
+    """A child process printing JSON lines on stdout; stderr is kept for failure messages. It leads
+    a process group of its own: stop() signals its children too (ip netns exec, smcish run)."""
 
     def __init__(self, argv: list[str], env: dict | None = None, prefix: list[str] | None = None,
                  cwd: str = ROOT) -> None:
-        self.argv = [*(prefix or []), *argv]
-        self._errfile = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._errfile,
-                                     env=env or child_env(), cwd=cwd, text=True,
-                                     start_new_session=True)
-        self.pid = self.proc.pid
+        super().__init__([*(prefix or []), *argv], env=env or child_env(), cwd=cwd, stdin=None,
+                         new_session=True)
         self.lines: list[dict] = []
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
-        self._buf = ""
 
     def stderr(self) -> str:
-        self._errfile.flush()
-        self._errfile.seek(0)
-        return self._errfile.read()
+        return self.stderr_text(None)
 
-    def _describe(self) -> str:
-        return f"{' '.join(self.argv)}\nstdout lines: {self.lines}\nstderr:\n{self.stderr()[-4000:]}"
+    def describe(self) -> str:
+        return f"{super().describe()}\nstdout lines: {self.lines}"
 
     def read_json(self, timeout: float = 20.0) -> dict:
         """The next JSON line (non-JSON lines are skipped); AssertionError on timeout or exit."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if "\n" in self._buf:
-                line, self._buf = self._buf.split("\n", 1)
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue
-                self.lines.append(obj)
-                return obj
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no JSON line within {timeout}s from\n{self._describe()}")
-            if not self._sel.select(min(left, 0.5)):
-                continue
-            chunk = os.read(self.proc.stdout.fileno(), 65536).decode()
-            if not chunk:
-                self.proc.wait(5)
-                raise AssertionError(f"exited ({self.proc.returncode}) before a JSON line:\n"
-                                     f"{self._describe()}")
-            self._buf += chunk
+        obj = super().read_json(timeout, skip_other=True)
+        self.lines.append(obj)
+        return obj
 
     def wait(self, timeout: float = 30.0) -> int:
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+            return super().wait(timeout)
+        except children.ChildTimeout:
             self.stop()
-            raise AssertionError(f"still running after {timeout}s:\n{self._describe()}") from None
+            raise
 
-    def stop(self) -> None:
-        """SIGTERM the child's process group (it may have children: ip netns exec, smcish run),
-        SIGKILL if it lingers."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._sel.close()
-        self.proc.stdout.close()
-
-    def close(self) -> None:
-        self.stop()
-        self._errfile.close()
+    def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> int | None:
+        """SIGTERM the child's process group, SIGKILL if it lingers (5 s each)."""
+        return super().stop(timeout, sig)
 
 
 @contextlib.contextmanager

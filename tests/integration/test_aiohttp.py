@@ -169,9 +169,9 @@ def test_stock_client_session_on_an_smcish_loop_is_correct(uvloop_server):
 async def _stock_sessions(port: int, n: int) -> tuple[int, int]:
     before = smcish.stats()
     for _ in range(n):
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/hello") as resp:
-                assert await resp.read() == HELLO
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{port}/hello") as resp:
+            assert await resp.read() == HELLO
     after = smcish.stats()
     return (after["connections_ism"] - before["connections_ism"],
             after["connections_tcp"] - before["connections_tcp"])

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from benchmarks import children
+
 from . import PYTHON, ROOT, child_env, example, run_json, spawn
 
 pytestmark = [
@@ -71,13 +73,12 @@ def ismd():
     sockdir = tempfile.mkdtemp(prefix="ismd-it", dir="/tmp")
     os.chmod(sockdir, 0o755)
     path = os.path.join(sockdir, "ismd.sock")
-    proc = subprocess.Popen([PYTHON, "-m", "ism_backend.daemon", "serve", "--socket", path],
-                            env=child_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    daemon = children.spawn_python(module="ism_backend.daemon", args=["serve", "--socket", path],
+                                   env=child_env(), cwd=ROOT, stdin=None, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 15
         while True:
-            assert proc.poll() is None, f"ismd exited: {proc.stderr.read()}"
+            assert daemon.alive(), f"ismd exited: {daemon.stderr_text(None)}"
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
                 try:
                     probe.connect(path)
@@ -87,12 +88,7 @@ def ismd():
                     time.sleep(0.05)
         yield path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        daemon.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
 
 

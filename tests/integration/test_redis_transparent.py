@@ -7,12 +7,16 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
 
 import pytest
+
+from benchmarks.children import Child
+from conftest import program
 
 from . import PYTHON, ROOT, child_env, example, free_port, run_json
 
@@ -49,28 +53,20 @@ def redis_port(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("redis")
     for _ in range(5):
         port = free_port()
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = Child(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", str(workdir)], stdin=None,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
+        while server.alive() and time.monotonic() < deadline:
             with contextlib.suppress(OSError):
                 _redis_info(port)
                 break
             time.sleep(0.05)
         else:
-            proc.kill()
-            proc.wait(5)
+            server.stop(5, signal.SIGKILL)
             continue                                   # lost the port race: try another
-        try:
+        with server:                                   # stopped at the end: SIGTERM, then SIGKILL
             yield port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
         return
     pytest.fail("could not start redis-server")
 
@@ -145,14 +141,6 @@ def test_unchanged_redis_program_under_smcish_run(redis_port):
     assert int(after["total_connections_received"]) > int(before["total_connections_received"])
 
 
-STATS_WRAPPER = """
-import atexit, json, sys, smcish
-from smcish.__main__ import main
-atexit.register(lambda: print(json.dumps({"smcish_stats": smcish.stats()}), flush=True))
-sys.exit(main(["run", *sys.argv[1:]]))
-"""
-
-
 def _run_lines(argv) -> list[dict]:
     proc = subprocess.run(argv, capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -167,7 +155,7 @@ def test_wire_bytes_are_untouched(redis_port, proxy):
     plain_wire = proxy.take()
     # 2. The same program under `smcish run` (plus a stats report at exit).
     info1 = _redis_info(redis_port)
-    accelerated = _run_lines([PYTHON, "-c", STATS_WRAPPER, *args])
+    accelerated = _run_lines([PYTHON, program("smcish_run_with_stats.py"), *args])
     smc_wire = proxy.take()
     info2 = _redis_info(redis_port)
 
