@@ -224,14 +224,26 @@ def _check_quota(report: Report, device: Any) -> None:
     except Exception as exc:  # noqa: BLE001
         report.add("quota", WARN, f"ismd status failed: {exc}")
         return
+    from .linkgroup import first_extent_size
+
     quota, total, used = status.get("quota"), status.get("total_memory"), status.get("used")
     mine = sum(r.get("size", 0) for r in status.get("regions", [])
                if r.get("owner_uid") == os.geteuid())
     detail = (f"ismd quota {quota} bytes per uid (we hold {mine}), device "
               f"{used}/{total} bytes used")
-    if (isinstance(quota, int) and quota - mine < (1 << 20)) or \
-            (isinstance(total, int) and isinstance(used, int) and total - used < (1 << 20)):
-        report.add("quota", WARN, detail + ": under 1 MiB left", remedy=REMEDIES["QUOTA"])
+    # A connection from a process with no link group to its peer yet opens one: its first
+    # extent, on each side, from that side's uid's quota.
+    need = first_extent_size("daemon")
+    left = [value for value in ((quota - mine) if isinstance(quota, int) else None,
+                                (total - used) if isinstance(total, int) and isinstance(used, int)
+                                else None) if value is not None]
+    if left and min(left) < need:
+        report.add("quota", FAIL, f"{detail}: {min(left)} bytes left, a new link group needs "
+                                  f"{need} on each side (connections in groups already open may "
+                                  "still use shared memory)", R.QUOTA)
+    elif left and min(left) < 4 * need:
+        report.add("quota", WARN, f"{detail}: room for {min(left) // need} more link group "
+                                  "side(s)", remedy=REMEDIES["QUOTA"])
     else:
         report.add("quota", OK, detail)
 

@@ -70,6 +70,11 @@ def ext0_size(max_slots: int, heap: int) -> int:
 # so its groups start smaller (docs/design.md 2.2).
 _GEOMETRY = {"embedded": (16384, (16 << 20) - _ring.heap0(16384)),
              "daemon": (2048, (4 << 20) - _ring.heap0(2048))}
+def first_extent_size(kind: str) -> int:
+    """Bytes of the first extent a new link group allocates on a device of ``kind`` (each side)."""
+    return ext0_size(*_GEOMETRY.get(kind, _GEOMETRY["embedded"]))
+
+
 _EXTENT_MIN = 16 << 20
 _EXTENT_MAX = 64 << 20
 

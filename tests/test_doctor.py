@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -12,35 +13,16 @@ import time
 
 import pytest
 
+from benchmarks.children import DEVNULL, spawn_python
+from device_helpers import Ismd
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 20
 
-SMCISH_SERVER = """
-import asyncio, smcish
-async def echo(r, w):
-    while (d := await r.read(65536)):
-        w.write(d)
-    w.close()
-async def main():
-    s = await smcish.start_server(echo, '127.0.0.1', 0)
-    print(s.sockets[0].getsockname()[1], flush=True)
-    await asyncio.sleep(3600)
-asyncio.run(main())
-"""
-
-PLAIN_SERVER = SMCISH_SERVER.replace("smcish.start_server", "asyncio.start_server")
-
-CLIENT = """
-import asyncio, smcish, sys
-async def main():
-    r, w = await smcish.open_connection('127.0.0.1', int(sys.argv[1]))
-    w.write(b'ping'); await w.drain()
-    assert await r.readexactly(4) == b'ping'
-    info = w.get_extra_info('smcish')
-    print(info.mode, info.reason.name if info.reason else None, flush=True)
-    w.close()
-asyncio.run(main())
-"""
+PROGRAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
+ECHO_SERVER = os.path.join(PROGRAMS, "echo_server.py")
+MODE_CLIENT = os.path.join(PROGRAMS, "mode_client.py")
+COUNTING_SERVER = os.path.join(PROGRAMS, "counting_server.py")
 
 
 def _env(**changes):
@@ -69,7 +51,7 @@ def doctor(*args, env=None, preexec_fn=None):
 
 def connect(port, env=None, preexec_fn=None):
     """A real smcish.open_connection from a child: (mode, reason name or None)."""
-    proc = subprocess.run([sys.executable, "-c", CLIENT, str(port)], capture_output=True,
+    proc = subprocess.run([sys.executable, MODE_CLIENT, str(port)], capture_output=True,
                           text=True, timeout=TIMEOUT, cwd=ROOT, env=env or _env(),
                           preexec_fn=preexec_fn)
     assert proc.returncode == 0, proc.stderr
@@ -83,18 +65,14 @@ def check(report, name):
 
 @pytest.fixture(scope="module")
 def servers():
-    procs, ports = [], {}
-    try:
-        for kind, code in (("smcish", SMCISH_SERVER), ("plain", PLAIN_SERVER)):
-            proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                                    text=True, cwd=ROOT, env=_env())
-            procs.append(proc)
-            ports[kind] = int(proc.stdout.readline())
+    """An smcish and a plain echo server (real processes), by kind: their ports."""
+    with contextlib.ExitStack() as stack:
+        ports = {}
+        for kind in ("smcish", "plain"):
+            child = stack.enter_context(spawn_python(script=ECHO_SERVER, args=[kind], env=_env(),
+                                                     stdin=DEVNULL, handshake=str.isdigit))
+            ports[kind] = int(child.hello)
         yield ports
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=TIMEOUT)
 
 
 def test_bad_arguments():
@@ -157,6 +135,60 @@ def test_ismd_unreachable(servers):
     assert connect(servers["smcish"], env=env) == ("tcp", "NO_DEVICE")
 
 
+def test_ismd_quota(tmp_path):
+    """A running ismd: the quota line, and with the uid's quota nearly used up, a FAIL (QUOTA) that
+    a real connection from a new process agrees with; with room, shared memory again."""
+    from ism_backend.client import DaemonDevice
+
+    daemon = Ismd("--quota", "12M", "--total-memory", "64M")
+    try:
+        env = _env(SMCISH_DEVICE=daemon.spec)
+        with spawn_python(script=ECHO_SERVER, args=["smcish"], env=env, stdin=DEVNULL,
+                          handshake=str.isdigit) as server:
+            port = int(server.hello)
+            code, report = doctor(f"127.0.0.1:{port}", env=env)
+            (quota,) = check(report, "quota")
+            assert quota["status"] in ("OK", "WARN") and "ismd quota 12582912 bytes" in quota["detail"]
+            assert code == 0 and report["verdict"]["mode"] == "ism", report
+            assert connect(port, env=env) == ("ism", None)
+            # hold the rest of this uid's quota (the server's group holds its first extent)
+            holder = DaemonDevice(daemon.path)
+            try:
+                held = []
+                for _ in range(12):
+                    try:
+                        held.append(holder.alloc(1 << 20))
+                    except Exception:
+                        break
+                code, report = doctor(f"127.0.0.1:{port}", env=env)
+                (quota,) = check(report, "quota")
+                assert quota["status"] == "FAIL" and quota["reason"] == "QUOTA", quota
+                assert code == 1 and report["verdict"]["reason"] == "QUOTA", report
+                mode, reason = connect(port, env=env)
+                assert mode == "tcp" and reason in ("QUOTA", "NO_MEMORY"), (mode, reason)
+            finally:
+                holder.close()
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run ismd as another uid")
+def test_ismd_of_another_user(servers):
+    daemon = Ismd(setuid=4321)
+    try:
+        env = _env(SMCISH_DEVICE=daemon.spec)
+        code, report = doctor(env=env)
+        (device,) = check(report, "device")
+        assert device["status"] == "FAIL" and "SMCISH_DAEMON_UID=4321" in device["detail"], device
+        assert code == 1 and report["verdict"]["reason"] == "NO_DEVICE", report
+        assert connect(servers["smcish"], env=env) == ("tcp", "NO_DEVICE")
+        trusted = _env(SMCISH_DEVICE=daemon.spec, SMCISH_DAEMON_UID="4321")
+        code, report = doctor(env=trusted)
+        assert check(report, "device")[0]["status"] == "OK", report
+    finally:
+        daemon.stop()
+
+
 def test_smcish_listener(servers):
     code, report = doctor(f"127.0.0.1:{servers['smcish']}")
     assert code == 0, report
@@ -190,7 +222,7 @@ def test_malformed_policy_is_reported_and_connections_raise(servers):
     code, report = doctor(f"127.0.0.1:{servers['smcish']}", env=env)
     assert code == 1 and report["verdict"]["reason"] == "POLICY_ERROR", report
     assert "port 'http'" in check(report, "policy")[0]["detail"]
-    proc = subprocess.run([sys.executable, "-c", CLIENT, str(servers["smcish"])], capture_output=True,
+    proc = subprocess.run([sys.executable, MODE_CLIENT, str(servers["smcish"])], capture_output=True,
                           text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
     assert proc.returncode != 0 and "PolicyError" in proc.stderr and "port 'http'" in proc.stderr
 
@@ -235,29 +267,6 @@ def test_low_nofile_warns(servers):
 
 # ------------------------------------------------------------------------------ --probe
 
-COUNTING_SERVER = """
-import asyncio, json, os, sys
-counts = {"accepted": 0, "closed": 0, "bytes": 0}
-async def handle(r, w):
-    counts["accepted"] += 1
-    try:
-        while (d := await r.read(65536)):
-            counts["bytes"] += len(d)
-    finally:
-        counts["closed"] += 1
-        w.close()
-async def main():
-    loop = asyncio.get_running_loop()
-    s = await asyncio.start_server(handle, '127.0.0.1', 0)
-    def ask():
-        if not os.read(0, 4096):
-            loop.stop()
-        print(json.dumps(counts), flush=True)
-    loop.add_reader(0, ask)
-    print(s.sockets[0].getsockname()[1], flush=True)
-    await asyncio.sleep(3600)
-asyncio.run(main())
-"""
 
 
 def probe(*args, env=None):
@@ -339,10 +348,8 @@ def test_probe_target_smcish_listener(servers):
 
 
 def test_probe_target_plain_listener_gets_no_byte():
-    server = subprocess.Popen([sys.executable, "-c", COUNTING_SERVER], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
-    try:
-        port = int(server.stdout.readline())
+    with spawn_python(script=COUNTING_SERVER, env=_env(), handshake=str.isdigit) as server:
+        port = int(server.hello)
         code, report, err = probe(f"127.0.0.1:{port}", "--seconds", "0.5")
         assert code == 1, (report, err)
         p = report["probe"]
@@ -355,18 +362,14 @@ def test_probe_target_plain_listener_gets_no_byte():
         assert report["verdict"]["reason"] == "PEER_NOT_ADVERTISED"
         connections = smc["count"] + 1 + p["tcp"]["count"] + 1
         for _ in range(100):                 # the server's handlers see every close (bounded)
-            server.stdin.write("?\n")
-            server.stdin.flush()
-            counts = json.loads(server.stdout.readline())
+            server.send_line("?")
+            counts = server.read_json(TIMEOUT)
             if counts["closed"] >= connections:
                 break
             time.sleep(0.05)
         assert counts["accepted"] == connections, counts
         assert counts["closed"] == connections, counts
         assert counts["bytes"] == 0, counts
-    finally:
-        server.kill()
-        server.wait(timeout=TIMEOUT)
 
 
 @pytest.mark.parametrize("output", ["json", "text"])
