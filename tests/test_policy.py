@@ -532,7 +532,12 @@ def test_program_rules_under_smcish_run(tmp_path, loop_kind, rules, want):
             proc = await asyncio.create_subprocess_exec(
                 PYTHON, "-m", "smcish", "run", str(script), str(port), env=env,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), 60)
+            finally:
+                if proc.returncode is None:        # timed out: never leave it running
+                    proc.kill()
+                    await proc.wait()
             assert proc.returncode == 0, err.decode()
             return out.decode().strip()
 
