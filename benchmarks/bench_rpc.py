@@ -25,9 +25,7 @@ import argparse
 import asyncio
 import json
 import os
-import selectors
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,8 @@ EXAMPLES = os.path.join(ROOT, "examples")
 for _path in (ROOT, EXAMPLES):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+from benchmarks.children import DEVNULL, Child, spawn_python  # noqa: E402 - needs ROOT on sys.path
 
 FRAMEWORKS = ("grpc", "aiohttp")
 TRANSPORTS = ("ism", "tcp")
@@ -173,58 +173,34 @@ async def _client(framework: str, transport: str, port: int, duration: float,
 
 
 # --------------------------------------------------------------------------- driver
-class _Proc:
-    def __init__(self, argv: list[str]) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc: subprocess.Popen[str] = subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                                            stderr=subprocess.PIPE, env=env, cwd=ROOT,
-                                                            text=True)
+SERVER_READY_S = 30.0  # the server's port line
+STOP_S = 5.0  # SIGTERM, then SIGKILL: this long each
 
-    def json_line(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None and self.proc.stderr is not None  # PIPEs
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                if sel.select(deadline - time.monotonic()):
-                    line = self.proc.stdout.readline()
-                    if not line:
-                        break
-                    if line.startswith("{"):
-                        message: dict[str, Any] = json.loads(line)
-                        return message
-        finally:
-            sel.close()
-        self.kill()
-        raise RuntimeError(f"{self.proc.args!r}: no result within {timeout}s: "
-                           f"{self.proc.stderr.read()[-2000:]}")
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+def _spawn(*args: object) -> Child:
+    """This script in a child process (stderr kept for errors; its stdout read by the bounded helpers)."""
+    return spawn_python(script=os.path.abspath(__file__), args=args, stdin=DEVNULL,
+                        name=f"bench_rpc {args[0]} {args[1]}")
+
+
+def _json_line(child: Child, timeout: float) -> dict[str, Any]:
+    """The child's next JSON line (other lines skipped), within ``timeout`` s (ChildError otherwise)."""
+    message: dict[str, Any] = child.read_json(timeout, skip_other=True)
+    return message
 
 
 def run_case(framework: str, transport: str, loop: str, duration: float, concurrency: int) -> dict[str, Any]:
-    me = os.path.abspath(__file__)
-    server = _Proc([sys.executable, me, "_server", framework, "--transport", transport, "--loop", loop])
+    server = _spawn("_server", framework, "--transport", transport, "--loop", loop)
     try:
-        port = server.json_line(30)["port"]
-        client = _Proc([sys.executable, me, "_client", framework, "--transport", transport,
-                        "--loop", loop, "--port", str(port), "--duration", str(duration),
-                        "--concurrency", str(concurrency)])
+        port = _json_line(server, SERVER_READY_S)["port"]
+        client = _spawn("_client", framework, "--transport", transport, "--loop", loop, "--port", port,
+                        "--duration", duration, "--concurrency", concurrency)
         try:
-            result = client.json_line(3 * duration + 30)
+            result = _json_line(client, 3 * duration + 30)
         finally:
-            client.kill()
+            client.stop(STOP_S)
     finally:
-        server.kill()
+        server.stop(STOP_S)
     expected = "ism" if transport == "ism" else "plain"
     result["verified"] = (result["client_mode"] == expected
                           and result["server_mode"] == ("ism" if transport == "ism" else "plain"))

@@ -4,6 +4,7 @@
         port = int(child.hello.split()[1])
         ...                     # child.send_line(...), child.read_line(5.0), child.read_json(5.0)
     # left the block: SIGTERM, a bounded wait, SIGKILL, reaped; pipes and the stderr file closed
+    # child.finish(grace) for a child that exits at EOF on stdin: stdin closed, grace s, then the same
 
 `Child` wraps any argv (a Python module or script, or a wrapper in front of one: ``prefix=["unshare",
 ...]``). Its stdout is read through our own buffer from the raw pipe, so a `select` never misses lines
@@ -317,6 +318,15 @@ class Child:
         finally:
             self._close_pipes()
         return self.proc.returncode
+
+    def finish(self, grace: float, timeout: float = STOP_TIMEOUT, sig: int = signal.SIGTERM) -> int | None:
+        """The end of a child that exits by itself at EOF on its stdin: close its stdin, at most ``grace``
+        s for it to exit, then `stop` (``sig``, ``timeout``, SIGKILL: only the pipes if it has exited)."""
+        if self.proc.poll() is None:
+            self.close_stdin()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace)
+        return self.stop(timeout, sig)
 
     def close(self) -> int | None:
         return self.stop()

@@ -12,6 +12,7 @@ processes) and `write_report` (a `RunResult` -> results.json, summary.md, plots,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -20,12 +21,10 @@ import importlib.util
 import json
 import os
 import platform
-import queue
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,11 +32,13 @@ from typing import Any, Literal
 
 from . import report, workloads
 from .cases import CASES, FULL, QUICK, Case, CaseParams, Timing, Verify, select_cases
+from .children import DEVNULL, ChildError, ChildExited, ChildTimeout, spawn_python
 from .transports import DEFAULT_NOPOLL_ENV, LOOPS, Transport, build_transports, write_tls_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = "smcish-bench/1"
 READY_TIMEOUT_S = 30.0
+PROBE_TIMEOUT_S = 40.0
 MAX_CONSECUTIVE_FAILURES = 3
 # Scale cases: set-ups in flight at a time. All N at once overflows the listen backlog (SYN retransmits after
 # 1 s) and, with smcish v2, the link group's extent growth (docs/benchmarks.md, "Scale cases").
@@ -205,44 +206,56 @@ def _peer_env(transport: Transport, nopoll_env: dict[str, str],
     return env
 
 
+def _ready_line(line: str) -> bool:
+    """A peer's ready line (benchmarks.peers): {"ready": true, ...}, or {"ready": false, "error": ...}."""
+    message = json.loads(line)
+    return isinstance(message, dict) and "ready" in message
+
+
 class _Peer:
-    """One peer process and a thread that turns its protocol lines into a queue."""
+    """One peer process (a `children.Child`): started, its ready line read (the handshake, at most
+    READY_TIMEOUT_S), then JSON lines both ways, every read bounded. Its stderr is appended to its log
+    file."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: str) -> None:
         self.role = args[0]
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - the peer's stderr while it lives; closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers", *args], cwd=ROOT, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None  # stdout=PIPE
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
+        try:
+            self.child = spawn_python(module="benchmarks.peers", args=args, env=env, stderr=self.log,
+                                      name=f"benchmarks.peers {self.role}", handshake=_ready_line,
+                                      handshake_timeout=READY_TIMEOUT_S)
+        except ChildError as exc:  # the child is stopped already
+            self.log.close()
+            summary = (f"{self.role}: no ready line within {READY_TIMEOUT_S:.0f} s (hung?)"
+                       if isinstance(exc, ChildTimeout) else f"{self.role} exited before its ready line")
+            raise PeerError(summary, f"{exc}\n{self.log_tail()}") from None
+        except BaseException:
+            self.log.close()
+            raise
+        assert self.child.hello is not None  # the handshake matched it
+        self.ready: dict[str, Any] = json.loads(self.child.hello)
 
     def read(self, timeout: float) -> dict[str, Any]:
         try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
+            line = self.child.read_line(timeout)
+        except ChildTimeout:
             raise PeerError(f"{self.role}: no answer within {timeout:.0f} s (hung?)",
                             self.log_tail()) from None
-        if line is None:
-            self.proc.wait(5)
-            raise PeerError(f"{self.role} exited with status {self.proc.returncode}", self.log_tail())
+        except ChildExited:
+            with contextlib.suppress(ChildTimeout):
+                self.child.wait(5)
+            raise PeerError(f"{self.role} exited with status {self.child.proc.returncode}",
+                            self.log_tail()) from None
         message: dict[str, Any] = json.loads(line)
         return message
 
     def send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None  # stdin=PIPE
-        self.proc.stdin.write(json.dumps(message) + "\n")
-        self.proc.stdin.flush()
+        self.child.send_json(message)
 
     def log_tail(self, limit: int = 1500) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
@@ -253,17 +266,11 @@ class _Peer:
         return f"--- {os.path.basename(self.log_path)} (tail) ---\n{tail}" if tail else ""
 
     def stop(self) -> None:
+        """Close its stdin (a peer's signal to end), at most 5 s to exit, then SIGTERM, SIGKILL (5 s each)."""
         try:
-            assert self.proc.stdin is not None  # stdin=PIPE
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # our own child, by its Popen handle
-            self.proc.wait(5)
-        self.log.close()
+            self.child.finish(grace=5.0, timeout=5.0)
+        finally:
+            self.log.close()
 
 
 class PeerPair:
@@ -284,12 +291,12 @@ class PeerPair:
         base = ["--transport", self.config.transport.name, "--loop", self.config.loop, *self.extra_args]
         stem = os.path.join(self.log_dir, self.config.name.replace("/", "-") + self.log_tag)
         self.server = _Peer(["server", *base], self.env, stem + ".server.log")
-        ready = self.server.read(READY_TIMEOUT_S)
+        ready = self.server.ready
         if not ready.get("ready"):
             raise PeerError("server did not start: " + _last_line(ready.get("error")),
                             ready.get("error") or "")
         self.client = _Peer(["client", *base, "--server", json.dumps(ready)], self.env, stem + ".client.log")
-        ready = self.client.read(READY_TIMEOUT_S)
+        ready = self.client.ready
         if not ready.get("ready"):
             raise PeerError("client did not start: " + _last_line(ready.get("error")),
                             ready.get("error") or "")
@@ -307,10 +314,14 @@ class PeerPair:
         return result
 
     def stop(self) -> None:
-        for peer in (self.client, self.server):
-            if peer is not None:
-                peer.stop()
+        client, server = self.client, self.server
         self.client = self.server = None
+        try:
+            if client is not None:
+                client.stop()
+        finally:
+            if server is not None:
+                server.stop()
 
 
 def _last_line(text: str | None) -> str:
@@ -388,25 +399,27 @@ def _source_state() -> dict[str, Any] | None:
 
 
 def probe_transports(chosen: list[Transport], nopoll_env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """For smcish transports: is smcish importable, and what does one loopback connection negotiate?"""
-    procs = {}
-    for transport in chosen:
-        if transport.needs_smcish:
-            procs[transport.name] = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.peers", "probe", "--transport", transport.name],
-                cwd=ROOT, env=_peer_env(transport, nopoll_env), stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True)
+    """For smcish transports: is smcish importable, and what does one loopback connection negotiate?
+    The probes run at the same time, each given PROBE_TIMEOUT_S from when its answer is awaited."""
     results = {}
-    for name, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=40)
-            results[name] = json.loads(out.strip().splitlines()[-1])
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            results[name] = {"available": True, "error": "probe timed out (40 s)"}
-        except (ValueError, IndexError):
-            results[name] = {"available": False, "reason": f"probe crashed: {err.strip()[-500:]}"}
+    with contextlib.ExitStack() as stack:
+        probes = {}
+        for transport in chosen:
+            if transport.needs_smcish:
+                probes[transport.name] = stack.enter_context(spawn_python(
+                    module="benchmarks.peers", args=["probe", "--transport", transport.name],
+                    env=_peer_env(transport, nopoll_env), stdin=DEVNULL, name=f"probe {transport.name}"))
+        for name, probe in probes.items():
+            try:
+                _, out = probe.output(PROBE_TIMEOUT_S)
+                results[name] = json.loads(out.strip().splitlines()[-1])
+            except ChildTimeout:
+                results[name] = {"available": True, "error": f"probe timed out ({PROBE_TIMEOUT_S:g} s)"}
+            except (ValueError, IndexError):
+                results[name] = {"available": False,
+                                 "reason": f"probe crashed: {probe.stderr_text(None).strip()[-500:]}"}
+            finally:
+                probe.stop()  # killed if it timed out; reaped either way
     return results
 
 

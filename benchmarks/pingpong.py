@@ -16,11 +16,18 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+from .children import DEVNULL, ChildError, python_env, spawn_python
+
+SERVER_READY_S = 30.0  # the server's port line
+CLIENT_TIMEOUT_S = 120.0  # a client run (it stops measuring after 60 s)
+
+
+def _port_line(line: str) -> bool:
+    return int(line) > 0
 
 
 def _api(transport: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -106,21 +113,23 @@ def main() -> None:
         _run_loop(_client, args.port, args.count, min(2000, args.count // 5))
         return
     cpus = args.pin.split(",") if args.pin else None
-    env = dict(os.environ, PP_TRANSPORT=args.transport, PP_LOOP=args.loop)
-    me = [sys.executable, "-m", "benchmarks.pingpong"]
+    env = python_env(PP_TRANSPORT=args.transport, PP_LOOP=args.loop)
+    module = "benchmarks.pingpong"
     for _ in range(args.runs):
         pre_s = ["taskset", "-c", cpus[1]] if cpus else []
         pre_c = ["taskset", "-c", cpus[0]] if cpus else []
-        server = subprocess.Popen([*pre_s, *me, "--role", "server"], env=env,
-                                  stdout=subprocess.PIPE, text=True)
-        try:
-            assert server.stdout is not None  # stdout=PIPE
-            port = int(server.stdout.readline())
-            subprocess.run([*pre_c, *me, "--role", "client", "--port", str(port),
-                            "--count", str(args.count)], env=env, timeout=120, check=True)
-        finally:
-            server.kill()
-            server.wait()
+        # stderr ours, and the client's stdout (its p50 line)
+        with spawn_python(module=module, args=["--role", "server"], prefix=pre_s, env=env, stdin=DEVNULL,
+                          stderr=None, name="pingpong server", handshake=_port_line,
+                          handshake_timeout=SERVER_READY_S) as server:
+            assert server.hello is not None  # the handshake matched it
+            with spawn_python(module=module, args=["--role", "client", "--port", int(server.hello),
+                                                   "--count", args.count],
+                              prefix=pre_c, env=env, stdin=DEVNULL, stdout=None, stderr=None,
+                              name="pingpong client") as client:
+                status = client.wait(CLIENT_TIMEOUT_S)
+                if status != 0:
+                    raise ChildError(f"client exited with status {status}: {client.describe()}")
 
 
 if __name__ == "__main__":

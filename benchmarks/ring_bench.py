@@ -18,6 +18,7 @@ every time, so these are upper bounds for the ring, not for an application.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -25,16 +26,20 @@ import pathlib
 import resource
 import select
 import statistics
-import subprocess
 import sys
 import time
-from typing import IO, Any
+from typing import Any
 
 try:
     from smcish import ring as _ring
 except ImportError:  # running from a source checkout that is not installed
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from smcish import ring as _ring
+try:
+    from benchmarks.children import Child, ChildError, spawn_python
+except ImportError:  # run as a script with an installed smcish: the checkout is not on sys.path yet
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    from benchmarks.children import Child, ChildError, spawn_python
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BACK_CAP = 4096  # the consumer's own (unused) ring
@@ -42,6 +47,9 @@ READ_BUF = 256 * KiB
 MODES = ["64B-writev", "64B-write", "4KiB", "64KiB", "1MiB"]
 RINGS = [256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]
 MAX_RING = max(RINGS)
+READY_TIMEOUT_S = 30.0  # a worker's "ready" after a run command
+RESULT_SLACK_S = 60.0  # a worker's result: the streaming time plus this
+STOP_S = 10.0  # a worker told to quit: this long to exit, then SIGTERM, then SIGKILL (this long each)
 
 
 def cpu_seconds() -> float:
@@ -189,37 +197,44 @@ class Pair:
         self.prod_fd, self.cons_fd = fds
         self.prod_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.cons_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # the workers import the smcish.ring this process imported (an installed one, or the checkout's)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(_ring.__file__))),
                           env.get("PYTHONPATH")]))
         all_fds = [self.prod_fd, self.cons_fd, self.prod_efd, self.cons_efd]
 
-        def spawn(role: str, my_fd: int, peer_fd: int, my_efd: int, peer_efd: int) -> subprocess.Popen[str]:
-            return subprocess.Popen(
-                [sys.executable, __file__, "--worker", role, str(my_fd), str(peer_fd), str(my_efd),
-                 str(peer_efd)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, pass_fds=all_fds, env=env)
+        def spawn(role: str, my_fd: int, peer_fd: int, my_efd: int, peer_efd: int) -> Child:
+            # stderr and the working directory are ours, as before the shared helper
+            return spawn_python(script=os.path.abspath(__file__),
+                                args=["--worker", role, my_fd, peer_fd, my_efd, peer_efd], env=env,
+                                cwd=None, stderr=None, pass_fds=all_fds, name=f"ring_bench {role}")
 
-        self.producer = spawn("producer", self.prod_fd, self.cons_fd, self.prod_efd, self.cons_efd)
-        self.consumer = spawn("consumer", self.cons_fd, self.prod_fd, self.cons_efd, self.prod_efd)
+        self.workers: list[Child] = []
+        try:
+            self.producer = spawn("producer", self.prod_fd, self.cons_fd, self.prod_efd, self.cons_efd)
+            self.workers.append(self.producer)
+            self.consumer = spawn("consumer", self.cons_fd, self.prod_fd, self.cons_efd, self.prod_efd)
+            self.workers.append(self.consumer)
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, cap: int, mode: str, seconds: float, spin_us: float, batch: int) -> dict[str, float]:
-        cmd = json.dumps({"cmd": "run", "cap": cap, "mode": mode, "seconds": seconds,
-                          "spin_us": spin_us, "batch": batch})
+        cmd = {"cmd": "run", "cap": cap, "mode": mode, "seconds": seconds, "spin_us": spin_us, "batch": batch}
         procs = (self.producer, self.consumer)
         for p in procs:
-            stdin, _ = _pipes(p)
-            stdin.write(cmd + "\n")
-            stdin.flush()
+            p.send_json(cmd)
         for p in procs:
-            assert _pipes(p)[1].readline().strip() == "ready"
+            line = p.read_line(READY_TIMEOUT_S)
+            if line.strip() != "ready":
+                raise ChildError(f"expected 'ready', got {line!r} from {p.describe()}")
         for p in (self.consumer, self.producer):
-            stdin, _ = _pipes(p)
-            stdin.write("go\n")
-            stdin.flush()
-        prod: dict[str, Any] = json.loads(_pipes(self.producer)[1].readline())
-        cons: dict[str, Any] = json.loads(_pipes(self.consumer)[1].readline())
+            p.send_line("go")
+        # the producer streams for `seconds`, then the consumer reads to EOF (a lost wake-up: 5 s)
+        timeout = seconds + RESULT_SLACK_S
+        prod: dict[str, Any] = self.producer.read_json(timeout)
+        cons: dict[str, Any] = self.consumer.read_json(timeout)
         assert prod["bytes"] == cons["bytes"], (prod, cons)
         if self.verbose:
             print(f"  {fmt_size(cap)} {mode}: {cons['bytes'] / cons['wall'] / 1e6:.0f} MB/s "
@@ -229,20 +244,16 @@ class Pair:
                 "doorbells": prod["doorbells"] + cons["doorbells"]}
 
     def close(self) -> None:
-        for p in (self.producer, self.consumer):
-            stdin, stdout = _pipes(p)
-            stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            stdin.close()
-            p.wait(timeout=10)
-            stdout.close()
-        for fd in (self.prod_fd, self.cons_fd, self.prod_efd, self.cons_efd):
-            os.close(fd)
-
-
-def _pipes(p: subprocess.Popen[str]) -> tuple[IO[str], IO[str]]:
-    """A worker's stdin and stdout (it is started with both as pipes)."""
-    assert p.stdin is not None and p.stdout is not None
-    return p.stdin, p.stdout
+        """Tell the workers to quit, at most STOP_S each to exit (then SIGTERM, SIGKILL); close the fds."""
+        try:
+            for p in self.workers:
+                with contextlib.suppress(OSError):  # BrokenPipeError: it is gone already
+                    p.send_json({"cmd": "quit"})
+            for p in self.workers:
+                p.finish(STOP_S, STOP_S)
+        finally:
+            for fd in (self.prod_fd, self.cons_fd, self.prod_efd, self.cons_efd):
+                os.close(fd)
 
 
 def fcntl_seal(fd: int) -> None:

@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in keys[shift:] + keys[:shift]:
                 sending = peers[key][1]
                 assert sending is not None  # started with its receiver above
-                r = sending.ask({"verify": rnd == 0})["result"]
+                r = sending.ask({"verify": rnd == 0}, TIMEOUT + 60)["result"]  # the sender: TIMEOUT at most
                 r.update(round=rnd, config=key[0], loop=key[1], timed=rnd > 0)
                 data["measurements"].append(r)
                 print(f"  {'verify' if rnd == 0 else f'round {rnd}':8} {key[1]:8} {key[0]:25} "

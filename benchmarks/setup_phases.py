@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
+from .children import DEVNULL, spawn_python
+
 _REQ = b"s" * 64
+SERVER_READY_S = 30.0  # the server's port line
+STOP_S = 10.0  # the server at EOF on stdin: this long to exit, then SIGTERM, then SIGKILL (this long each)
 
 
 def _install(loop_name: str) -> None:
@@ -93,27 +96,29 @@ def _child(role: str, loop_name: str, transport: str, port: int, conns: int) -> 
         print(repr(asyncio.run(_client(transport, port, conns))), flush=True)
 
 
+def _port_line(line: str) -> bool:
+    return int(line) > 0
+
+
 def _round(loop_name: str, transport: str, conns: int) -> dict[str, Any]:
-    me = [sys.executable, "-m", "benchmarks.setup_phases", "--child"]
-    server = subprocess.Popen(me + ["server", loop_name, transport, "0", "0"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None and server.stdin is not None  # PIPEs
+    module = "benchmarks.setup_phases"
+    # the server's stderr is ours; it serves until its stdin closes
+    server = spawn_python(module=module, args=["--child", "server", loop_name, transport, 0, 0], stderr=None,
+                          name=f"setup_phases server {transport}", handshake=_port_line,
+                          handshake_timeout=SERVER_READY_S)
     try:
-        port = int(server.stdout.readline())
-        out = subprocess.run(me + ["client", loop_name, transport, str(port), str(conns)],
-                             capture_output=True, text=True, timeout=120 + conns * 0.01)
-        if out.returncode != 0:
-            raise RuntimeError(f"client failed: {out.stderr[-2000:]}")
+        assert server.hello is not None  # the handshake matched it
+        port = int(server.hello)
+        with spawn_python(module=module, args=["--child", "client", loop_name, transport, port, conns],
+                          stdin=DEVNULL, name=f"setup_phases client {transport}") as client:
+            status, out = client.output(120 + conns * 0.01)
+            if status != 0:
+                raise RuntimeError(f"client failed: {client.stderr_text(2000)}")
         import ast
-        result: dict[str, Any] = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+        result: dict[str, Any] = ast.literal_eval(out.strip().splitlines()[-1])
         return result
     finally:
-        server.stdin.close()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.finish(STOP_S, STOP_S)
 
 
 def main() -> None:

@@ -40,12 +40,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+from .children import ChildError, python_env, spawn_python
 
 PERIOD = 251                    # byte i of a stream is i % PERIOD
 RECV_BUFFER = 256 * 1024        # the BufferedProtocol receivers' preallocated buffer
@@ -59,6 +60,7 @@ CONFIGS = {                     # name: (transport, sender, receiver)
 LOOPS = ("asyncio", "uvloop")
 Json = dict[str, Any]
 GREETING = b"ready\n"           # the receiver's first line: the sender starts the clock once it has it
+MEASURE_SLACK_S = 60.0          # a connection may take this long beyond its sending time before it fails
 
 
 # --- shared by benchmarks.sendfile -------------------------------------------------------------------------
@@ -99,47 +101,58 @@ def mode_of(transport: Any) -> str:
     return "plain" if info is None else str(info.mode)
 
 
+READY_TIMEOUT_S = 60.0          # a peer's ready line (imports, a listening server)
+STOP_GRACE_S = 10.0             # a peer exits at EOF on stdin: this long, then SIGTERM, then SIGKILL
+
+
+def _ready_line(line: str) -> bool:
+    message = json.loads(line)
+    return isinstance(message, dict) and "ready" in message
+
+
 class Peer:
-    """A child process speaking JSON lines on stdin/stdout (stderr passes through)."""
+    """A child process speaking JSON lines on stdin/stdout (a `children.Child`; stderr passes through, the
+    working directory is ours): its ready line within READY_TIMEOUT_S, every answer within the time
+    given. Failures are RuntimeErrors."""
 
     def __init__(self, module: str, spec: Json) -> None:
-        env = dict(os.environ)
+        env = python_env()
         for key, value in MALLOC_ENV.items():
             env.setdefault(key, value)
         env.update(spec.get("env", {}))
         self.spec = spec
-        self.proc: subprocess.Popen[str] = subprocess.Popen(
-            [sys.executable, "-m", module, "--child", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.ready = self.read()
+        try:
+            self.child = spawn_python(module=module, args=["--child", json.dumps(spec)], env=env, cwd=None,
+                                      stderr=None, name=f"{module} {spec.get('role')}",
+                                      handshake=_ready_line, handshake_timeout=READY_TIMEOUT_S)
+        except ChildError as exc:
+            raise RuntimeError(f"peer {spec} did not start: {exc}") from None
+        assert self.child.hello is not None  # the handshake matched it
+        self.ready = self._checked(json.loads(self.child.hello))
 
-    def read(self) -> Json:
-        assert self.proc.stdout is not None  # stdout=PIPE
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"peer {self.spec} exited (status {self.proc.poll()})")
-        message: Json = json.loads(line)
+    def _checked(self, message: Json) -> Json:
         if message.get("ok") is False or message.get("ready") is False:
             raise RuntimeError(f"peer {self.spec} failed:\n{message.get('error')}")
         return message
 
-    def ask(self, command: Json) -> Json:
-        assert self.proc.stdin is not None  # stdin=PIPE
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        return self.read()
+    def read(self, timeout: float) -> Json:
+        try:
+            line = self.child.read_line(timeout)
+        except ChildError as exc:
+            raise RuntimeError(f"peer {self.spec}: {exc}") from None
+        message: Json = json.loads(line)
+        return self._checked(message)
+
+    def ask(self, command: Json, timeout: float) -> Json:
+        """Send ``command``, return the answer (at most ``timeout`` s)."""
+        try:
+            self.child.send_json(command)
+        except OSError as exc:  # BrokenPipeError: it is gone
+            raise RuntimeError(f"peer {self.spec}: {exc!r}: {self.child.describe()}") from None
+        return self.read(timeout)
 
     def stop(self) -> None:
-        try:
-            assert self.proc.stdin is not None  # stdin=PIPE
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.child.finish(STOP_GRACE_S, STOP_GRACE_S)
 
 
 def summary(values: list[float]) -> Json:
@@ -443,11 +456,11 @@ def _child(spec: Json) -> None:
             try:
                 runner.run(asyncio.wait_for(
                     _measure(spec, spec["port"], cmd["size"], cmd["warmup"], src, False),
-                    cmd["warmup"] + 60))
+                    cmd["warmup"] + MEASURE_SLACK_S))
                 result = runner.run(asyncio.wait_for(
                     _measure(spec, spec["port"], cmd["size"], cmd["duration"], src,
                              cmd.get("mismatch", False)),
-                    cmd["duration"] + 60))
+                    cmd["duration"] + MEASURE_SLACK_S))
             except BaseException as exc:  # noqa: BLE001 - reported to the parent, which stops the run
                 emit({"ok": False, "error": "".join(traceback.format_exception(exc))})
             else:
@@ -487,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  strict=True))
                                      for c in configs}},
             "measurements": []}
+    # the sender bounds the warm-up and the measured connection at their time + MEASURE_SLACK_S each
+    answer_timeout = args.warmup + args.duration + 3 * MEASURE_SLACK_S
     peers: dict[tuple[str, str], tuple[Peer, Peer | None]] = {}
     try:
         for config, loop in pairs:
@@ -504,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                     sending = peers[config, loop][1]
                     assert sending is not None  # started with its receiver above
                     answer = sending.ask({"size": size, "duration": args.duration, "warmup": args.warmup,
-                                         "mismatch": args.inject_mismatch})
+                                          "mismatch": args.inject_mismatch}, answer_timeout)
                     r = answer["result"]
                     r.update(round=rnd, size=size, config=config, loop=loop)
                     data["measurements"].append(r)
