@@ -51,6 +51,19 @@ def leak_baseline():
     return open_fds(), device.status()
 
 
+async def warm_up() -> None:
+    """What a process opens once and keeps (this loop's hub, the device's endpoint): opened before
+    a baseline, so that a test run alone measures what its connections leave, not that."""
+    server = await smcish.start_server(lambda r, w: w.close(), HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await smcish.open_connection(HOST, port)
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+    await asyncio.sleep(0.1)
+
+
 async def assert_no_leaks(baseline, settle: float = 2.0) -> None:
     """Regions, attachments, peer connections back to the baseline; fds too, except those of
     regions the reuse pool newly keeps (device.status()["pooled_fds"])."""
@@ -89,6 +102,7 @@ def test_server_killed_mid_transfer_client_gets_reset(loop_kind):
         port = server.read_json()["port"]
 
         async def main():
+            await warm_up()
             baseline = leak_baseline()
             reader, writer = await smcish.open_connection(HOST, port)
             assert writer.get_extra_info("smcish").mode == "ism"
