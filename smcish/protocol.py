@@ -5,12 +5,16 @@ application an ``SmcTransport`` once the set-up decided; after that it stays on 
 as the liveness channel (ISM) or gets out of the way (TCP fallback: the application protocol is
 attached to the TCP transport directly). ``ClientSetup`` is the client's half before the TCP
 transport exists: it claims a slot before ``connect()`` and waits for the server's decision.
-The rules and the state machine are in ``clc.py``; no byte of the set-up ever goes on TCP.
+The rules and the state machine are in ``clc.py``; no byte of the set-up ever goes on TCP. The
+handshake protocol's own life (``HandshakeState``) is a state machine too, moved only by
+``HandshakeProtocol._set_state`` (docs/design.md 4.1).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import functools
 import logging
 import os
 from typing import Any
@@ -21,7 +25,7 @@ from . import stats as _stats
 from .errors import HandshakeError
 from .linkgroup import Hub, LinkGroup, addr_bytes, device_pool, in_pool
 from .tls import TlsFactory
-from .transport import SmcInfo, SmcTransport
+from .transport import SmcInfo, SmcTransport, transition_table
 
 log = logging.getLogger("smcish")
 R = clc.DeclineReason
@@ -36,7 +40,7 @@ def deliver(protocol: Any, data: bytes) -> None:
     if isinstance(protocol, asyncio.BufferedProtocol):
         view = memoryview(data)
         while view:
-            buf = protocol.get_buffer(len(view))
+            buf: Any = protocol.get_buffer(len(view))    # (typed as any buffer: len() and [:n] work)
             n = min(len(buf), len(view))
             if not n:
                 raise RuntimeError("get_buffer() returned an empty buffer")
@@ -101,7 +105,7 @@ class ClientSetup:
         self._future = loop.create_future()
         self._poll_us = config.poll_us
 
-    async def start(self, sock: Any, family: int, server: tuple) -> R | None:
+    async def start(self, sock: Any, family: int, server: tuple[Any, ...]) -> R | None:
         """Publish the claim for ``sock`` (bound, not connected). Returns a reason if impossible."""
         group = self.group
         got = group.take_slot()
@@ -357,6 +361,52 @@ class ClientSetup:
 
 # --------------------------------------------------------------------------- the protocol
 
+class HandshakeState(enum.Enum):
+    """The life of a ``HandshakeProtocol``; ``_TRANSITIONS`` lists the moves (docs/design.md 4.1).
+
+    Only the handshake's own life: while DECIDING, the set-up's progress is the server's
+    ``SetupMachine.state`` (clc.py), not repeated here; a client's set-up (``ClientSetup``) is
+    decided, or handed over optimistic, before its TCP transport exists.
+    """
+
+    __hash__ = object.__hash__    # members are singletons: identity hash, in C (as clc.SetupState)
+
+    NEW = "new"
+    DECIDING = "deciding"
+    ESTABLISHED = "established"
+    FELL_BACK = "fell-back"
+    FAILED = "failed"
+
+
+_H = HandshakeState
+_NEW, _DECIDING, _ESTABLISHED, _FELL_BACK, _FAILED = (
+    _H.NEW, _H.DECIDING, _H.ESTABLISHED, _H.FELL_BACK, _H.FAILED)
+
+# The whitelist: state -> the states it may become. ``HandshakeProtocol._set_state`` refuses the rest.
+_TRANSITIONS: dict[HandshakeState, frozenset[HandshakeState]] = {
+    _NEW: frozenset({_DECIDING, _ESTABLISHED, _FELL_BACK}),
+    _DECIDING: frozenset({_ESTABLISHED, _FELL_BACK, _FAILED}),
+    _ESTABLISHED: frozenset(),
+    _FELL_BACK: frozenset(),
+    _FAILED: frozenset(),
+}
+
+_MEANINGS: dict[HandshakeState, str] = {
+    _NEW: "created by the loop for a TCP connection, `connection_made` not called yet",
+    _DECIDING: "server: a claim names this connection; its `SetupMachine` (clc.py) verifies, "
+               "accepts or declines, and waits for the client's final word; TCP bytes are held",
+    _ESTABLISHED: "shared memory (an optimistic client's too): the application has its "
+                  "`SmcTransport`; we stay on TCP as the liveness channel and forward its events",
+    _FELL_BACK: "plain TCP: the application protocol is on the TCP transport, we are out of the way",
+    _FAILED: "the set-up was aborted, or the TCP connection was lost before a decision",
+}
+
+
+def state_table() -> str:
+    """The handshake protocol's table as docs/design.md 4.1 holds it (a test checks)."""
+    return transition_table(_TRANSITIONS, {"Meaning": _MEANINGS})
+
+
 class HandshakeProtocol(asyncio.Protocol):
     """One side of one connection on the loop's TCP transport.
 
@@ -385,8 +435,7 @@ class HandshakeProtocol(asyncio.Protocol):
         self._tcp: Any = None
         self._smc: Any = None
         self._app: Any = None
-        self._established = False
-        self._done = False
+        self._state = _NEW                # the life: see _TRANSITIONS, moved only by _set_state()
         # server set-up state
         self._machine: clc.SetupMachine | None = None
         self._group: LinkGroup | None = None
@@ -401,6 +450,13 @@ class HandshakeProtocol(asyncio.Protocol):
         self._eof = False
         self._timer: Any = None
         self._poll_us = config.poll_us
+
+    def _set_state(self, new: HandshakeState) -> None:
+        """The one place the handshake's life moves; refuses a move ``_TRANSITIONS`` does not list."""
+        old = self._state
+        if new not in _TRANSITIONS[old]:
+            raise RuntimeError(f"HandshakeProtocol cannot go from {old.name} to {new.name}")
+        self._state = new
 
     # ------------------------------------------------------------ TCP events
     def connection_made(self, transport: Any) -> None:
@@ -422,7 +478,8 @@ class HandshakeProtocol(asyncio.Protocol):
         self._server_start()
 
     def data_received(self, data: bytes) -> None:
-        if self._established:
+        state = self._state
+        if state is _ESTABLISHED:
             setup = self._smc._setup
             if setup is None:
                 self._smc._tcp_bytes()
@@ -435,11 +492,11 @@ class HandshakeProtocol(asyncio.Protocol):
                 self._held.clear()
                 self._smc._tcp_bytes()         # it accepted after all: it must not write on TCP
             return
-        if self._done:
+        if state is not _DECIDING:
             return
         self._held += data
         self._smc_notify()                # a client that went TCP wrote FINAL_TCP first
-        if not self._done and len(self._held) > _MAX_HELD and not self._held_paused:
+        if self._state is _DECIDING and len(self._held) > _MAX_HELD and not self._held_paused:
             # A client whose application uses its pre-claimed socket in a way smcish does not
             # see (a plain send() from a thread, ...) writes on TCP before its final word, which
             # its claim timer then gives (FINAL_TCP). Hold no more: let TCP flow control stop
@@ -448,7 +505,8 @@ class HandshakeProtocol(asyncio.Protocol):
             self._tcp.pause_reading()
 
     def eof_received(self) -> Any:
-        if self._established:
+        state = self._state
+        if state is _ESTABLISHED:
             setup = self._smc._setup
             if setup is not None:              # optimistic, not answered: see data_received
                 self._eof = True
@@ -458,27 +516,27 @@ class HandshakeProtocol(asyncio.Protocol):
                 return True
             self._smc._tcp_eof()
             return True
-        if self._done:
+        if state is not _DECIDING:
             return True
         self._eof = True
         self._smc_notify()
-        if not self._done and self._machine is not None:
-            self._machine.peer_gone(self._loop.time())
+        machine = self._machine
+        if self._state is _DECIDING and machine is not None:
+            machine.peer_gone(self._loop.time())
             self._process()
-        if not self._done:                 # still verifying (remote): decided when that ends
-            return True
-        if self._smc._info.mode == "tcp" and self._app is not None:
-            return True                    # _fall_back delivered EOF to the application
+        # Still DECIDING (verifying through ismd): decided when that ends. Else _fall_back
+        # delivered the EOF to the application. The TCP transport stays open either way.
         return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timer()
-        if self._established:
+        state = self._state
+        if state is _ESTABLISHED:
             self._smc._tcp_lost(exc)
             return
-        if self._done:
+        if state is not _DECIDING:
             return
-        self._done = True
+        self._set_state(_FAILED)
         self._release_setup()
         error = exc or ConnectionResetError("connection lost during the smcish set-up")
         self._fail(error)
@@ -498,16 +556,18 @@ class HandshakeProtocol(asyncio.Protocol):
         if found is None:
             self._fall_back(R.PEER_NOT_SMCISH, b"")
             return
+        assert hub is not None                      # (found through it)
         group, slot, setup = found
         if slot in group.conns:
             # Our side of that slot is still in use: an honest client never claims it (it waits
             # for our release), so this claim is not for us to answer. Stay TCP without a word.
             self._fall_back(R.PROTOCOL_ERROR, b"")
             return
+        self._set_state(_DECIDING)
         self._group, self._slot, self._claim, self._smc_gen = group, slot, setup, setup.gen
         self._machine = clc.SetupMachine("server", self._loop.time(), self._config.handshake_timeout)
         group.bind(slot, self, self._poll_us)        # hold the slot while we decide
-        verdict = self._verify_local(peer, local, setup, group)
+        verdict = self._verify_local(peer, local, setup, group, hub)
         if verdict is True:
             self._accept()
         elif verdict is False:
@@ -518,7 +578,8 @@ class HandshakeProtocol(asyncio.Protocol):
                                              setup.sock_ino, group.peer_endpoint)
             fut.add_done_callback(self._remote_verified)
 
-    def _verify_local(self, peer: tuple, local: tuple, setup: Any, group: LinkGroup) -> bool | None:
+    def _verify_local(self, peer: tuple[Any, ...], local: tuple[Any, ...], setup: Any, group: LinkGroup,
+                      hub: Hub) -> bool | None:
         """Is the socket at the other end of this connection the one the claim names?
 
         True/False from the kernel (same network namespace); None when the kernel cannot see it
@@ -533,11 +594,11 @@ class HandshakeProtocol(asyncio.Protocol):
             log.debug("smcish: sock_diag lookup failed: %r", exc)
             return False
         if hit is None:
-            return None if self._hub.device.kind == "daemon" else False
+            return None if hub.device.kind == "daemon" else False
         return hit.inode == setup.sock_ino and hit.uid == group.peer_uid and hit.inode != 0
 
     def _remote_verified(self, fut: Any) -> None:
-        if self._done:
+        if self._state is not _DECIDING:
             return
         ok = not fut.cancelled() and fut.exception() is None and fut.result()
         if ok:
@@ -547,29 +608,32 @@ class HandshakeProtocol(asyncio.Protocol):
 
     def _accept(self, waited: bool = False) -> None:
         group = self._group
+        assert group is not None                    # (DECIDING)
         got = group.alloc_block(self._config.ring_size)
         if got is None:
             task = self._loop.create_task(group.alloc_block_growing(
                 self._config.ring_size, self._config.handshake_timeout))
-            task.add_done_callback(self._grown)
+            # (the group passed along: a set-up that ended meanwhile has let go of it)
+            task.add_done_callback(functools.partial(self._grown, group))
             return
         self._accept_with(got, waited)
 
-    def _grown(self, task: Any) -> None:
+    def _grown(self, group: LinkGroup, task: Any) -> None:
         got = None
         if not task.cancelled() and task.exception() is None:
             got = task.result()
-        if self._done:
+        if self._state is not _DECIDING:
             if got is not None:
-                self._group.free_block(got[0])
+                group.free_block(got[0])
             return
         if got is None:
             self._decline(R.NO_MEMORY)
         else:
             self._accept_with(got, True)
 
-    def _accept_with(self, got: tuple, waited: bool = False) -> None:
-        group = self._group
+    def _accept_with(self, got: tuple[Any, Any], waited: bool = False) -> None:
+        group, machine = self._group, self._machine
+        assert group is not None and machine is not None    # (DECIDING)
         slot, claim = self._slot, self._claim
         block, extent = got
         if group.dying:
@@ -581,7 +645,7 @@ class HandshakeProtocol(asyncio.Protocol):
         snap = group.group.read_peer_setup(slot) if waited else claim
         if snap.gen != claim.gen or snap.phase not in _CLAIM_PHASES:
             group.free_block(block)                 # the client gave up meanwhile
-            self._machine.accept(claim.gen, self._loop.time())
+            machine.accept(claim.gen, self._loop.time())
             self._smc_notify()
             return
         group.group.reset_slot(slot)
@@ -600,33 +664,35 @@ class HandshakeProtocol(asyncio.Protocol):
             ring0_off=block.off, ring0_ext=block.ext, ring0_log2=_log2(block.size), sock_ino=0,
             cport=claim.cport, sport=claim.sport, caddr=claim.caddr, saddr=claim.saddr))
         group.notify_or_fail(slot)
-        self._machine.accept(claim.gen, self._loop.time())
+        machine.accept(claim.gen, self._loop.time())
         self._smc_notify()                # OPTIMISTIC (after the fence): established right here
-        if not self._done:                # a CLAIMED client's final word follows at once
+        if self._state is _DECIDING:      # a CLAIMED client's final word follows at once
             self._arm_timer()
             group.schedule_poll(wake=True)
 
     def _decline(self, reason: R) -> None:
         machine = self._machine
+        assert machine is not None                  # (DECIDING)
         machine.decline(reason, self._loop.time(), gen=self._smc_gen)
         self._process()
 
     # ------------------------------------------------------------ group callbacks (server)
     def _smc_notify(self) -> None:
-        machine = self._machine
-        if self._done or machine is None or machine.state is not clc.SetupState.WAIT_FINAL:
+        machine, group = self._machine, self._group
+        if (self._state is not _DECIDING or machine is None or group is None
+                or machine.state is not clc.SetupState.WAIT_FINAL):
             return
-        snap = self._group.group.read_peer_setup(self._slot)
+        snap = group.group.read_peer_setup(self._slot)
         machine.observe(snap.gen, snap.phase, snap.reason, self._loop.time())
         self._process()
 
     def _smc_group_failed(self, exc: BaseException) -> None:
-        if not self._done:
+        if self._state is _DECIDING:
             self._abort(R.ATTACH_FAILED, f"link group failed: {exc}")
 
     def _process(self) -> None:
-        machine = self._machine
-        group = self._group
+        machine, group = self._machine, self._group
+        assert machine is not None and group is not None    # (DECIDING)
         write = machine.take_write()
         if write is not None and not group.destroyed:
             group.group.set_phase(self._slot, self._smc_gen, write[0], write[1])
@@ -645,7 +711,7 @@ class HandshakeProtocol(asyncio.Protocol):
                 self._fall_back(event.reason, bytes(self._held), event.by_peer)
             elif isinstance(event, clc.Aborted):
                 self._abort(event.reason, event.message)
-        if not self._done:
+        if self._state is _DECIDING:
             self._arm_timer()
 
     def _release_setup(self) -> None:
@@ -666,8 +732,7 @@ class HandshakeProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ outcomes
     def _establish(self, ring: Any, group: LinkGroup, slot: int, gen: int, block: Any,
                    pending: Any = None) -> None:
-        self._done = True
-        self._established = True
+        self._set_state(_ESTABLISHED)
         smc = self._smc
         info = smc._info
         info.device = group.hub.device.gid.hex()
@@ -695,7 +760,7 @@ class HandshakeProtocol(asyncio.Protocol):
                 keep_open = app.eof_received()
             except (SystemExit, KeyboardInterrupt):
                 raise
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - as asyncio: a protocol's error goes to the loop
                 self._loop.call_exception_handler({
                     "message": "Fatal error: protocol.eof_received() call failed.",
                     "exception": exc, "transport": self._smc, "protocol": app})
@@ -705,7 +770,7 @@ class HandshakeProtocol(asyncio.Protocol):
                     self._tcp.close()
 
     def _fall_back(self, reason: R, data: bytes, by_peer: bool = False) -> None:
-        self._done = True
+        self._set_state(_FELL_BACK)
         if self._held_paused:             # (before delivering: the application may pause it)
             self._held_paused = False
             self._tcp.resume_reading()
@@ -726,7 +791,7 @@ class HandshakeProtocol(asyncio.Protocol):
                 keep_open = self._app.eof_received()
             except (SystemExit, KeyboardInterrupt):
                 raise
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - as asyncio: a protocol's error goes to the loop
                 self._loop.call_exception_handler({
                     "message": "Fatal error: protocol.eof_received() call failed.",
                     "exception": exc, "transport": smc, "protocol": self._app})
@@ -737,7 +802,7 @@ class HandshakeProtocol(asyncio.Protocol):
         self._resolve()
 
     def _abort(self, reason: R, message: str) -> None:
-        self._done = True
+        self._set_state(_FAILED)
         self._cancel_timer()
         self._release_setup()
         _stats.count("handshake_aborts")
@@ -775,7 +840,8 @@ class HandshakeProtocol(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._done:
+        machine = self._machine
+        if self._state is not _DECIDING or machine is None:
             return
-        self._machine.handle_timer(self._loop.time())
+        machine.handle_timer(self._loop.time())
         self._process()

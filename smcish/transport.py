@@ -8,17 +8,21 @@ connection_made), in one of two modes:
 - tcp (fallback): every method is re-bound, per instance, to the loop's own TCP transport, so a
   fallen-back connection pays no Python call of ours per write, and the application protocol is
   attached to the TCP transport directly (no call of ours per read).
-Semantics follow asyncio's selector socket transport (selector_events.py).
+Semantics follow asyncio's selector socket transport (selector_events.py). The transport's life
+is the state machine ``TransportState`` / ``_TRANSITIONS`` (docs/design.md 4.1), moved only by
+``SmcTransport._set_state``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import logging
 import warnings
 from asyncio import constants as _aconst
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from . import policy as _policy
 from . import ring as _ring
@@ -58,7 +62,7 @@ class SmcInfo:
         slot: the connection's slot in its link group (ISM), else None.
     """
 
-    __slots__ = ("mode", "reason", "device", "ring_size", "peer_ring_size", "role", "peer_declined",
+    __slots__ = ("device", "mode", "peer_declined", "peer_ring_size", "reason", "ring_size", "role",
                  "slot")
 
     def __init__(self, role: str, mode: str = "tcp") -> None:
@@ -76,6 +80,96 @@ class SmcInfo:
         return f"<SmcInfo {self.role} mode={self.mode} reason={reason} device={self.device}>"
 
 
+class TransportState(enum.IntEnum):
+    """The life of an ``SmcTransport``; ``_TRANSITIONS`` lists the moves, docs/design.md 4.1 shows them.
+
+    Numbered so that the per-message paths test a group of states with one compare: closing
+    (``is_closing()``) is ``>= OPTIMISTIC_CLOSING``, lost (``connection_lost`` scheduled, what
+    asyncio's ``_conn_lost`` says) is ``>= OPTIMISTIC_CLOSED``.
+    """
+
+    SETUP = 0
+    TCP = 1
+    OPTIMISTIC = 2
+    ISM = 3
+    OPTIMISTIC_CLOSING = 4
+    CLOSING = 5
+    OPTIMISTIC_CLOSED = 6
+    OPTIMISTIC_ABORTED = 7
+    CLOSED = 8
+    LINGERING = 9
+    RELEASED = 10
+
+
+_S = TransportState
+# Module aliases: a global is one lookup, an Enum class attribute costs far more (per-message paths).
+_SETUP, _TCP, _OPTIMISTIC, _ISM = _S.SETUP, _S.TCP, _S.OPTIMISTIC, _S.ISM
+_OPT_CLOSING, _CLOSING, _OPT_CLOSED, _OPT_ABORTED = (
+    _S.OPTIMISTIC_CLOSING, _S.CLOSING, _S.OPTIMISTIC_CLOSED, _S.OPTIMISTIC_ABORTED)
+_CLOSED, _LINGERING, _RELEASED = _S.CLOSED, _S.LINGERING, _S.RELEASED
+_CLOSING_FROM = _OPT_CLOSING     # state >= this: closing (close() or an abort was called)
+_LOST_FROM = _OPT_CLOSED         # state >= this: connection_lost is scheduled (or done)
+
+# The whitelist: state -> the states it may become. ``_set_state`` refuses anything else.
+_TRANSITIONS: dict[TransportState, frozenset[TransportState]] = {
+    _SETUP: frozenset({_TCP, _OPTIMISTIC, _ISM}),
+    _TCP: frozenset(),
+    _OPTIMISTIC: frozenset({_ISM, _TCP, _OPT_CLOSING, _OPT_ABORTED, _RELEASED}),
+    _ISM: frozenset({_CLOSING, _CLOSED}),
+    _OPT_CLOSING: frozenset({_CLOSING, _TCP, _OPT_CLOSED, _OPT_ABORTED, _RELEASED}),
+    _CLOSING: frozenset({_CLOSED}),
+    _OPT_CLOSED: frozenset({_CLOSED, _RELEASED}),
+    _OPT_ABORTED: frozenset({_RELEASED}),
+    _CLOSED: frozenset({_LINGERING, _RELEASED}),
+    _LINGERING: frozenset({_RELEASED}),
+    _RELEASED: frozenset(),
+}
+
+# What get_extra_info("smcish").mode says in each state (set on entering TCP, OPTIMISTIC, ISM).
+_MODES: dict[TransportState, str] = {state: "tcp" if state <= _TCP else "ism" for state in _S}
+
+_MEANINGS: dict[TransportState, str] = {
+    _SETUP: "created by the handshake protocol; the set-up has not decided, the application has no "
+            "transport yet",
+    _TCP: "plain TCP (fallback at set-up, or an optimistic connection migrated): every method is "
+          "the loop's TCP transport's, which runs the rest of the connection",
+    _OPTIMISTIC: "shared memory, the client's optimistic claim not answered yet: writes go into a "
+                 "send-only ring (3.3)",
+    _ISM: "shared memory, both rings",
+    _OPT_CLOSING: "`close()` while optimistic, bytes still buffered: they go into the ring first",
+    _CLOSING: "`close()`, bytes still buffered: they go into the ring first",
+    _OPT_CLOSED: "EOF and CLOSED published, `connection_lost` scheduled; the TCP close waits for "
+                 "the server's answer (after a resend over TCP if it declines)",
+    _OPT_ABORTED: "aborted while optimistic: TCP reset, the claim abandoned (the set-up lets go "
+                  "of the slot at once)",
+    _CLOSED: "EOF and CLOSED (or ABORT) published, TCP closed or reset, `connection_lost` "
+             "scheduled; the slot is ours until the peer is done with it",
+    _LINGERING: "closed, the peer still reads: our ring is armed for its CLOSED, the maintenance "
+                "tick retries",
+    _RELEASED: "slot and ring blocks given back: by us once the peer is done with them, or by the "
+               "set-up for an optimistic connection that did not end on shared memory",
+}
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def transition_table(transitions: Mapping[_E, frozenset[_E]], columns: Mapping[str, Mapping[_E, str]]) -> str:
+    """A markdown table of a state machine: each state, the states it may become, ``columns``."""
+    head = ["State", "May become", *columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for state, nexts in transitions.items():
+        after = ", ".join(s.name for s in type(state) if s in nexts) or "(final)"
+        cells = [state.name, after, *(column[state] for column in columns.values())]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def state_table() -> str:
+    """The transport's table as docs/design.md 4.1 holds it (tests/test_transport_states.py checks)."""
+    return transition_table(_TRANSITIONS, {"`mode`": {s: f"`{m}`" for s, m in _MODES.items()},
+                                           "Meaning": _MEANINGS})
+
+
 class SmcTransport(asyncio.transports._FlowControlMixin):
     """The application's transport; see the module docstring for its two modes.
 
@@ -86,53 +180,74 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     _sendfile_compatible = _aconst._SendfileMode.FALLBACK
     _start_tls_compatible = True     # asyncio's own start_tls works over us too (tls.py wraps it)
 
+    # Every attribute, declared here. A fallen-back connection should cost next to nothing, so
+    # values that start the same for every connection are class defaults (None, bool, int, float:
+    # an instance assignment shadows them) and __init__ sets only the others. _become_ism assigns
+    # per instance the ones the per-message paths read: CPython 3.11 reads an instance attribute
+    # ~3x faster than a class one.
+    _loop: asyncio.AbstractEventLoop  # _FlowControlMixin's, as _high_water, _low_water
+    _tcp: Any                        # the loop's TCP transport underneath
+    _info: SmcInfo
+    _conn_lost: int                  # asyncio's counter: >0 exactly when lost (_set_state); write()
+                                     # counts on, linkgroup.py reads it
+    _state: TransportState           # the life: see _TRANSITIONS, moved only by _set_state()
+    _protocol: Any = None
+    _buffered: bool = False          # the protocol is a BufferedProtocol
+    _feed: Any = None                # streams: ring -> reader, one copy
+    _ring: Any = None
+    _reserved: Any = None            # the ring (ism) or private buffer of reserve()
+    _stats_done: bool = False        # the ring's counters were added to the process totals
+    _write_paused: bool              # our protocol's pause_writing() state (the mixin's __init__
+                                     # sets it, through _protocol_paused)
+    # shared memory (set by _become_ism)
+    _group: Any = None
+    _setup: Any = None               # the optimistic ClientSetup, exactly in OPTIMISTIC*
+    _handshake: Any = None
+    _slot: int = -1
+    _smc_gen: int = 0
+    _block: Any = None               # our current tx ring block
+    _old_block: Any = None           # the block before a ring switch, until the peer passed it
+    _ring_size: int = 0              # the size rings start at (and shrink back to)
+    _max_ring: int = 0
+    _full_count: int = 0             # times the writer found the ring full since the last switch
+    _growing: bool = False
+    _tick_tx: int = -1               # tx bytes at the last maintenance tick (shrink when idle)
+    _hot_fired: bool = False         # the group poll saw news on our ring (see _read_ready)
+    _pending: collections.deque[bytes | memoryview]   # what the ring had no room for (mutable:
+                                                       # created by _become_ism)
+    _pending_size: int = 0
+    _reading_paused: bool = False
+    _eof_requested: bool = False     # write_eof() called
+    _eof_written: bool = False       # EOF flag published in the ring
+    _eof_delivered: bool = False
+    _peer_gone: bool = False         # TCP control connection lost without a clean close
+    _read_scheduled: bool = False
+    _poll_us: float = 0.0
+    _tx_level: int = 0
+    _tx_skip: int = 0
+    _space_waiter: Any = None        # sendfile waits here for room in the ring
+    _born: Any = None                # (loop time, peername): client, learned short-lived rule
+
     def __init__(self, loop: Any, tcp_transport: Any, info: SmcInfo) -> None:
-        # Only what both modes need: a fallen-back connection should cost next to nothing.
+        # Only what differs per connection (see above): a fallen-back one should cost next to nothing.
         super().__init__(None, loop)
         self._tcp = tcp_transport
         self._info = info
-        self._protocol: Any = None
-        self._buffered = False
-        self._feed: Any = None
-        self._ring: Any = None
-        self._closing = False
         self._conn_lost = 0
-        self._reserved: Any = None       # the ring (ism) or private buffer of reserve()
-        self._stats_done = False         # the ring's counters were added to the process totals
+        # (Not a class default: CPython 3.11 does not specialise reads of an attribute whose class
+        # default is an instance of a Python class, such as an enum member.)
+        self._state = _SETUP
 
-    def _init_ism(self, poll_us: float) -> None:
-        """The state of the shared-memory data path."""
-        self._group: Any = None
-        self._setup: Any = None          # optimistic ClientSetup until the server answers
-        self._handshake: Any = None
-        self._close_deferred = False     # closed while optimistic: TCP closes after the answer
-        self._slot = -1
-        self._smc_gen = 0
-        self._block: Any = None          # our current tx ring block
-        self._old_block: Any = None      # the block before a ring switch, until the peer passed it
-        self._ring_size = 0              # the size rings start at (and shrink back to)
-        self._max_ring = 0
-        self._full_count = 0             # times the writer found the ring full since the last switch
-        self._growing = False
-        self._tick_tx = -1               # tx bytes at the last maintenance tick (shrink when idle)
-        self._released = False
-        self._hot_fired = False          # the group poll saw news on our ring (see _read_ready)
-        self._linger_armed = False       # closed, waiting for the peer's CLOSED with want_data armed
-        self._pending: collections.deque = collections.deque()
-        self._pending_size = 0
-        self._high_water = 64 * 1024
-        self._low_water = 16 * 1024
-        self._write_paused = False       # our protocol's pause_writing() state (ism mode)
-        self._reading_paused = False
-        self._eof_requested = False      # write_eof() called
-        self._eof_written = False        # EOF flag published in the ring
-        self._eof_delivered = False
-        self._peer_gone = False          # TCP control connection lost without a clean close
-        self._read_scheduled = False
-        self._poll_us = float(poll_us)
-        self._tx_level = self._tx_skip = 0
-        self._space_waiter: Any = None   # sendfile waits here for room in the ring
-        self._born: Any = None           # (loop time, peername): client, learned short-lived rule
+    def _set_state(self, new: TransportState) -> None:
+        """The one place the transport's life moves; refuses a move ``_TRANSITIONS`` does not list."""
+        old = self._state
+        if new not in _TRANSITIONS[old]:
+            raise RuntimeError(f"SmcTransport cannot go from {old.name} to {new.name}")
+        self._state = new
+        if new <= _ISM:
+            self._info.mode = _MODES[new]       # public: get_extra_info("smcish").mode
+        elif old < _LOST_FROM <= new:
+            self._conn_lost += 1
 
     # ----------------------------------------------------------------- set-up
     def set_protocol(self, protocol: Any) -> None:
@@ -146,12 +261,13 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         return self._protocol
 
     def __repr__(self) -> str:
-        state = "closed" if self._conn_lost else ("closing" if self._closing else "open")
-        return f"<SmcTransport {self._info.mode} {state}>"
+        state = self._state
+        text = "closed" if state >= _LOST_FROM else ("closing" if state >= _CLOSING_FROM else "open")
+        return f"<SmcTransport {self._info.mode} {text}>"
 
     def _become_tcp(self, reason: Any, peer_declined: bool = False) -> None:
         """Fallback: re-bind every method to the TCP transport (no per-call cost of ours)."""
-        self._info.mode = "tcp"
+        self._set_state(_TCP)
         self._info.reason = reason
         self._info.peer_declined = peer_declined
         tcp = self._tcp
@@ -168,8 +284,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         ring, and it either completes the ring (``_setup_established``) or makes us resend
         everything over TCP (``_migrate``).
         """
-        self._init_ism(config.poll_us)
-        self._info.mode = "ism"
+        self._set_state(_OPTIMISTIC if pending is not None else _ISM)
         self._info.slot = slot
         self._ring = ring
         self._group = group
@@ -180,6 +295,13 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._max_ring = max(config.max_ring_size, config.ring_size)
         self._setup = pending
         self._handshake = handshake
+        self._poll_us = float(config.poll_us)
+        self._pending = collections.deque()
+        # Per instance, the class defaults the per-message paths read (see the class body).
+        self._pending_size = self._tx_level = self._tx_skip = 0
+        self._reading_paused = self._read_scheduled = self._hot_fired = False
+        self._eof_requested = self._eof_delivered = self._peer_gone = False
+        self._old_block = self._space_waiter = None
         group.bind(slot, self, self._poll_us)
         if pending is not None:
             pending.transport = self
@@ -201,21 +323,22 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     def _setup_established(self) -> None:
         """The optimistic claim was accepted: our ring is complete; read, and finish a close."""
         self._setup = None
+        state = self._state
+        self._set_state(_ISM if state is _OPTIMISTIC else _CLOSING if state is _OPT_CLOSING else _CLOSED)
         self._info.peer_ring_size = self._ring.rx_capacity
         if self._space_waiter is not None:
             self._wake_space_waiter()
         _stats.count("connections_ism")
         _stats.track(self)
         self._learn_established()
-        if self._conn_lost:
-            if self._close_deferred:
-                self._tcp.close()
+        if state is _OPT_CLOSED:          # closed by the application meanwhile: the deferred FIN
+            self._tcp.close()
             self._try_release()
             return
         self._schedule_read()
         if self._pending_size:
             self._flush()
-        elif self._closing:
+        elif state is _OPT_CLOSING:
             self._finish_close()
 
     def _migrate(self, reason: Any, by_peer: bool, sent: bytes) -> None:
@@ -226,18 +349,19 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self._block = None
         if self._space_waiter is not None:    # a sendfile goes on over TCP (loop._sendfile)
             self._wake_space_waiter()
-        if self._close_deferred:          # closed by the application meanwhile: send, then FIN
-            if sent:
-                self._tcp.write(sent)
-            self._tcp.close()
-            return
-        if self._conn_lost:
+        state = self._state
+        if state >= _LOST_FROM:
+            if state is _OPT_CLOSED:      # closed by the application meanwhile: send, then FIN
+                if sent:
+                    self._tcp.write(sent)
+                self._tcp.close()
+            self._set_state(_RELEASED)    # (else aborted meanwhile: TCP was reset)
             return
         pending = b"".join(self._pending)
         self._pending.clear()
         self._pending_size = 0
-        closing, eof, paused = self._closing, self._eof_requested, self._write_paused
-        self._closing = self._eof_requested = self._write_paused = False
+        closing, eof, paused = state is _OPT_CLOSING, self._eof_requested, self._write_paused
+        self._eof_requested = self._write_paused = False
         _stats.count_fallback(reason, peer=self._tcp)
         _stats.count("migrations")
         _stats.count("migrated_bytes", len(sent))
@@ -265,13 +389,11 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             self._wake_space_waiter()
         self._pending.clear()
         self._pending_size = 0
-        if self._conn_lost:              # closed by the application meanwhile
-            self._tcp.abort()
-            return
-        self._closing = True
-        self._conn_lost += 1
+        lost = self._state >= _LOST_FROM  # closed by the application meanwhile
+        self._set_state(_RELEASED)
         self._tcp.abort()
-        self._loop.call_soon(self._call_connection_lost, exc)
+        if not lost:
+            self._loop.call_soon(self._call_connection_lost, exc)
 
     def _maybe_resume_after_migration(self) -> None:
         # We paused the application for a full ring; the TCP transport pauses it again if its
@@ -280,7 +402,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             self._protocol.resume_writing()
         except (SystemExit, KeyboardInterrupt):
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - as asyncio: a protocol's error goes to the loop
             self._loop.call_exception_handler({
                 "message": "protocol.resume_writing() failed", "exception": exc,
                 "transport": self, "protocol": self._protocol})
@@ -293,14 +415,14 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             return None
         return self._tcp.get_extra_info(name, default)
 
-    def _counters(self) -> dict:
+    def _counters(self) -> dict[str, int]:
         ring = self._ring
         if ring is None or ring.closed:
             return {}
         return {"bytes_sent": ring.tx_bytes, "bytes_received": ring.rx_bytes,
                 "notifications": ring.doorbells}
 
-    def _describe(self) -> dict:
+    def _describe(self) -> dict[str, Any]:
         """One row of `python -m smcish stat` (called from the device's endpoint thread)."""
         ring = self._ring
         out = {"mode": self._info.mode, "role": self._info.role,
@@ -321,7 +443,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         ring = self._ring
         if ring is None:
             return
-        if self._conn_lost:
+        if self._state >= _LOST_FROM:
             self._try_release()
             return
         if self._old_block is not None:
@@ -335,7 +457,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
 
     def _smc_group_failed(self, exc: BaseException) -> None:
         """The link group died under us (corrupted, or torn down): fail now and let go."""
-        if not self._conn_lost:
+        if self._state < _LOST_FROM:
             self._fatal_error(exc, "smcish: link group failed")
         self._try_release()
 
@@ -345,7 +467,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if ring is None:
             self._group.tickers.discard(self)
             return
-        if self._conn_lost:
+        if self._state >= _LOST_FROM:
             self._try_release()
             return
         if self._old_block is not None:
@@ -357,7 +479,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 if ring.tx_space() == ring.tx_capacity:
                     self._switch(self._ring_size)
             except _ring.RingCorrupted as exc:
-                self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+                self._ring_corrupted(exc)
                 return
         self._tick_tx = tx
         if ring.tx_capacity <= self._ring_size and self._old_block is None:
@@ -365,7 +487,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
 
     # ----------------------------------------------------------------- reading
     def is_reading(self) -> bool:
-        return not self._reading_paused and not self._closing
+        return not self._reading_paused and self._state < _CLOSING_FROM
 
     def pause_reading(self) -> None:
         self._reading_paused = True
@@ -387,14 +509,14 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
 
     def _read_ready(self) -> None:
         self._read_scheduled = False
-        if self._conn_lost or self._reading_paused or self._closing:
+        if self._state >= _CLOSING_FROM or self._reading_paused:
             return
         ring = self._ring
         protocol = self._protocol
         try:
             fired, self._hot_fired = self._hot_fired, False
             hot_ok = self._poll_us and not self._eof_delivered and not self._peer_gone
-            for reads in range(_READS_PER_CALLBACK):
+            for reads in range(_READS_PER_CALLBACK):  # noqa: B007 - read after the loop
                 avail = ring.readable()
                 if not avail:
                     break
@@ -407,7 +529,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                             raise RuntimeError("get_buffer() returned an empty buffer")
                     except (SystemExit, KeyboardInterrupt):
                         raise
-                    except BaseException as exc:
+                    except BaseException as exc:  # noqa: BLE001 - as asyncio: the protocol's error
                         self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.",
                                           self._nothing_unread())
                         return
@@ -416,7 +538,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 else:
                     got = min(avail, _MAX_READ)
                     protocol.data_received(ring.read(got))
-                if self._reading_paused or self._closing or self._conn_lost:
+                if self._reading_paused or self._state >= _CLOSING_FROM:
                     return
                 if got == avail and hot_ok and self._group.add_hot(self, ring):
                     # All that was there is delivered: the group poll looks again (and fires
@@ -449,8 +571,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         except (SystemExit, KeyboardInterrupt):
             raise
         except _ring.RingCorrupted as exc:
-            self._fatal_error(exc, "smcish: peer corrupted the shared ring")
-        except BaseException as exc:
+            self._ring_corrupted(exc)
+        except BaseException as exc:  # noqa: BLE001 - as asyncio: a protocol's error goes to the loop
             self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed."
                               if self._buffered else "Fatal error: protocol.data_received() call failed.",
                               self._nothing_unread())
@@ -458,12 +580,12 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     def _hot_arm(self) -> bool:
         """The group poll is about to sleep: arm our ring (see _read_ready). True if news came."""
         ring = self._ring
-        if ring is None or self._conn_lost:
+        if ring is None or self._state >= _LOST_FROM:
             return False
         try:
             status = ring.prepare_sleep_rx()
         except _ring.RingCorrupted as exc:
-            self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+            self._ring_corrupted(exc)
             return True
         if status:
             self._smc_notify()
@@ -480,7 +602,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 keep_open = self._protocol.eof_received()
             except (SystemExit, KeyboardInterrupt):
                 raise
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - as asyncio: the protocol's error
                 self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.",
                                   self._nothing_unread())
                 return
@@ -497,7 +619,8 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             raise RuntimeError("Cannot call write() after write_eof()")
         if not data:
             return
-        if self._conn_lost:
+        if self._conn_lost:               # (= state >= OPTIMISTIC_CLOSED; asyncio's check, and
+            # one compare cheaper than the state's: the per-message path counts it as asyncio does)
             if self._conn_lost >= _aconst.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 _asyncio_log.warning("socket.send() raised exception.")   # as asyncio's
             self._conn_lost += 1
@@ -507,7 +630,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             try:
                 n = ring.write(data)
             except _ring.RingCorrupted as exc:
-                self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+                self._ring_corrupted(exc)
                 return
             if n == len(data):
                 # A reply is likely: poll for it. Not while an optimistic set-up is pending: no
@@ -535,10 +658,10 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             self._full_count += 1
             if (ring.tx_capacity < self._max_ring and not self._growing and self._old_block is None
                     and self._setup is None
-                    and (self._full_count >= 2 or self._pending_size > ring.tx_capacity // 2)):
-                if self._switch(min(self._max_ring, ring.tx_capacity * _GROW_FACTOR)):
-                    self._loop.call_soon(self._flush)
-                    return
+                    and (self._full_count >= 2 or self._pending_size > ring.tx_capacity // 2)
+                    and self._switch(min(self._max_ring, ring.tx_capacity * _GROW_FACTOR))):
+                self._loop.call_soon(self._flush)
+                return
             if self._poll_us:
                 if self._tx_skip:
                     self._tx_skip -= 1
@@ -557,7 +680,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             elif status:
                 self._loop.call_soon(self._flush)
         except _ring.RingCorrupted as exc:
-            self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+            self._ring_corrupted(exc)
 
     def _switch(self, capacity: int) -> bool:
         """Move our tx ring to a new block of ``capacity`` (grow or shrink). True if switched."""
@@ -582,10 +705,10 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
 
     def _grown(self, task: Any) -> None:
         self._growing = False
-        if not task.cancelled() and task.exception() is None and task.result():
-            if self._pending_size and not self._conn_lost:
-                self._full_count = 2
-                self._loop.call_soon(self._flush)
+        if (not task.cancelled() and task.exception() is None and task.result()
+                and self._pending_size and self._state < _LOST_FROM):
+            self._full_count = 2
+            self._loop.call_soon(self._flush)
 
     def _free_old_block(self) -> None:
         try:
@@ -598,7 +721,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
 
     def _flush(self) -> None:
         ring = self._ring
-        if ring is None or self._conn_lost or not self._pending_size:
+        if ring is None or self._state >= _LOST_FROM or not self._pending_size:
             if self._space_waiter is not None:
                 self._wake_space_waiter()
             return
@@ -606,7 +729,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         try:
             n = ring.writev(pending)
         except _ring.RingCorrupted as exc:
-            self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+            self._ring_corrupted(exc)
             return
         self._pending_size -= n
         while n:
@@ -624,7 +747,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if self._space_waiter is not None:
             self._wake_space_waiter()
         self._maybe_resume_protocol()
-        if self._closing:
+        if self._state >= _CLOSING_FROM:
             self._finish_close()
         elif self._eof_requested:
             self._publish_eof()
@@ -632,7 +755,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     @property
     def _protocol_paused(self) -> bool:
         # loop.sendfile()'s fallback reads this: in tcp mode the TCP transport's state counts.
-        if self._ring is None and self._info.mode == "tcp":
+        if self._state <= _TCP:
             return bool(getattr(self._tcp, "_protocol_paused", False))
         return self._write_paused
 
@@ -648,7 +771,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             self._protocol.pause_writing()
         except (SystemExit, KeyboardInterrupt):
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - as asyncio: a protocol's error goes to the loop
             self._loop.call_exception_handler({
                 "message": "protocol.pause_writing() failed", "exception": exc,
                 "transport": self, "protocol": self._protocol})
@@ -660,7 +783,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                 self._protocol.resume_writing()
             except (SystemExit, KeyboardInterrupt):
                 raise
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - as asyncio: a protocol's error goes to the loop
                 self._loop.call_exception_handler({
                     "message": "protocol.resume_writing() failed", "exception": exc,
                     "transport": self, "protocol": self._protocol})
@@ -685,7 +808,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         return True
 
     def write_eof(self) -> None:
-        if self._closing or self._eof_requested:
+        if self._state >= _CLOSING_FROM or self._eof_requested:
             return
         self._eof_requested = True
         if not self._pending_size:
@@ -698,7 +821,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         try:
             self._ring.set_eof()
         except _ring.RingCorrupted as exc:
-            self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+            self._ring_corrupted(exc)
 
     # ----------------------------------------------------------------- zero copy (zerocopy.py)
     def reserve(self, nbytes: int) -> memoryview:
@@ -717,13 +840,11 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if self._reserved is not None:
             raise RuntimeError("a reservation is outstanding: commit() it first")
         ring = self._ring
-        if (ring is not None and self._info.mode == "ism" and not self._pending_size
-                and self._setup is None and not self._conn_lost and not self._closing
-                and not self._eof_requested):
+        if self._state is _ISM and not self._pending_size and not self._eof_requested:
             try:
-                view = ring.reserve(nbytes)
+                view: memoryview = ring.reserve(nbytes)
             except _ring.RingCorrupted as exc:
-                self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+                self._ring_corrupted(exc)
                 raise
             if len(view):
                 self._reserved = ring
@@ -748,7 +869,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         if reserved is not self._ring or reserved.closed:
             self._reserved = None        # the connection ended meanwhile: nothing to send
             return
-        if self._conn_lost or self._closing:
+        if self._state >= _CLOSING_FROM:
             self._reserved = None
             reserved.cancel_reservation()
             return
@@ -762,7 +883,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         try:
             reserved.commit(nbytes)
         except _ring.RingCorrupted as exc:
-            self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+            self._ring_corrupted(exc)
             return
         except ValueError:
             reserved.cancel_reservation()     # EOF published meanwhile
@@ -775,15 +896,13 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         nothing buffered before it); returns at once where it cannot (TCP, a set-up not
         confirmed yet, a closing connection): ``reserve()`` then gives a private buffer."""
         while True:
-            ring = self._ring
-            if (ring is None or self._info.mode != "ism" or self._setup is not None
-                    or self._conn_lost or self._closing):
+            if self._state is not _ISM:
                 return
             try:
-                if not self._pending_size and ring.tx_space():
+                if not self._pending_size and self._ring.tx_space():
                     return
             except _ring.RingCorrupted as exc:
-                self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+                self._ring_corrupted(exc)
                 return
             await asyncio.shield(self._space())   # shared: never cancel it for all
 
@@ -817,13 +936,13 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         self.pause_reading()
         # As asyncio's transports: no write() while sendfile runs (it would land inside the file's
         # bytes). An instance attribute, so write() itself gets no check.
-        self.write = self._write_in_sendfile
+        self.write = self._write_in_sendfile  # type: ignore[method-assign]  # per instance, as above
         try:
             while count is None or total < count:
-                if self._info.mode == "tcp":
+                if self._state is _TCP:
                     break                        # migrated to TCP: the caller goes on there
                 ring = self._ring
-                if self._conn_lost or self._closing or ring is None:
+                if self._state >= _CLOSING_FROM or ring is None:
                     raise ConnectionError("Connection closed by peer")
                 if self._pending_size:           # earlier writes first
                     await asyncio.shield(self._space())   # shared: never cancel it for all
@@ -835,7 +954,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                     room = ring.tx_space()
                     n = ring.write_from_fd(fd, offset + total, want)
                 except _ring.RingCorrupted as exc:
-                    self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+                    self._ring_corrupted(exc)
                     raise
                 if n:
                     total += n
@@ -857,18 +976,20 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
 
     # ----------------------------------------------------------------- closing
     def is_closing(self) -> bool:
-        return self._closing
+        return self._state >= _CLOSING_FROM
 
     def close(self) -> None:
-        if self._closing:
+        state = self._state
+        if state >= _CLOSING_FROM:
             return
-        self._closing = True
+        self._set_state(_OPT_CLOSING if state is _OPTIMISTIC else _CLOSING)
         if not self._pending_size:
             self._finish_close()
 
     def _finish_close(self) -> None:
         """All our bytes are in the ring: publish EOF + CLOSED, close TCP, report connection_lost."""
-        if self._conn_lost:
+        state = self._state
+        if state >= _LOST_FROM:
             return
         try:
             # The TCP FIN below wakes a peer that is still open; one that already closed (and
@@ -877,13 +998,11 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             ring.set_closed(quiet=not ring.status() & _ring.ST_CLOSED)
         except _ring.RingCorrupted:
             pass
-        self._conn_lost += 1
+        # Optimistic and not answered yet: the application is done, but the TCP close waits for
+        # the answer (a server that is not ours gets our bytes over TCP first).
+        self._set_state(_OPT_CLOSED if state is _OPT_CLOSING else _CLOSED)
         self._group.lingering.add(self._slot)
-        if self._setup is not None:
-            # Optimistic and not answered yet: the application is done, but the TCP close waits
-            # for the answer (a server that is not ours gets our bytes over TCP first).
-            self._close_deferred = True
-        else:
+        if state is not _OPT_CLOSING:
             self._tcp.close()
         self._loop.call_soon(self._call_connection_lost, None)
 
@@ -895,18 +1014,23 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     def _nothing_unread(self) -> bool:
         """No byte of the peer's is left unread (a closing TCP socket would send FIN, not RST)."""
         ring = self._ring
-        if ring is None or self._setup is not None or self._conn_lost:
+        if ring is None or self._setup is not None or self._state >= _LOST_FROM:
             return False
         try:
             return not ring.readable()
         except (_ring.RingCorrupted, ValueError):
             return False
 
+    def _ring_corrupted(self, exc: BaseException) -> None:
+        """The one way a peer's garbage in the shared ring (``RingCorrupted``) ends the
+        connection: reset it (ABORT, TCP reset); the application gets ``connection_lost(exc)``."""
+        self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+
     def _fatal_error(self, exc: BaseException, message: str = "Fatal error on smcish transport",
                      graceful: bool = False) -> None:
         if isinstance(exc, OSError):
             if self._loop.get_debug():
-                log.debug("%r: %s", self, message, exc_info=True)
+                log.debug("%r: %s", self, message, exc_info=exc)
         else:
             self._loop.call_exception_handler({
                 "message": message, "exception": exc, "transport": self, "protocol": self._protocol})
@@ -915,16 +1039,15 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     def _force_close(self, exc: BaseException | None, graceful: bool | None = None) -> None:
         """Close now, dropping what is buffered. ``graceful`` (default, as a TCP socket's close:
         nothing left unread): the peer reads what was published, then EOF; else ABORT."""
-        if self._conn_lost:
+        if self._state >= _LOST_FROM:
             return
         if graceful is None:
             graceful = self._nothing_unread()
-        self._closing = True
         setup = self._setup
         if setup is not None:             # aborted while optimistic: the set-up lets go
-            self._conn_lost += 1
+            self._set_state(_OPT_ABORTED)
             self._tcp.abort()
-            setup.abandon(DeclineReason.INTERNAL)
+            setup.abandon(DeclineReason.INTERNAL)     # -> _migrate: RELEASED
             self._loop.call_soon(self._call_connection_lost, exc)
             return
         self._pending.clear()
@@ -943,12 +1066,12 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             except (_ring.RingCorrupted, ValueError):
                 pass
             self._group.lingering.add(self._slot)
-        self._conn_lost += 1
+        self._set_state(_CLOSED)
         self._tcp.abort()
         self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
-        if getattr(self, "_space_waiter", None) is not None:
+        if self._space_waiter is not None:
             self._wake_space_waiter()
         try:
             if self._protocol is not None:
@@ -956,7 +1079,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         finally:
             self._protocol = self._feed = None     # as asyncio: get_protocol() is None now
             self._stats_final()
-            born = getattr(self, "_born", None)
+            born = self._born
             if born is not None:
                 self._born = None
                 _policy.note_ended(born[1], self._loop.time() - born[0])
@@ -983,15 +1106,16 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
 
     def _try_release(self) -> None:
         """After connection_lost: give the slot back once the peer is done with it."""
+        state = self._state
+        if state is not _CLOSED and state is not _LINGERING:
+            return                                # (open, optimistic, or released already)
         ring = self._ring
-        if ring is None or self._released or not self._conn_lost or self._setup is not None:
-            return
         if not self._peer_done():
             group = self._group
             group.tickers.add(self)               # linger: retried on notifications and ticks
-            if not self._linger_armed:
+            if state is _CLOSED:
                 # Make sure the peer's CLOSED notifies us (a hot ring left want_data unarmed).
-                self._linger_armed = True
+                self._set_state(_LINGERING)
                 group.drop_hot(self)
                 try:
                     armed = ring.prepare_sleep_rx()
@@ -1001,7 +1125,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                     self._try_release()
             return
         self._stats_final()
-        self._released = True
+        self._set_state(_RELEASED)
         self._ring = None
         group = self._group
         group.drop_hot(self)
@@ -1030,25 +1154,25 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
             "smcish: the peer wrote on the TCP connection of a shared-memory connection"))
 
     def _tcp_gone(self) -> None:
-        if self._ring is None or self._conn_lost:
+        if self._ring is None or self._state >= _LOST_FROM:
             # After our own close or abort the TCP events say nothing about whether the peer
             # still reads our ring: only its CLOSED/ABORT flag or the group's death do.
             return
         try:
             status = self._ring.status()
         except _ring.RingCorrupted as exc:
-            self._fatal_error(exc, "smcish: peer corrupted the shared ring")
+            self._ring_corrupted(exc)
             return
         if status & _ring.ST_ABORT:
             self._fatal_error(PeerReset("smcish peer aborted the connection"))
         elif not status & _ring.ST_CLOSED:
             self._peer_gone = True
-            if self._pending_size or self._closing:
+            if self._pending_size or self._state >= _CLOSING_FROM:
                 # Nobody will ever consume what we still hold: fail now, as TCP's send would.
                 self._fatal_error(PeerReset("smcish peer vanished with our data unread"))
             else:
                 self._schedule_read()    # deliver what it published, then reset
-        elif self._closing or self._eof_delivered:
+        elif self._state >= _CLOSING_FROM or self._eof_delivered:
             pass
         else:
             self._schedule_read()
@@ -1056,11 +1180,11 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     def __del__(self, _warn: Any = warnings.warn) -> None:
         # Collected after its loop closed: the loop's TCP transport underneath warns itself, as
         # in plain asyncio; one warning per connection, not two.
-        if not self._conn_lost and self._info.mode == "ism" and not self._loop.is_closed():
+        if _OPTIMISTIC <= self._state < _LOST_FROM and not self._loop.is_closed():
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             try:
                 self._tcp.abort()
-            except Exception:
+            except Exception:  # noqa: BLE001 - a finaliser must not raise
                 pass
 
 
