@@ -18,8 +18,9 @@ The order, first answer wins:
    no common version, not smcish after all, a stalled peer) ``decline_after`` times in a row is
    skipped for ``decline_ttl`` seconds (``LEARNED_DECLINE``); one whose shared-memory
    connections kept ending within ``short_lived_ms`` is skipped for ``short_lived_ttl`` seconds
-   (``LEARNED_SHORT_LIVED``; off unless set: set-up over shared memory costs less than TCP's
-   here, docs/policy.md). Both caches are bounded (``cache_size`` destinations, oldest dropped).
+   (``LEARNED_SHORT_LIVED``; off unless set: an smcish set-up costs more than TCP's, but on by
+   default it would turn bursts of connections to TCP unasked; docs/policy.md). Both caches are
+   bounded (``cache_size`` destinations, oldest dropped).
 
 Rules are read once per value of ``SMCISH_POLICY``, ``SMCISH_CONFIG``, ``XDG_CONFIG_HOME`` and
 ``HOME`` (and again after ``set_policy(None)``); the config file is
@@ -467,16 +468,49 @@ def decide(side: str, host: Any, port: Any) -> R | None:
         if answer is True:
             return _learned(side, host, port)
     if policy.rules:
-        addr = _address(host)
-        name = program()
-        for rule in policy.rules:
-            if rule.matches(side, addr, int(port), name):
-                if rule.action == "tcp":
-                    return R.DISABLED_BY_POLICY
-                return _learned(side, host, port)
+        action = _rule_action(policy, side, host, port)
+        if action == "tcp":
+            return R.DISABLED_BY_POLICY
+        if action == "ism":
+            return _learned(side, host, port)
     if policy.default == "tcp":
         return R.DISABLED_BY_POLICY
     return _learned(side, host, port) if _skipped else None
+
+
+# The rules' answer per (side, host, port, program), for the policy it was computed with: parsing
+# an address and testing networks costs microseconds, a dict lookup well under one.
+_memo: dict[tuple[str, Any, Any, str], str | None] = {}
+_memo_policy: Policy | None = None
+_MEMO_MAX = 4096
+
+
+def _rule_action(policy: Policy, side: str, host: Any, port: Any) -> str | None:
+    """The action of the first rule matching, or None when none does."""
+    global _memo_policy
+    name = program()
+    key = (side, host, port, name)
+    if _memo_policy is policy:
+        try:
+            return _memo[key]
+        except (KeyError, TypeError):       # (TypeError: an unhashable host; not cached)
+            pass
+    else:
+        _memo.clear()
+        _memo_policy = policy
+    addr = _address(host)
+    action = None
+    for rule in policy.rules:
+        if rule.matches(side, addr, int(port), name):
+            action = rule.action
+            break
+    try:
+        if len(_memo) >= _MEMO_MAX:
+            _memo.clear()
+        _memo[key] = action
+    except TypeError:
+        pass
+    return action
 
 
 def explain(side: str, host: Any, port: Any) -> tuple[R | None, str]:
