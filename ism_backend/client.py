@@ -7,6 +7,12 @@ endpoint thread; peer ops run on the ``PeerDispatcher``'s handler thread. A daem
 only if its SO_PEERCRED uid is 0, our euid, or ``SMCISH_DAEMON_UID``: another user could have
 bound the socket path. Freed regions are pooled per process (``policy.FreedPool``); ismd keeps
 them charged to us until reused or released.
+
+Inside a virtual machine the same device talks to the guest agent (``ism_backend.vmguest``,
+docs/vm.md), whose ``hello`` says kind ``"guest"``: regions are then PCI BARs the host plugged
+into the guest (``geometry == "guest"``), mapped without memfd seals, never pooled, and unmapped
+before the agent is told they are freed (the host unplugs a freed BAR: a mapping left behind
+would SIGBUS).
 """
 
 from __future__ import annotations
@@ -47,12 +53,42 @@ from .control import (
 from .errors import DeviceGone, DeviceProtocolError, IsmError, NoDevice, QuotaExceeded, UnknownToken
 from .policy import FreedPool, check_daemon_uid, dirty_bytes
 
-__all__ = ["MAX_CHANNELS_PER_PEER", "MAX_SERVED_CHANNELS", "DaemonDevice"]
+__all__ = ["GUEST_PORT_NAME", "GUEST_SOCKET_PATH", "GUEST_TIMEOUT", "MAX_CHANNELS_PER_PEER",
+           "MAX_SERVED_CHANNELS", "DaemonDevice", "find_guest_port"]
 
 #: Brokered channels served per peer endpoint, and in total: a hostile peer (or a flood of
 #: ``connect_endpoint``) cannot exhaust our fds; beyond, ``take_peer`` is refused.
 MAX_CHANNELS_PER_PEER = 8
 MAX_SERVED_CHANNELS = 4096
+
+#: The virtio-serial port a guest's agent talks to the host on (docs/vm.md section 1).
+GUEST_PORT_NAME = "org.smcish.ism.0"
+#: Where the guest agent serves the ismd protocol (ismd's default socket as root).
+GUEST_SOCKET_PATH = "/run/smcish/ismd.sock"
+#: Bound on each request to a guest agent: alloc and attach wait for a PCI hot-plug through the
+#: host (0.2-1 s under emulation); the agent bounds its own work at 6 s.
+GUEST_TIMEOUT = 8.0
+
+
+def find_guest_port(sysfs_root: str = "/sys") -> str | None:
+    """The device node of the guest agent's virtio-serial port (``/dev/vportNpM``), or None when
+    this is not a guest with that port. Reads ``<sysfs_root>/class/virtio-ports/*/name`` (no udev
+    symlinks needed)."""
+    base = os.path.join(sysfs_root, "class", "virtio-ports")
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        return None
+    want = GUEST_PORT_NAME.encode()
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "name"), "rb") as fh:
+                name = fh.read(256).strip()
+        except OSError:
+            continue
+        if name == want:
+            return os.path.join("/dev", entry)
+    return None
 
 
 class _Pooled:
@@ -110,6 +146,11 @@ class _Channels:
 class DaemonDevice(Device):
     """The device served by ismd at ``path``.
 
+    Attributes:
+        guest: True when ``path`` is a VM guest's agent (its hello said kind ``"guest"``).
+        geometry: how regions are laid out: ``"daemon"`` (memfds) or ``"guest"`` (PCI BARs
+            with a header page in front). ``kind`` stays ``"daemon"`` either way.
+
     Args:
         path: ismd's control socket.
         timeout: bound on every request.
@@ -120,6 +161,8 @@ class DaemonDevice(Device):
     """
 
     kind = "daemon"
+    geometry = "daemon"
+    guest = False
 
     def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT, pool_per_size: int = 8,
                  pool_bytes: int = 64 << 20) -> None:
@@ -128,8 +171,9 @@ class DaemonDevice(Device):
         self.endpoint_id = secrets.token_bytes(ID_SIZE)
         self._pool: FreedPool[_Pooled] = FreedPool(pool_per_size, pool_bytes)
         self._pool_by_id: dict[int, _Pooled] = {}
-        # detached mappings still exported: (mem, fds, attachment id)
-        self._zombies: list[tuple[mmap.mmap, list[int], int]] = []
+        # detached (or, on a guest, freed) mappings still exported: (mem, fds, the request to
+        # send once they are unmapped: op and fields)
+        self._zombies: list[tuple[mmap.mmap, list[int], str, dict[str, Any]]] = []
         self._info_provider: Callable[[], list[dict[str, Any]]] | None = None
         self._lock = threading.RLock()
         self._channels: dict[bytes, tuple[ControlClient, PeerInfo]] = {}
@@ -140,6 +184,12 @@ class DaemonDevice(Device):
         self._conn = self._connect()
         try:
             hello, _ = self._conn.request("hello", endpoint_id=self.endpoint_id)
+            if hello["kind"] == "guest":
+                self.guest = True
+                self.geometry = "guest"
+                if self.timeout < GUEST_TIMEOUT:
+                    self.timeout = GUEST_TIMEOUT
+                    self._conn.set_timeout(GUEST_TIMEOUT)
             self.gid = hello["gid"]
             self.uid: int = hello["uid"]
             self.daemon_pid: int = hello["pid"]
@@ -170,8 +220,11 @@ class DaemonDevice(Device):
         try:
             conn = ControlClient(self.path, self.timeout, "ismd")
         except OSError as exc:
+            hint = (" (in a VM guest: start the guest agent, python -m ism_backend.vmguest)"
+                    if self.path == GUEST_SOCKET_PATH else "")
             raise NoDevice(f"no ISM device: ismd is not reachable at {self.path} "
-                           f"({exc.strerror or exc}): start ismd or set SMCISH_DEVICE") from None
+                           f"({exc.strerror or exc}): start ismd{hint} or set SMCISH_DEVICE") \
+                from None
         try:
             check_daemon_uid(conn.credentials()[1], self.path)
         except BaseException:
@@ -235,7 +288,10 @@ class DaemonDevice(Device):
         try:
             if reply["size"] != size:
                 raise DeviceProtocolError(f"ismd allocated {reply['size']} bytes, asked {size}")
-            mem = memfd.map_owner(fd, size, reply["offset"])
+            if self.guest:
+                mem = memfd.map_device(fd, size, reply["offset"], writable=True)
+            else:
+                mem = memfd.map_owner(fd, size, reply["offset"])
         except BaseException:
             memfd.close_fds((fd, doorbell))
             try:
@@ -248,6 +304,9 @@ class DaemonDevice(Device):
 
     def free(self, region: Region, written: int | None = None) -> None:
         self._check_mine(region, "rw", "free")
+        if self.guest:
+            self._free_unmapped_first(region)
+            return
         dirty = dirty_bytes(region.size, written)
         with self._lock:
             size = region.size
@@ -268,6 +327,19 @@ class DaemonDevice(Device):
                 memfd.unmap(mem)
                 os.close(fd)
 
+    def _free_unmapped_first(self, region: Region) -> None:
+        """Guest: never pooled, and unmapped before the agent hears of it (the host unplugs a
+        freed BAR; a mapping still exported waits as a zombie, its token alive meanwhile)."""
+        with self._lock:
+            token, mem, fds = region.token, region.mem, [region.fd, region.doorbell_fd]
+            assert mem is not None  # _check_mine refused a freed region
+            self._closed_region(region)
+            if not memfd.unmap(mem):
+                self._zombies.append((mem, fds, "free", {"token": token, "keep": False}))
+                return
+            memfd.close_fds(fds)
+            self._tell_gone("free", {"token": token, "keep": False})
+
     def attach(self, token: bytes, endpoint_id: bytes, access: str = "r") -> Region:
         """See ``Device.attach``; through ismd tokens are global, ``endpoint_id`` is not used."""
         token = check_token(token)
@@ -276,7 +348,10 @@ class DaemonDevice(Device):
             self._reap_zombies()
         reply, (fd, doorbell) = self._request("attach", token=token, access="r")
         try:
-            mem = memfd.map_readonly(fd, reply["size"], reply["offset"])
+            if self.guest:
+                mem = memfd.map_device(fd, reply["size"], reply["offset"], writable=False)
+            else:
+                mem = memfd.map_readonly(fd, reply["size"], reply["offset"])
         except BaseException:
             memfd.close_fds((fd, doorbell))
             try:
@@ -296,25 +371,25 @@ class DaemonDevice(Device):
             if not memfd.unmap(mem):
                 # Still exported (a live memoryview/cffi buffer): keep the attachment until the
                 # mapping is really gone, so the owner never reuses memory we still see.
-                self._zombies.append((mem, fds, attachment))
+                self._zombies.append((mem, fds, "detach", {"attachment": attachment}))
                 return
             memfd.close_fds(fds)
-            self._tell_detached(attachment)
+            self._tell_gone("detach", {"attachment": attachment})
 
-    def _tell_detached(self, attachment: int) -> None:
+    def _tell_gone(self, op: str, fields: dict[str, Any]) -> None:
         try:
-            self._request("detach", attachment=attachment)
+            self._request(op, **fields)
         except (DeviceGone, UnknownToken):
-            pass  # ismd gone or restarted: the attachment died with the connection
+            pass  # ismd gone or restarted: the region died with the connection
 
     def _reap_zombies(self) -> None:
         still = []
-        for mem, fds, attachment in self._zombies:
+        for mem, fds, op, fields in self._zombies:
             if memfd.unmap(mem):
                 memfd.close_fds(fds)
-                self._tell_detached(attachment)
+                self._tell_gone(op, fields)
             else:
-                still.append((mem, fds, attachment))
+                still.append((mem, fds, op, fields))
         self._zombies = still
 
     def _check_mine(self, region: Region, access: str, what: str) -> None:
@@ -531,7 +606,7 @@ class DaemonDevice(Device):
             self._prune_channels_locked()
             status["client"] = {
                 "pid": os.getpid(), "endpoint_id": self.endpoint_id.hex(),
-                "pooled": self._pool.count, "pooled_bytes": self._pool.bytes,
+                "geometry": self.geometry, "pooled": self._pool.count, "pooled_bytes": self._pool.bytes,
                 "zombies": len(self._zombies),
                 # memfd + mmap's own dup on Python < 3.13 (doorbells are not kept)
                 "pooled_fds": (1 + memfd.FDS_PER_MAPPING) * self._pool.count,

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import memfd, proto, sockets
 from .contract import ID_SIZE, MAX_REGION_SIZE, ZERO_ID
-from .control import ControlClient, ControlConn, ControlServer, Reply
+from .control import ControlClient, ControlConn, ControlServer, HandlerResult, Reply
 from .errors import DeviceGone, DeviceProtocolError, IsmError, PermissionDenied, QuotaExceeded, UnknownToken
 from .policy import AttachRights, UidPolicy, check_daemon_uid, check_entries
 
@@ -217,7 +217,8 @@ class Ismd:
         self.clients[conn] = _Client()
         return None
 
-    def handle(self, conn: ControlConn, request: proto.Request, fds: list[int]) -> Reply:
+    def handle(self, conn: ControlConn, request: proto.Request, fds: list[int]) -> HandlerResult:
+        # (Ismd itself always answers at once; a subclass may answer later: DEFERRED.)
         fn = self._ops.get(request.op)
         if fn is None:
             if request.op in proto.PEER_OPS:

@@ -261,6 +261,7 @@ class EmbeddedDevice(Device):
     """
 
     kind = "embedded"
+    geometry = "embedded"
 
     def __init__(self, runtime_dir_path: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  pool_per_size: int = 8, pool_bytes: int = 64 << 20) -> None:

@@ -1,5 +1,8 @@
 """Device selection: ``open_device``/``get_device`` by spec, the ``none`` device, and process
 lifetime (every device closed at exit; a forked child drops its parent's devices untouched).
+
+Inside a VM guest that has the smcish port (``client.GUEST_PORT_NAME``, docs/vm.md) the default
+device is the guest agent's socket instead of ``embedded``; ``SMCISH_DEVICE=guest`` names it too.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
-from .client import DaemonDevice
+from .client import GUEST_SOCKET_PATH, DaemonDevice, find_guest_port
 from .contract import Advert, Device, EndpointHandler, Handle, Region
 from .embedded import EmbeddedDevice
 from .errors import IsmError, NoDevice
@@ -24,6 +27,7 @@ class NoneDevice(Device):
     """No device: every connection stays plain TCP."""
 
     kind = "none"
+    geometry = "none"
 
     def __init__(self) -> None:
         self._info_provider: Callable[[], list[dict[str, Any]]] | None = None
@@ -104,18 +108,34 @@ def _env(name: str, key: bytes) -> str | None:
     return None if raw is None else os.environ.decodevalue(raw)
 
 
+_GUEST_SPEC = "unix:" + GUEST_SOCKET_PATH
+_default_spec: str | None = None     # detected once per process (it cannot change)
+
+
+def _default() -> str:
+    """``embedded``, or the guest agent's socket in a VM guest with the smcish port: one scan
+    of /sys/class/virtio-ports, on first use only (get_device() runs on every connection)."""
+    global _default_spec
+    spec = _default_spec
+    if spec is None:
+        spec = _default_spec = _GUEST_SPEC if find_guest_port() is not None else "embedded"
+    return spec
+
+
 def _resolve(spec: str | None) -> str:
     if spec is None:
-        spec = _env("SMCISH_DEVICE", _K_DEVICE) or "embedded"
-    return spec.strip()
+        spec = _env("SMCISH_DEVICE", _K_DEVICE) or _default()
+    spec = spec.strip()
+    return _GUEST_SPEC if spec == "guest" else spec
 
 
 def open_device(spec: str | None = None) -> Device:
     """Open a new device.
 
     Args:
-        spec: ``"embedded"`` (default), ``"unix:/path/to/ismd.sock"`` or ``"none"``; None reads
-            ``SMCISH_DEVICE``.
+        spec: ``"embedded"`` (default; in a VM guest with the smcish port, ``"guest"``),
+            ``"unix:/path/to/ismd.sock"``, ``"guest"`` (the guest agent's socket,
+            ``client.GUEST_SOCKET_PATH``) or ``"none"``; None reads ``SMCISH_DEVICE``.
     Returns:
         A Device; the caller owns it (close it, or let the atexit hook do it).
     Raises:
@@ -132,7 +152,7 @@ def open_device(spec: str | None = None) -> Device:
         device = DaemonDevice(resolved[len("unix:"):])
     else:
         raise NoDevice(f"unknown ISM device spec {resolved!r}: use 'embedded', "
-                       "'unix:/path/to/ismd.sock' or 'none' (SMCISH_DEVICE)")
+                       "'unix:/path/to/ismd.sock', 'guest' or 'none' (SMCISH_DEVICE)")
     _all_devices.add(device)
     return device
 

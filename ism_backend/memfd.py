@@ -133,6 +133,28 @@ def map_readonly(fd: int, size: int, offset: int = 0) -> mmap.mmap:
                      **_MMAP_KW)
 
 
+def map_device(fd: int, size: int, offset: int, writable: bool) -> mmap.mmap:
+    """Map ``[offset, offset + size)`` of a device memory file: a guest's PCI BAR
+    (``/sys/bus/pci/devices/*/resource2``, docs/vm.md section 2), which has no seals.
+
+    Nobody can truncate a BAR under a mapping, so the only check is that it is not short; who
+    may write is decided by the fd's open mode and by the hypervisor (an attacher's BAR is
+    backed read-only), not by seals.
+
+    Raises:
+        DeviceProtocolError: bad geometry, or the file is smaller than ``offset + size``.
+    """
+    if size <= 0 or offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
+        raise DeviceProtocolError(f"bad region geometry size={size} offset={offset}")
+    have = os.fstat(fd).st_size
+    if have < offset + size:
+        raise DeviceProtocolError(
+            f"device region is {have} bytes but {offset}+{size} were announced: refusing to map "
+            "(a short region would SIGBUS us); the guest agent is broken")
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot, offset=offset, **_MMAP_KW)
+
+
 def reopen_readonly(fd: int) -> int:
     """A new O_RDONLY description of the same memory, for handing to an attacher.
 
