@@ -93,6 +93,13 @@ class ControlClient:
         """True once closed (by us, or after a failure)."""
         return self.sock is None
 
+    def set_timeout(self, timeout: float) -> None:
+        """Change the bound on each later request."""
+        with self._lock:
+            self.timeout = timeout
+            if self.sock is not None:
+                self.sock.settimeout(timeout)
+
     def credentials(self) -> tuple[int, int, int]:
         """SO_PEERCRED (pid, uid, gid) of the other side.
 
@@ -229,12 +236,17 @@ def request_retrying_once(connect: Callable[[], ControlClient],
     """``connect().request(op, ...)``, retried once on a fresh connection when the first one
     failed before the request provably arrived (a cached connection that broke since its last
     use); never after a timeout or a delivered request. ``drop(conn)`` runs for every
-    connection that failed. Returns and raises as ``ControlClient.request``."""
+    connection that failed (not for one that carried a DeviceGone answer). Returns and raises
+    as ``ControlClient.request``."""
     for attempt in (0, 1):
         conn = connect()
         try:
             return conn.request(op, fds, **fields)
         except DeviceGone as exc:
+            if not conn.closed:
+                # The other side *answered* DeviceGone (a peer whose event loop did not take
+                # the request in time): the connection is sound and stays.
+                raise
             drop(conn)
             if attempt or exc.timed_out or exc.delivered:
                 raise
@@ -319,7 +331,9 @@ class ControlServer:
             listener.setblocking(False)
             self.selector.register(listener, selectors.EVENT_READ, "listener")
         self._completions: collections.deque[
-            tuple[ControlConn, int, str, dict[str, Any] | None, IsmError | None]] = collections.deque()
+            tuple[ControlConn, int, str, dict[str, Any] | None, IsmError | None, list[int]]
+        ] = collections.deque()
+        self._callbacks: collections.deque[Callable[[], None]] = collections.deque()
         self._stop = False
         self._accept_paused = False
         self._next_out_id = 0
@@ -341,9 +355,18 @@ class ControlServer:
         self._wake()
 
     def complete(self, conn: ControlConn, req_id: int, op: str,
-                 fields: dict[str, Any] | None = None, error: IsmError | None = None) -> None:
-        """Answer a DEFERRED request (from any thread): ``fields`` or ``error``."""
-        self._completions.append((conn, req_id, op, fields, error))
+                 fields: dict[str, Any] | None = None, error: IsmError | None = None,
+                 fds: Iterable[int] = ()) -> None:
+        """Answer a DEFERRED request (from any thread): ``fields`` (with ``fds``, handed over:
+        closed once sent, or at once if the connection is gone) or ``error``."""
+        self._completions.append((conn, req_id, op, fields, error, list(fds)))
+        self._wake()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the serving thread (from any thread), after the completions queued
+        before it; exceptions are logged. The serving thread's APIs (``send_request``, ``add``,
+        ``drop``) are not thread-safe: this is how another thread uses them."""
+        self._callbacks.append(fn)
         self._wake()
 
     def _wake(self) -> None:
@@ -451,6 +474,9 @@ class ControlServer:
         """Drop every connection and close the listener and the loop's own fds."""
         for conn in list(self.conns.values()):
             self._drop(conn)
+        while self._completions:
+            memfd.close_fds(self._completions.popleft()[5])
+        self._callbacks.clear()
         self.selector.close()
         if self.listener is not None:
             self.listener.close()
@@ -511,8 +537,9 @@ class ControlServer:
         except (BlockingIOError, InterruptedError):
             pass
         while self._completions:
-            conn, req_id, op, fields, error = self._completions.popleft()
+            conn, req_id, op, fields, error, fds = self._completions.popleft()
             if conn.closed:
+                memfd.close_fds(fds)
                 continue
             conn.busy = False
             if error is None:
@@ -521,11 +548,21 @@ class ControlServer:
                 except ValueError as exc:
                     log.error("invalid %s reply: %s", op, exc)
                     record = proto.encode_error(req_id, IsmError(f"internal error in {op}: {exc}"))
+                    memfd.close_fds(fds)
+                    fds = []
             else:
                 record = proto.encode_error(req_id, error)
-            self._send(conn, record, [])
+                memfd.close_fds(fds)
+                fds = []
+            self._send(conn, record, fds)
             if not conn.closed:
                 self._update(conn)
+        while self._callbacks:
+            fn = self._callbacks.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("call_soon callback failed")
 
     def _accept(self) -> None:
         assert self.listener is not None

@@ -359,6 +359,8 @@ def agent_main(argv: list[str]) -> None:
                 raise ism_backend.PermissionDenied(f"agent refuses {op}")
             if self.mode == "quota":
                 raise ism_backend.QuotaExceeded(f"agent has no room for {op}")
+            if self.mode == "gone":        # what a hub whose loop did not take the op answers
+                raise ism_backend.DeviceGone(f"agent's event loop did not answer {op} in time")
             if self.mode == "crash":
                 raise RuntimeError("agent handler bug")
             if self.mode == "invalid":

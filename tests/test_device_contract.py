@@ -542,14 +542,19 @@ def test_peer_requests_both_ways_carry_the_right_peer_info(kit, device):
 
 
 @pytest.mark.parametrize("mode, error", [("refuse", "PermissionDenied"),
-                                         ("quota", "QuotaExceeded")])
+                                         ("quota", "QuotaExceeded"), ("gone", "DeviceGone")])
 def test_a_handler_refusal_comes_back_as_the_same_error(kit, device, mode, error):
     peer = kit.agent()
     peer_ep = bytes.fromhex(peer.call("open")["endpoint"])
     peer.call("set_handler", mode=mode)
     with pytest.raises(getattr(ism_backend, error), match="agent"):
         device.peer_request(peer_ep, "group_open", **OPEN)
-    assert device.peer_alive(peer_ep)  # a refusal is an answer, the channel stays
+    # A refusal is an answer, the channel stays: even a DeviceGone *answer* (a hub whose loop
+    # was busy) must not close it, or the peer takes it for our death and fails the group.
+    assert device.peer_alive(peer_ep)
+    peer.call("set_handler", mode="echo")
+    device.peer_request(peer_ep, "group_close", group_id=GROUP, side="server")
+    assert peer.call("handler_log")["gone"] == []
 
 
 def test_handler_bugs_no_handler_and_invalid_replies_are_ism_errors(kit, device):

@@ -21,6 +21,9 @@ PACKAGE = Path(ism_backend.__file__).resolve().parent
 LAYERS = {
     "errors": 0, "contract": 1, "memfd": 2, "sockets": 2, "proto": 3, "control": 4, "policy": 5,
     "embedded": 6, "daemon": 6, "client": 6, "factory": 7, "__init__": 8, "__main__": 9,
+    # guest mode (docs/vm.md): the link codec sits on errors; the host broker, the guest agent
+    # (an Ismd subclass) and the harness above the device layers they use
+    "vmlink": 1, "vmhost": 7, "vmguest": 7, "vmharness": 8,
 }
 
 
