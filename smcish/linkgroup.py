@@ -68,8 +68,19 @@ def ext0_size(max_slots: int, heap: int) -> int:
 
 # Defaults per device kind: (max_slots, extent 0 heap bytes). ismd charges quotas by region size,
 # so its groups start smaller (docs/design.md 2.2).
+# A guest's regions are PCI BARs (powers of two) with a 4 KiB header page before the region
+# (docs/vm.md 2): its sizes are a power of two less that page, so nothing is rounded up twice.
 _GEOMETRY = {"embedded": (16384, (16 << 20) - _ring.heap0(16384)),
-             "daemon": (2048, (4 << 20) - _ring.heap0(2048))}
+             "daemon": (2048, (4 << 20) - _ring.heap0(2048)),
+             "guest": (2048, (4 << 20) - _ring.heap0(2048) - 4096)}
+#: Bytes a device of each geometry adds in front of a region (the guest's BAR header page).
+_REGION_HEADER = {"guest": 4096}
+#: Seconds a first connection waits for its link group to open, at least (each side's extent 0
+#: is a PCI hot-plug into a guest: 0.2-1 s each under emulation, docs/vm.md 5); else the
+#: handshake timeout.
+_OPEN_WAIT = {"guest": 8.0}
+
+
 def first_extent_size(kind: str) -> int:
     """Bytes of the first extent a new link group allocates on a device of ``kind`` (each side)."""
     return ext0_size(*_GEOMETRY.get(kind, _GEOMETRY["embedded"]))
@@ -245,8 +256,16 @@ class Hub:
         self.loop = loop
         self.device = device
         self.id = secrets.token_bytes(16)
-        kind = device.kind if device.kind in _GEOMETRY else "embedded"
+        kind = getattr(device, "geometry", device.kind)
+        kind = kind if kind in _GEOMETRY else "embedded"
         self.max_slots, self.ext0_heap = _GEOMETRY[kind]
+        self.region_header = _REGION_HEADER.get(kind, 0)
+        self.open_wait = _OPEN_WAIT.get(kind, 0.0)
+        # Between guests a peer's death never reaches its TCP connections (a killed VM sends
+        # no FIN nor RST): the device channel closing is the only news, so it ends them (after
+        # delivering what the peer published). On one kernel the TCP connection tells, and a
+        # device hiccup (ismd restarted) must not end connections that still work.
+        self.peer_death_ends_connections = kind == "guest"
         self.client_groups: dict[tuple[bytes, bytes | None], LinkGroup] = {}
         self._listener_owner: dict[int, tuple[bytes, bytes, float]] = {}  # inode -> (endpoint, hub, until)
         self.server_groups: dict[bytes, LinkGroup] = {}
@@ -706,7 +725,7 @@ class LinkGroup:
             index = next((i for i in range(1, _ring.MAX_EXTENTS) if i not in self.my_exts), None)
             if index is None:
                 return False
-            ext_size = max(self._next_extent_size, size)
+            ext_size = self._fit(max(self._next_extent_size, size))
             fut = self.loop.run_in_executor(device_pool(), self._grow_blocking, index, ext_size)
             self._growing = fut
             fut.add_done_callback(self._grown)
@@ -733,7 +752,15 @@ class LinkGroup:
         self.my_exts[index] = (region, _ring.Extent(region.mem, writable=True))
         self.alloc.add_extent(index, 0, region.size)
         self._empty_since[index] = time.monotonic()     # until its first block
-        self._next_extent_size = min(_EXTENT_MAX, region.size * 2)
+        self._next_extent_size = self._fit(min(_EXTENT_MAX, region.size * 2))
+
+    def _fit(self, size: int) -> int:
+        """``size`` as the device lays regions out: on a guest, the largest size whose BAR (a
+        power of two holding a header page and the region) is the one ``size`` needs anyway."""
+        header = self.hub.region_header
+        if not header:
+            return size
+        return (1 << (size + header - 1).bit_length()) - header
 
     def _grow_blocking(self, index: int, size: int) -> tuple[int, Any]:
         device = self.hub.device
@@ -1042,7 +1069,7 @@ class LinkGroup:
             return
         if not self.dying and not self.hub.device.peer_alive(self.peer_endpoint):
             self.fail(ConnectionResetError("smcish: the peer process of this link group is gone"),
-                      abort=False, tell_peer=False)
+                      abort=False, tell_peer=False, peer_gone=True)
         for conn in list(self.tickers):
             try:
                 conn._smc_tick(now)
@@ -1071,12 +1098,14 @@ class LinkGroup:
         except ValueError:               # the group closed under us
             pass
 
-    def fail(self, exc: BaseException, abort: bool, tell_peer: bool = True) -> None:
+    def fail(self, exc: BaseException, abort: bool, tell_peer: bool = True,
+             peer_gone: bool = False) -> None:
         """The group cannot take new connections; with ``abort`` its live connections fail now.
 
         Without ``abort`` (the peer process went away) each connection ends by itself through
         its TCP connection, delivering everything the peer published first; the group's memory
-        stays mapped until the last one is done.
+        stays mapped until the last one is done. ``peer_gone``: the device says the peer is gone
+        (its channel closed); between guests that ends the connections here, after delivering.
         """
         if self.destroyed:
             return
@@ -1105,12 +1134,15 @@ class LinkGroup:
             # dying group's peer reads nothing more, let them go now (the hub forgot this group,
             # so no maintenance tick would retry them). Set-ups still in progress will never get
             # their answer: end them now instead of at their timer.
+            peer_gone = peer_gone and self.hub.peer_death_ends_connections
             for conn in list(self.conns.values()):
                 try:
                     if not hasattr(conn, "_conn_lost"):          # a set-up (either side)
                         conn._smc_group_failed(exc)
                     elif conn._conn_lost:
                         conn._try_release()
+                    elif peer_gone:
+                        conn._smc_peer_gone()   # deliver what the peer published, then reset
                 except Exception as err:  # noqa: BLE001
                     log.debug("smcish: ending a connection of a dead group failed: %r", err)
         if not self.conns:
@@ -1119,7 +1151,7 @@ class LinkGroup:
     def peer_closed(self) -> None:
         """Loop: the peer closed the group or its channel broke."""
         self.fail(ConnectionResetError("smcish: the peer closed the link group"), abort=False,
-                  tell_peer=False)
+                  tell_peer=False, peer_gone=True)
 
     def close(self) -> None:
         """Close an idle group on purpose (tell the peer)."""

@@ -244,7 +244,8 @@ async def _claim(loop: Any, hub: Hub, cfg: Config, acceptor: discovery.Acceptor,
             # Bounded like the rest of the set-up: a server whose loop is stalled cannot install
             # the group, and TCP alone would not wait for it (the group still opens meanwhile,
             # for the next connections).
-            group = await asyncio.wait_for(hub.group_for(acceptor.advert), cfg.handshake_timeout)
+            group = await asyncio.wait_for(hub.group_for(acceptor.advert),
+                                           max(cfg.handshake_timeout, hub.open_wait))
         except GroupUnavailable as exc:
             return None, exc.reason
         except TimeoutError:

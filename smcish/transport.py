@@ -221,6 +221,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
     _eof_written: bool = False       # EOF flag published in the ring
     _eof_delivered: bool = False
     _peer_gone: bool = False         # TCP control connection lost without a clean close
+    _gone_why: str = "TCP connection lost without close"
     _read_scheduled: bool = False
     _poll_us: float = 0.0
     _tx_level: int = 0
@@ -563,7 +564,7 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
                     self._on_peer_state(status)
                 return
             if self._peer_gone:
-                self._fatal_error(PeerReset("smcish peer vanished (TCP connection lost without close)"))
+                self._fatal_error(PeerReset(f"smcish peer vanished ({self._gone_why})"))
                 return
             group = self._group
             if self._poll_us and not group._poll_scheduled:
@@ -1152,6 +1153,12 @@ class SmcTransport(asyncio.transports._FlowControlMixin):
         """A byte arrived on the TCP connection of an ISM connection: the peer broke the protocol."""
         self._fatal_error(ConnectionResetError(
             "smcish: the peer wrote on the TCP connection of a shared-memory connection"))
+
+    def _smc_peer_gone(self) -> None:
+        """The device says the peer process is gone (between guests, where its TCP connection
+        cannot tell): deliver what it published, then reset, as when TCP reports it."""
+        self._gone_why = "its link group's device channel closed: the peer guest or process is gone"
+        self._tcp_gone()
 
     def _tcp_gone(self) -> None:
         if self._ring is None or self._state >= _LOST_FROM:
