@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot run guests here: {why}", file=sys.stderr)
         return 2
     started = time.monotonic()
-    with VmPair(accel=args.accel) as pair:
+    with VmPair(accel=args.accel, start_host=True, agent=True) as pair:
         accel = str(getattr(pair, "accel", args.accel)).upper()
         boot_s = time.monotonic() - started
         server = pair.spawn("a", [sys.executable, str(PEER), "serve", str(PORT)])
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stderr)
         return 1
     result = json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
-    modes = {r["mode"] for r in result["smcish"]}
+    modes = {r["mode"] if r["mode"] == "ism" else f"{r['mode']} ({r.get('reason')})"
+             for r in result["smcish"]}
     report: dict[str, Any] = {"accel": accel, "boot_s": round(boot_s, 1), "rounds": args.rounds,
                               "n": args.n, "total_mib": args.total_mib, "smcish_modes":
                               sorted(modes), "raw": result}

@@ -80,7 +80,8 @@ async def one_round(opener, host, port, n, total):
     return {"rtt_p50_us": statistics.median(rtts) * 1e6,
             "rtt_p90_us": sorted(rtts)[int(len(rtts) * 0.9)] * 1e6,
             "mb_s": got / seconds / 1e6, "ok": got == sent,
-            "mode": info.mode if info is not None else "tcp"}
+            "mode": info.mode if info is not None else "tcp",
+            "reason": getattr(getattr(info, "reason", None), "name", None)}
 
 
 async def client(host, port, rounds, n, total):

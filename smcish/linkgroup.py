@@ -79,6 +79,10 @@ _REGION_HEADER = {"guest": 4096}
 #: is a PCI hot-plug into a guest: 0.2-1 s each under emulation, docs/vm.md 5); else the
 #: handshake timeout.
 _OPEN_WAIT = {"guest": 8.0}
+#: The group poll budget in microseconds at least, unless SMCISH_POLL_US says otherwise: a
+#: doorbell between guests crosses two agents and the host (~5 ms under TCG, docs/vm.md 6),
+#: so a guest's hub polls for the next message long enough to keep a conversation off them.
+_POLL_FLOOR_US = {"guest": 10_000.0}
 
 
 def first_extent_size(kind: str) -> int:
@@ -261,6 +265,8 @@ class Hub:
         self.max_slots, self.ext0_heap = _GEOMETRY[kind]
         self.region_header = _REGION_HEADER.get(kind, 0)
         self.open_wait = _OPEN_WAIT.get(kind, 0.0)
+        self.poll_floor_us = (0.0 if os.environ.get("SMCISH_POLL_US")
+                              else _POLL_FLOOR_US.get(kind, 0.0))
         # Between guests a peer's death never reaches its TCP connections (a killed VM sends
         # no FIN nor RST): the device channel closing is the only news, so it ends them (after
         # delivering what the peer published). On one kernel the TCP connection tells, and a
@@ -887,6 +893,8 @@ class LinkGroup:
         """Route ``slot``'s notifications to ``conn`` (a set-up or a transport)."""
         self.conns[slot] = conn
         self.lingering.discard(slot)
+        if poll_us and poll_us < self.hub.poll_floor_us:
+            poll_us = self.hub.poll_floor_us
         if poll_us > self.poll_us:
             self.poll_us = poll_us
 
