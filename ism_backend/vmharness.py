@@ -1589,14 +1589,22 @@ def _cmd_up(args: argparse.Namespace) -> int:
                  f"{pair.paths('a')['qmp']}, {pair.paths('b')['qmp']}\n"
                  f"  logs: {pair.paths('a')['log']}, {pair.paths('b')['log']}\n"
                  "Ctrl-C (or SIGTERM) tears everything down.")
-            stop = threading.Event()
+            # The signals only wake the loop below (through the wake-up fd): a handler that
+            # took a lock (Event.set) could deadlock against the code it interrupted.
+            wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            old_wakeup = signal.set_wakeup_fd(wake_w)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, lambda _signum, _frame: stop.set())
-            while not stop.wait(0.5):
-                if not all(g.proc is not None and g.proc.poll() is None
-                           for g in pair.guests.values()):
-                    _say("a guest exited")
-                    break
+                signal.signal(sig, lambda _signum, _frame: None)
+            try:
+                while not select.select([wake_r], [], [], 0.5)[0]:
+                    if not all(g.proc is not None and g.proc.poll() is None
+                               for g in pair.guests.values()):
+                        _say("a guest exited")
+                        break
+            finally:
+                signal.set_wakeup_fd(old_wakeup)
+                os.close(wake_r)
+                os.close(wake_w)
             _say("tearing down")
     return 0
 
