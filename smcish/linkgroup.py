@@ -80,7 +80,7 @@ _REGION_HEADER = {"guest": 4096}
 #: handshake timeout.
 _OPEN_WAIT = {"guest": 8.0}
 #: The group poll budget in microseconds at least, unless SMCISH_POLL_US says otherwise: a
-#: doorbell between guests crosses two agents and the host (~5 ms under TCG, docs/vm.md 6),
+#: doorbell between guests crosses two agents and the host (~5 ms under TCG, docs/vm.md 5),
 #: so a guest's hub polls for the next message long enough to keep a conversation off them.
 _POLL_FLOOR_US = {"guest": 10_000.0}
 

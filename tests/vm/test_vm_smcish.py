@@ -98,14 +98,15 @@ def test_echo_example_between_guests_is_ism(vm_pair: Any, server: str) -> None:
     assert closed and closed[-1]["mode"] == "ism", srv_out
 
 
-def test_grpclib_example_between_guests_is_ism(vm_pair: Any) -> None:
-    port = 18803
-    srv = Server(vm_pair, "a", [PY, str(EXAMPLES / "grpc_service.py"), "server", "--host",
-                                "0.0.0.0", "--port", str(port)], port)
+@pytest.mark.parametrize("server", ["a", "b"])
+def test_grpclib_example_between_guests_is_ism(vm_pair: Any, server: str) -> None:
+    port = 18803 if server == "a" else 18809
+    srv = Server(vm_pair, server, [PY, str(EXAMPLES / "grpc_service.py"), "server", "--host",
+                                   "0.0.0.0", "--port", str(port)], port)
     try:
-        out = run_ok(vm_pair, "b", [PY, str(EXAMPLES / "grpc_service.py"), "client", "--host",
-                                    ADDR["a"], "--port", str(port), "--messages", "20",
-                                    "--calls", "50"], timeout=180)
+        out = run_ok(vm_pair, OTHER[server], [PY, str(EXAMPLES / "grpc_service.py"), "client",
+                                              "--host", ADDR[server], "--port", str(port),
+                                              "--messages", "20", "--calls", "50"], timeout=180)
     finally:
         srv.stop()
     result = last(out)
