@@ -170,7 +170,7 @@ def _finalisers():
                 target, kind = node.args[1], "weakref.finalize"
             elif name in ("weakref.ref", "ref", "weakref.proxy") and len(node.args) >= 2:
                 target, kind = node.args[1], "weakref callback"
-            elif name.endswith("callbacks.append"):
+            elif name in ("gc.callbacks.append", "callbacks.append"):   # not self._callbacks
                 target, kind = node.args[0], "gc.callbacks"
             elif name in ("signal.signal",) and len(node.args) >= 2:
                 target, kind = node.args[1], "signal handler"
