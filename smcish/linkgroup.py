@@ -57,6 +57,7 @@ MAX_GROUPS_PER_PEER = 8          # server groups one peer endpoint may open with
 _LISTENER_CACHE_MAX = 4096      # listener inodes whose advertiser the device told us
 LISTENER_CACHE_S = 1.0         # how long a find_listener answer is reused (see group_serving)
 HANDOVER_TIMEOUT = 2.0           # endpoint thread -> loop hand-over bound
+_HANDOVER_GUEST = 5.0            # the same on a guest (docs/vm.md 5)
 _MAX_BACKOFF = 10                # a missed group poll skips up to 2**10 - 1 later chances
 _TAKE_MAX = 4096
 
@@ -196,6 +197,34 @@ def live_hubs() -> list[Hub]:
 _last_sweep = [0.0]
 
 
+def _give_back_at_close(loop: Any) -> None:
+    """Wrap ``loop.close`` (on the instance) so that closing the loop gives back its hubs' idle
+    link groups first, through the peer and the device, while the loop can still run callbacks.
+
+    Without it a loop closed and then dropped (what asyncio.run() does) takes its hubs to the
+    garbage collector before any sweep sees the loop closed, and their groups' regions stayed
+    allocated and attached for the life of the process (docs/reliability.md, finding 17).
+    Groups that still carry a connection the application left open are not touched: its
+    transports end as plain asyncio's would (ResourceWarning when collected), and the sweep
+    tears the rest down if the loop object lives on.
+    """
+    orig_close = loop.close
+
+    def close() -> None:
+        if not loop.is_running() and not loop.is_closed():
+            for hub in list((getattr(loop, _LOOP_ATTR, None) or {}).values()):
+                try:
+                    hub.give_back_idle()
+                except Exception as exc:  # noqa: BLE001 - closing the loop must not fail
+                    log.debug("smcish: giving back link groups at loop close failed: %r", exc)
+        orig_close()
+
+    try:
+        loop.close = close
+    except (AttributeError, TypeError):  # pragma: no cover - a loop class without a __dict__
+        pass
+
+
 def sweep_hubs() -> None:
     """Tear down hubs whose loop was closed (ordinary entry points call this; the sweep itself
     runs at most every 0.1 s)."""
@@ -265,6 +294,9 @@ class Hub:
         self.max_slots, self.ext0_heap = _GEOMETRY[kind]
         self.region_header = _REGION_HEADER.get(kind, 0)
         self.open_wait = _OPEN_WAIT.get(kind, 0.0)
+        # An emulated guest's loop can be busy for seconds (a peer op waits to be handed over
+        # to it): within the peer's request bound (8 s on a guest), not the usual 2 s.
+        self.handover_timeout = _HANDOVER_GUEST if kind == "guest" else HANDOVER_TIMEOUT
         self.poll_floor_us = (0.0 if os.environ.get("SMCISH_POLL_US")
                               else _POLL_FLOOR_US.get(kind, 0.0))
         # Between guests a peer's death never reaches its TCP connections (a killed VM sends
@@ -295,6 +327,7 @@ class Hub:
         if per_loop is None:
             per_loop = {}
             setattr(loop, _LOOP_ATTR, per_loop)
+            _give_back_at_close(loop)
         hub = per_loop.get(device)
         if hub is None or hub.closed:
             sweep_hubs()
@@ -322,7 +355,7 @@ class Hub:
             done.set()
 
         self.call_threadsafe(run)
-        if not done.wait(HANDOVER_TIMEOUT):
+        if not done.wait(self.handover_timeout):
             box["abandoned"] = True
             raise ism_backend.DeviceGone("the peer's event loop did not answer in time")
         if "error" in box:
@@ -565,6 +598,18 @@ class Hub:
         if self._timer is not None and not self.loop.is_closed():
             self._timer.cancel()
         self._timer = None
+
+    def give_back_idle(self) -> None:
+        """The loop is about to close: close every group none of whose connections is still
+        open on our side (the peer is told; our regions go back through the device threads).
+        The hub closes too once no group is left."""
+        if self.closed:
+            return
+        for group in list(self.client_groups.values()) + list(self.server_groups.values()):
+            if not any(getattr(conn, "_conn_lost", 1) == 0 for conn in group.conns.values()):
+                group.close()
+        if not self.client_groups and not self.server_groups:
+            self.close()
 
     def stats(self) -> dict[str, Any]:
         groups = list(self.client_groups.values()) + list(self.server_groups.values())

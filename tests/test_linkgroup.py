@@ -296,3 +296,45 @@ def test_a_burst_of_set_ups_grows_the_extents_as_often_as_needed(loop_kind):
         run(loop_kind, main(), timeout=120)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _device_regions() -> tuple[int, int]:
+    status = ism_backend.get_device().status()
+    return status["regions"], status["attached"]
+
+
+def test_a_closed_and_dropped_loop_gives_its_idle_groups_back(loop_kind):
+    """Finding 17 of docs/reliability.md: asyncio.run() after asyncio.run(), each with a server
+    and a client of its own that close their connection: a loop closed and then dropped used to
+    leave its link groups' regions allocated and attached for the life of the process."""
+    import gc
+
+    async def once():
+        server = await smcish.start_server(echo, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await smcish.open_connection(HOST, port)
+        assert writer.get_extra_info("smcish").mode == "ism"
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    def cycle():
+        run(loop_kind, once())
+        gc.collect()
+
+    cycle()                                   # the device and pools exist from here on
+    deadline = time.monotonic() + 5
+    before = _device_regions()
+    for _ in range(4):
+        cycle()
+    # the groups' memory goes back through the device threads: bounded wait for it
+    def grown() -> bool:   # (earlier tests' leftovers may drain meanwhile: never more)
+        now = _device_regions()
+        return now[0] > before[0] or now[1] > before[1]
+
+    while grown() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not grown(), (before, _device_regions())
