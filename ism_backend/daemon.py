@@ -867,6 +867,31 @@ def check_socket_dir(directory: str) -> None:
                          "another --socket")
 
 
+def clear_stale_socket(path: str, sock_type: int, who: str, flag: str) -> None:
+    """Remove ``path`` if it is a Unix socket nobody listens on (a previous run's), before binding.
+
+    Raises:
+        SystemExit: a non-socket is in the way, or a live process serves ``path``.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SystemExit(f"{who}: {path} exists and is not a socket: remove it or choose "
+                         f"another {flag}")
+    probe = socket.socket(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # stale: nobody listens
+    else:
+        raise SystemExit(f"{who}: another process is already serving {path}: choose another "
+                         f"{flag}")
+    finally:
+        probe.close()
+
+
 def bind_listener(path: str, mode: int) -> socket.socket:
     """Bind the daemon socket in a checked directory, replacing a stale socket but never a live
     daemon's.
@@ -875,23 +900,7 @@ def bind_listener(path: str, mode: int) -> socket.socket:
         SystemExit: an unsafe directory, a non-socket in the way, or a live ismd.
     """
     check_socket_dir(os.path.dirname(path) or ".")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SystemExit(f"ismd: {path} exists and is not a socket: remove it or choose "
-                             "another --socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens
-        else:
-            raise SystemExit(f"ismd: another ismd is already serving {path}")
-        finally:
-            probe.close()
+    clear_stale_socket(path, socket.SOCK_SEQPACKET, "ismd", "--socket")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     listener.bind(path)
     os.chmod(path, mode)  # who may connect is decided by SO_PEERCRED + --allow-uid/--allow-gid

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .contract import MAX_REGION_SIZE, ZERO_ID
+from .daemon import clear_stale_socket
 from .errors import (
     ERRORS,
     DeviceGone,
@@ -1621,24 +1622,7 @@ class VmHost:
             SystemExit: something that is not a stale socket is in the way.
         """
         path = os.path.abspath(path)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise SystemExit(f"vmhost: {path} exists and is not a socket: remove it or "
-                                 "choose another --status-socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)   # stale: nobody listens
-            else:
-                raise SystemExit(f"vmhost: another process serves {path}: choose another "
-                                 "--status-socket")
-            finally:
-                probe.close()
+        clear_stale_socket(path, socket.SOCK_STREAM, "vmhost", "--status-socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.bind(path)
         os.chmod(path, 0o600)
